@@ -1,0 +1,44 @@
+# Every target sets itself up: a fresh machine needs only python3 (>= 3.10) on PATH.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: help install demo test test-unit test-integration lint bench clean
+
+help:
+	@echo "make demo   - run the daemon end to end on an embedded broker with the digits set"
+	@echo "make test   - install what the tests need and run them"
+	@echo "make lint   - ruff and mypy"
+	@echo "make bench  - throughput benchmark (prints JSON)"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[embedded,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/streamvi --config configs/demo.yaml demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit
+
+test-integration: $(STAMP)
+	$(BIN)/python -m pytest tests/integration
+
+lint: $(STAMP)
+	$(BIN)/ruff check streamvi tests bench
+	$(BIN)/ruff format --check streamvi tests bench
+	$(BIN)/mypy streamvi
+
+bench: $(STAMP)
+	$(BIN)/python bench/throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -1,0 +1,307 @@
+"""One frozen, typed configuration: YAML file, then STREAMVI_* environment, then --set overrides.
+
+Precedence, lowest to highest: field defaults < YAML file < environment (``STREAMVI_`` prefix,
+nested with ``__``, e.g. ``STREAMVI_TRAINING__BATCH_SIZE=64``) < ``--set section.key=value``.
+Unknown keys and bad values raise :class:`ConfigError` naming the offending setting.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+from streamvi.errors import ConfigError
+
+ENV_PREFIX = "STREAMVI_"
+ENV_NESTED_DELIMITER = "__"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class KafkaSettings(_Section):
+    """Broker address, topics, consumer group and client pass-through settings (security included)."""
+
+    bootstrap_servers: list[str] = Field(default_factory=lambda: ["localhost:9092"], min_length=1)
+    input_topic: str = Field("streamvi.input", min_length=1)
+    latents_topic: str = Field("streamvi.latents", min_length=1)
+    metrics_topic: str = Field("streamvi.metrics", min_length=1)
+    dead_letter_topic: str = Field("streamvi.dead-letter", min_length=1)
+    group_id: str = Field("streamvi", min_length=1)
+    client_id: str = Field("streamvi", min_length=1)
+    create_topics: bool = True
+    topic_partitions: int = Field(1, ge=1)
+    topic_replication_factor: int = Field(1, ge=1)
+    session_timeout_ms: int = Field(10_000, ge=1_000)
+    heartbeat_interval_ms: int = Field(3_000, ge=100)
+    max_poll_interval_ms: int = Field(300_000, ge=1_000)
+    max_poll_records: int = Field(1_000, ge=1)
+    fetch_max_bytes: int = Field(52_428_800, ge=1_024)
+    request_timeout_ms: int = Field(30_000, ge=1_000)
+    producer_linger_ms: int = Field(5, ge=0)
+    producer_batch_bytes: int = Field(262_144, ge=1_024)
+    producer_compression: Literal["none", "gzip"] = "none"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    ssl_password: SecretStr | None = None
+    ssl_check_hostname: bool = True
+
+    @field_validator("bootstrap_servers", mode="before")
+    @classmethod
+    def _split_servers(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check_security(self) -> KafkaSettings:
+        if self.security_protocol.startswith("SASL") and self.sasl_mechanism is None:
+            raise ValueError("kafka.sasl_mechanism is required when kafka.security_protocol is SASL_*")
+        if self.sasl_mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512") and (
+            self.sasl_username is None or self.sasl_password is None
+        ):
+            raise ValueError("kafka.sasl_username and kafka.sasl_password are required for that mechanism")
+        topics = [self.input_topic, self.latents_topic, self.metrics_topic, self.dead_letter_topic]
+        if len(set(topics)) != len(topics):
+            raise ValueError("kafka input, latents, metrics and dead-letter topics must all differ")
+        return self
+
+    def client_options(self) -> dict[str, Any]:
+        """Options shared by every kafka-python client: address, identity and security."""
+        options: dict[str, Any] = {
+            "bootstrap_servers": list(self.bootstrap_servers),
+            "client_id": self.client_id,
+            "security_protocol": self.security_protocol,
+            "request_timeout_ms": self.request_timeout_ms,
+        }
+        if self.sasl_mechanism is not None:
+            options["sasl_mechanism"] = self.sasl_mechanism
+        if self.sasl_username is not None:
+            options["sasl_plain_username"] = self.sasl_username
+        if self.sasl_password is not None:
+            options["sasl_plain_password"] = self.sasl_password.get_secret_value()
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            options["ssl_check_hostname"] = self.ssl_check_hostname
+            for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+                path = getattr(self, name)
+                if path is not None:
+                    options[name] = str(path)
+            if self.ssl_password is not None:
+                options["ssl_password"] = self.ssl_password.get_secret_value()
+        return options
+
+
+class InputSettings(_Section):
+    """How input records are encoded and what they must contain."""
+
+    format: Literal["json", "f32"] = "json"
+    dim: int = Field(64, ge=1)
+    max_record_bytes: int = Field(1_048_576, ge=16)
+
+
+class ModelSettings(_Section):
+    """The amortised encoder q(z|x), the decoder p(x|z) and their distributions."""
+
+    latent_dim: int = Field(8, ge=1)
+    encoder_hidden: list[int] = Field(default_factory=lambda: [256, 128])
+    decoder_hidden: list[int] | None = None
+    activation: Literal["relu", "elu", "gelu", "tanh", "softplus", "swish"] = "relu"
+    likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"
+    observation_scale: float = Field(0.1, gt=0.0)
+    min_posterior_scale: float = Field(1e-4, gt=0.0)
+
+    @field_validator("encoder_hidden", "decoder_hidden")
+    @classmethod
+    def _positive_widths(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and any(width < 1 for width in value):
+            raise ValueError("hidden layer widths must be positive integers")
+        return value
+
+    @property
+    def decoder_widths(self) -> list[int]:
+        """Decoder hidden widths: as configured, or the encoder's mirrored."""
+        return list(self.decoder_hidden) if self.decoder_hidden is not None else self.encoder_hidden[::-1]
+
+
+class TrainingSettings(_Section):
+    """The stochastic-gradient VI update and micro-batching."""
+
+    estimator: Literal["sgvb_b"] = "sgvb_b"
+    samples: int = Field(1, ge=1)
+    batch_size: int = Field(128, ge=1)
+    max_batch_latency_ms: int = Field(250, ge=1)
+    optimizer: Literal["adam", "adamw", "rmsprop", "sgd"] = "adam"
+    learning_rate: float = Field(1e-3, gt=0.0)
+    clip_grad_norm: float | None = Field(10.0, gt=0.0)
+    seed: int = 0
+    jit_compile: bool = True
+    device: str | None = None
+    mixed_precision: Literal["off", "mixed_float16", "mixed_bfloat16"] = "off"
+
+
+class SnapshotSettings(_Section):
+    """Where and how often the model, optimizer, RNG and offsets are saved."""
+
+    dir: Path = Path("snapshots")
+    every_steps: int = Field(500, ge=1)
+    every_seconds: float = Field(60.0, gt=0.0)
+    keep: int = Field(3, ge=1)
+
+
+class MetricsSettings(_Section):
+    """The Prometheus / health HTTP endpoint."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(9108, ge=0, le=65535)
+    lag_interval_seconds: float = Field(5.0, gt=0.0)
+
+
+class Settings(BaseSettings):
+    """The whole configuration of a streamvi process."""
+
+    model_config = SettingsConfigDict(
+        frozen=True,
+        extra="forbid",
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED_DELIMITER,
+    )
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    input: InputSettings = Field(default_factory=InputSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    snapshots: SnapshotSettings = Field(default_factory=SnapshotSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # load_settings merges file, environment and overrides itself, in a documented order.
+        return (init_settings,)
+
+    def public_dict(self) -> dict[str, Any]:
+        """The settings as plain JSON-able data with every secret masked."""
+        return self.model_dump(mode="json")
+
+
+def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
+    """Turn ``section.key=value`` strings into a nested dict; values are parsed as YAML scalars."""
+    result: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        dotted, raw = item.split("=", 1)
+        parts = [part.strip() for part in dotted.strip().split(".")]
+        if not all(parts):
+            raise ConfigError(f"--set {item!r}: empty key segment")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {dotted}: cannot parse value {raw!r}: {exc}") from exc
+        node = result
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {dotted}: {part} is both a value and a section")
+        node[parts[-1]] = value
+    return result
+
+
+def _deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path}: not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: the top level must be a mapping of sections")
+    return data
+
+
+def _read_env(environ: Mapping[str, str] | None) -> dict[str, Any]:
+    unknown = sorted(
+        name
+        for name in (environ if environ is not None else os.environ)
+        if name.startswith(ENV_PREFIX)
+        and name[len(ENV_PREFIX) :].split(ENV_NESTED_DELIMITER, 1)[0].lower() not in Settings.model_fields
+        and name not in _CLI_ENV_VARS
+    )
+    if unknown:
+        raise ConfigError(f"unknown setting in environment: {', '.join(unknown)}")
+    if environ is None:
+        return dict(EnvSettingsSource(Settings)())
+    saved = dict(os.environ)
+    try:
+        os.environ.clear()
+        os.environ.update(environ)
+        return dict(EnvSettingsSource(Settings)())
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+#: Environment variables read by the CLI itself rather than by the settings model.
+_CLI_ENV_VARS = frozenset({"STREAMVI_CONFIG", "STREAMVI_SET", "STREAMVI_LOG_LEVEL", "STREAMVI_MAX_RECORDS"})
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown setting"
+        shown = "" if item["type"] == "extra_forbidden" else f" (got {item.get('input')!r})"
+        if isinstance(item.get("input"), dict):
+            shown = ""
+        lines.append(f"{location}: {message}{shown}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def load_settings(
+    path: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build the frozen settings from a YAML file, the environment and ``--set`` overrides."""
+    data: dict[str, Any] = _read_yaml(Path(path)) if path is not None else {}
+    data = _deep_merge(data, _read_env(environ))
+    data = _deep_merge(data, parse_overrides(overrides))
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from exc

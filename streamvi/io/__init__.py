@@ -1,0 +1,1 @@
+"""Getting records in and outputs out: interfaces, codecs, Kafka clients, the embedded broker."""

@@ -1,0 +1,94 @@
+"""Interfaces between the online loop and the outside world: where records come from, where outputs go.
+
+The loop only sees these types, so it runs unchanged on Kafka or on in-memory test doubles.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+#: A partition of a topic, as (topic, partition).
+Partition = tuple[str, int]
+Headers = list[tuple[str, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class RawRecord:
+    """One input record as fetched: undecoded bytes and where it came from."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Headers = field(default_factory=list)
+    timestamp_ms: int = -1
+
+
+@dataclass(frozen=True, slots=True)
+class OutputMessage:
+    """One message to publish: topic, key, value bytes and headers."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: Headers = field(default_factory=list)
+
+
+class RecordSource(ABC):
+    """A partitioned, replayable stream of input records with committable positions."""
+
+    @abstractmethod
+    def poll(self, timeout_seconds: float, max_records: int) -> list[RawRecord]:
+        """Fetch up to ``max_records`` records, waiting at most ``timeout_seconds``."""
+
+    @abstractmethod
+    def commit(self, offsets: Mapping[Partition, int]) -> None:
+        """Durably record ``offsets`` (the next offset to read per partition) for this consumer group."""
+
+    @abstractmethod
+    def set_start_offsets(self, offsets: Mapping[Partition, int]) -> None:
+        """Where to resume each partition once it is assigned (from a restored snapshot)."""
+
+    @abstractmethod
+    def set_rebalance_callbacks(
+        self,
+        on_assigned: Callable[[Sequence[Partition]], None],
+        on_revoked: Callable[[Sequence[Partition]], None],
+    ) -> None:
+        """Register hooks called (on the polling thread) when partitions are assigned or revoked."""
+
+    @abstractmethod
+    def assignment(self) -> list[Partition]:
+        """Partitions currently assigned to this consumer."""
+
+    @abstractmethod
+    def highwater(self, partition: Partition) -> int | None:
+        """The last known high-water mark (next offset to be written) of ``partition``, if known."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Leave the group and release connections."""
+
+
+class OutputSink(ABC):
+    """Publishes output messages; ``flush`` returns only when everything sent so far is durable."""
+
+    @abstractmethod
+    def send(self, message: OutputMessage) -> None:
+        """Queue one message for delivery."""
+
+    def send_many(self, messages: Sequence[OutputMessage]) -> None:
+        """Queue several messages."""
+        for message in messages:
+            self.send(message)
+
+    @abstractmethod
+    def flush(self, timeout_seconds: float | None = None) -> None:
+        """Block until every queued message is acknowledged; raise OutputError if any failed."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Flush and release the connection."""

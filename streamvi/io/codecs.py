@@ -1,0 +1,182 @@
+"""Record codecs: input bytes to validated vectors (or a dead-letter reason), outputs to bytes.
+
+Input formats (``input.format``):
+- ``json``: ``{"id": str?, "x": [float, ...], "c": [float, ...]?}``; other fields are ignored;
+- ``f32``: the raw little-endian float32 vector of ``input.dim`` values.
+A record that fails any check raises :class:`DecodeError` with a stable ``reason`` label.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from streamvi.errors import StreamVIError
+from streamvi.io.base import Headers, OutputMessage, RawRecord
+
+#: Every reason a record can be dead-lettered for; the ``reason`` label of the counter.
+DEAD_LETTER_REASONS = (
+    "empty_value",
+    "oversize",
+    "wrong_encoding",
+    "invalid_json",
+    "not_an_object",
+    "missing_field",
+    "wrong_type",
+    "wrong_length",
+    "non_finite",
+)
+
+HEADER_REASON = "streamvi.error.reason"
+HEADER_DETAIL = "streamvi.error.detail"
+HEADER_TOPIC = "streamvi.source.topic"
+HEADER_PARTITION = "streamvi.source.partition"
+HEADER_OFFSET = "streamvi.source.offset"
+
+
+class DecodeError(StreamVIError):
+    """A record cannot be used; ``reason`` is one of DEAD_LETTER_REASONS."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedRecord:
+    """A valid input: the vector (float32, finite, right length) and the record's id if it has one."""
+
+    x: np.ndarray
+    record_id: str | None
+
+
+class RecordDecoder:
+    """Validates and decodes raw record values of one configured format and dimension."""
+
+    def __init__(self, fmt: str, dim: int, max_bytes: int) -> None:
+        if fmt not in ("json", "f32"):
+            raise ValueError(f"unknown input format {fmt!r}")
+        self.format = fmt
+        self.dim = dim
+        self.max_bytes = max_bytes
+
+    def decode(self, record: RawRecord) -> DecodedRecord:
+        value = record.value
+        if not value:
+            raise DecodeError("empty_value", "the record has no value")
+        if len(value) > self.max_bytes:
+            raise DecodeError("oversize", f"{len(value)} bytes exceeds input.max_record_bytes={self.max_bytes}")
+        if self.format == "f32":
+            x = self._decode_f32(value)
+            record_id = None
+        else:
+            x, record_id = self._decode_json(value)
+        if not np.isfinite(x).all():
+            raise DecodeError("non_finite", "the vector holds NaN or infinite values")
+        if record_id is None and record.key is not None:
+            record_id = record.key.decode("utf-8", errors="replace")
+        return DecodedRecord(x, record_id)
+
+    def _decode_f32(self, value: bytes) -> np.ndarray:
+        expected = 4 * self.dim
+        if len(value) != expected:
+            raise DecodeError("wrong_length", f"{len(value)} bytes, expected {expected} ({self.dim} float32)")
+        return np.frombuffer(value, dtype="<f4")
+
+    def _decode_json(self, value: bytes) -> tuple[np.ndarray, str | None]:
+        try:
+            document = orjson.loads(value)
+        except orjson.JSONDecodeError as exc:
+            try:
+                value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DecodeError("wrong_encoding", "the value is not valid UTF-8") from None
+            raise DecodeError("invalid_json", str(exc)) from None
+        if not isinstance(document, dict):
+            raise DecodeError("not_an_object", f"expected a JSON object, got {type(document).__name__}")
+        if "x" not in document:
+            raise DecodeError("missing_field", "the object has no 'x' field")
+        x = _as_vector(document["x"], "x")
+        if x.shape[0] != self.dim:
+            raise DecodeError("wrong_length", f"'x' has {x.shape[0]} values, expected input.dim={self.dim}")
+        record_id = document.get("id")
+        if record_id is not None and not isinstance(record_id, str | int):
+            raise DecodeError("wrong_type", f"'id' must be a string, got {type(record_id).__name__}")
+        return x, None if record_id is None else str(record_id)
+
+
+def _as_vector(values: Any, field: str) -> np.ndarray:
+    if not isinstance(values, list):
+        raise DecodeError("wrong_type", f"'{field}' must be an array of numbers, got {type(values).__name__}")
+    for item in values:
+        if isinstance(item, bool) or not isinstance(item, int | float):
+            raise DecodeError("wrong_type", f"'{field}' must hold only numbers, found {type(item).__name__}")
+    try:
+        with np.errstate(over="ignore"):
+            return np.asarray(values, dtype=np.float32)
+    except OverflowError:
+        raise DecodeError("non_finite", f"'{field}' holds a value beyond float32 range") from None
+
+
+def dead_letter_message(record: RawRecord, topic: str, error: DecodeError) -> OutputMessage:
+    """The original bytes and headers of ``record``, plus headers saying why and where from."""
+    headers: Headers = list(record.headers)
+    headers += [
+        (HEADER_REASON, error.reason.encode()),
+        (HEADER_DETAIL, error.detail.encode("utf-8", errors="replace")[:1024]),
+        (HEADER_TOPIC, record.topic.encode()),
+        (HEADER_PARTITION, str(record.partition).encode()),
+        (HEADER_OFFSET, str(record.offset).encode()),
+    ]
+    return OutputMessage(topic=topic, key=record.key, value=record.value or b"", headers=headers)
+
+
+def latent_messages(
+    topic: str,
+    records: Sequence[RawRecord],
+    record_ids: Sequence[str | None],
+    z_loc: np.ndarray,
+    z_scale: np.ndarray,
+    bound: np.ndarray,
+    model_step: int,
+    bound_name: str,
+) -> list[OutputMessage]:
+    """One latents message per record, keyed like its input (DESIGN.md latents contract)."""
+    option = orjson.OPT_SERIALIZE_NUMPY
+    bounds = bound.tolist()
+    messages = []
+    for i, record in enumerate(records):
+        value = orjson.dumps(
+            {
+                "id": record_ids[i],
+                "topic": record.topic,
+                "partition": record.partition,
+                "offset": record.offset,
+                "model_step": model_step,
+                "bound": bound_name,
+                "z_mean": z_loc[i],
+                "z_scale": z_scale[i],
+                "elbo": _finite_or_none(bounds[i]),
+            },
+            option=option,
+        )
+        messages.append(OutputMessage(topic=topic, key=record.key, value=value))
+    return messages
+
+
+def metrics_message(topic: str, payload: dict[str, Any]) -> OutputMessage:
+    """A metrics-topic message; non-finite floats become null so the JSON stays valid."""
+    clean = {k: _finite_or_none(v) if isinstance(v, float) else v for k, v in payload.items()}
+    clean.setdefault("timestamp", time.time())
+    return OutputMessage(topic=topic, key=None, value=orjson.dumps(clean))
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None

@@ -1,0 +1,119 @@
+"""The Kafka record source: a kafka-python consumer in a group, auto-commit off, seeking to snapshot offsets."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+
+from kafka import KafkaConsumer
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from streamvi.config import KafkaSettings
+from streamvi.io.base import Partition, RawRecord, RecordSource
+
+log = logging.getLogger(__name__)
+
+
+def _noop(partitions: Sequence[Partition]) -> None:
+    return None
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, source: KafkaRecordSource) -> None:
+        self.source = source
+
+    def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        self.source._revoked([(tp.topic, tp.partition) for tp in revoked])
+
+    def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        self.source._assigned([(tp.topic, tp.partition) for tp in assigned])
+
+
+class KafkaRecordSource(RecordSource):
+    """Consumes ``kafka.input_topic``; offsets are committed only when the loop says so."""
+
+    def __init__(self, settings: KafkaSettings) -> None:
+        self.settings = settings
+        self._start_offsets: dict[Partition, int] = {}
+        self._on_assigned: Callable[[Sequence[Partition]], None] = _noop
+        self._on_revoked: Callable[[Sequence[Partition]], None] = _noop
+        self._consumer = KafkaConsumer(
+            **settings.client_options(),
+            group_id=settings.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=settings.session_timeout_ms,
+            heartbeat_interval_ms=settings.heartbeat_interval_ms,
+            max_poll_interval_ms=settings.max_poll_interval_ms,
+            max_poll_records=settings.max_poll_records,
+            fetch_max_bytes=settings.fetch_max_bytes,
+        )
+        self._consumer.subscribe([settings.input_topic], listener=_Listener(self))
+
+    # rebalance hooks, called from inside poll() on the loop's thread
+    def _assigned(self, partitions: list[Partition]) -> None:
+        for partition in partitions:
+            offset = self._start_offsets.get(partition)
+            if offset is not None:
+                log.info("partition %s:%d assigned, resuming at snapshot offset %d", *partition, offset)
+                self._consumer.seek(TopicPartition(*partition), offset)
+            else:
+                log.info("partition %s:%d assigned, resuming at the group's committed offset", *partition)
+        self._on_assigned(partitions)
+
+    def _revoked(self, partitions: list[Partition]) -> None:
+        self._on_revoked(partitions)
+        for partition in partitions:
+            self._start_offsets.pop(partition, None)
+
+    def set_start_offsets(self, offsets: Mapping[Partition, int]) -> None:
+        self._start_offsets = dict(offsets)
+
+    def set_rebalance_callbacks(
+        self,
+        on_assigned: Callable[[Sequence[Partition]], None],
+        on_revoked: Callable[[Sequence[Partition]], None],
+    ) -> None:
+        self._on_assigned = on_assigned
+        self._on_revoked = on_revoked
+
+    def poll(self, timeout_seconds: float, max_records: int) -> list[RawRecord]:
+        batches = self._consumer.poll(timeout_ms=int(timeout_seconds * 1000), max_records=max_records)
+        records: list[RawRecord] = []
+        for tp, messages in batches.items():
+            topic, partition = tp.topic, tp.partition
+            records.extend(
+                RawRecord(
+                    topic,
+                    partition,
+                    message.offset,
+                    message.key,
+                    message.value,
+                    list(message.headers or ()),
+                    message.timestamp,
+                )
+                for message in messages
+            )
+        return records
+
+    def commit(self, offsets: Mapping[Partition, int]) -> None:
+        if not offsets:
+            return
+        self._consumer.commit(
+            {TopicPartition(*partition): OffsetAndMetadata(offset, "", -1) for partition, offset in offsets.items()}
+        )
+        # Later rebalances resume from the committed position; snapshot offsets are now redundant.
+        for partition, offset in offsets.items():
+            if self._start_offsets.get(partition) == offset:
+                del self._start_offsets[partition]
+
+    def assignment(self) -> list[Partition]:
+        return sorted((tp.topic, tp.partition) for tp in self._consumer.assignment())
+
+    def highwater(self, partition: Partition) -> int | None:
+        value = self._consumer.highwater(TopicPartition(*partition))
+        return None if value is None else int(value)
+
+    def close(self) -> None:
+        self._consumer.close(autocommit=False)

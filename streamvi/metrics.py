@@ -1,0 +1,165 @@
+"""Prometheus metrics (in a registry passed in) and the HTTP server for /metrics, /livez and /readyz."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from streamvi.io.codecs import DEAD_LETTER_REASONS
+
+log = logging.getLogger(__name__)
+
+_STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+class Metrics:
+    """Every metric the daemon exports, named ``streamvi_<thing>_<unit>``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.records_consumed = Counter(
+            "streamvi_records_consumed", "Input records fetched from the input topic", registry=registry
+        )
+        self.records_trained = Counter(
+            "streamvi_records_trained", "Records the model was trained on", registry=registry
+        )
+        self.dead_letters = Counter(
+            "streamvi_dead_letters",
+            "Records sent to the dead-letter topic, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in DEAD_LETTER_REASONS:
+            self.dead_letters.labels(reason=reason)
+        self.latents_published = Counter(
+            "streamvi_latents_published", "Latent records published", registry=registry
+        )
+        self.train_steps = Counter("streamvi_train_steps", "Optimiser steps taken", registry=registry)
+        self.model_step = Gauge("streamvi_model_step", "Current model step", registry=registry)
+        self.elbo = Gauge(
+            "streamvi_elbo_nats", "Prequential ELBO per record of the last batch (higher is better)", registry=registry
+        )
+        self.kl = Gauge("streamvi_kl_nats", "KL(q(z|x) || p(z)) per record of the last batch", registry=registry)
+        self.reconstruction = Gauge(
+            "streamvi_reconstruction_nats",
+            "Expected log-likelihood E_q[log p(x|z)] per record of the last batch",
+            registry=registry,
+        )
+        self.gradient_norm = Gauge(
+            "streamvi_gradient_norm", "Global gradient norm of the last step, before clipping", registry=registry
+        )
+        self.learning_rate = Gauge("streamvi_learning_rate", "Current learning rate", registry=registry)
+        self.step_duration = Histogram(
+            "streamvi_step_duration_seconds", "Wall time of one training step", buckets=_STEP_BUCKETS, registry=registry
+        )
+        self.batch_size = Histogram(
+            "streamvi_batch_size_records", "Records per trained micro-batch", buckets=_SIZE_BUCKETS, registry=registry
+        )
+        self.consumer_lag = Gauge(
+            "streamvi_consumer_lag_records",
+            "High-water mark minus next offset to process, per input partition",
+            ["topic", "partition"],
+            registry=registry,
+        )
+        self.snapshots = Counter("streamvi_snapshots", "Snapshots written", registry=registry)
+        self.snapshot_duration = Histogram(
+            "streamvi_snapshot_duration_seconds", "Wall time of writing one snapshot", registry=registry
+        )
+        self.last_snapshot = Gauge(
+            "streamvi_last_snapshot_timestamp_seconds", "Unix time of the last durable snapshot", registry=registry
+        )
+        self.corrupt_snapshots = Counter(
+            "streamvi_corrupt_snapshots", "Snapshots found corrupt and skipped", registry=registry
+        )
+        self.commits = Counter("streamvi_offset_commits", "Offset commits to the consumer group", registry=registry)
+        self.build_info = Info("streamvi_build", "Versions of streamvi and its runtime", registry=registry)
+
+    def set_build_info(self, versions: dict[str, str]) -> None:
+        self.build_info.info(dict(versions, python=platform.python_version()))
+
+
+class Health:
+    """Liveness and readiness flags read by the HTTP server."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.live = True
+        self.model_loaded = False
+        self.partitions_assigned = False
+
+    def set(self, *, model_loaded: bool | None = None, partitions_assigned: bool | None = None) -> None:
+        with self._lock:
+            if model_loaded is not None:
+                self.model_loaded = model_loaded
+            if partitions_assigned is not None:
+                self.partitions_assigned = partitions_assigned
+
+    @property
+    def ready(self) -> bool:
+        with self._lock:
+            return self.model_loaded and self.partitions_assigned
+
+
+class MetricsServer:
+    """A small threaded HTTP server: /metrics (Prometheus text), /livez, /readyz."""
+
+    def __init__(self, registry: CollectorRegistry, health: Health, host: str, port: int) -> None:
+        self.registry = registry
+        self.health = health
+        handler = self._handler_class()
+        self._server = ThreadingHTTPServer((host, port), handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="streamvi-metrics", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        host = self._server.server_address[0]
+        return f"http://{host}:{self.port}/metrics"
+
+    def start(self) -> MetricsServer:
+        self._thread.start()
+        log.info("metrics on %s", self.url)
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._reply(200, generate_latest(server.registry), CONTENT_TYPE_LATEST)
+                elif path == "/livez":
+                    live = server.health.live
+                    self._reply(200 if live else 503, b"ok\n" if live else b"not live\n")
+                elif path == "/readyz":
+                    ready = server.health.ready
+                    self._reply(200 if ready else 503, b"ready\n" if ready else b"not ready\n")
+                else:
+                    self._reply(404, b"not found\n")
+
+            def _reply(self, code: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                log.debug("metrics http: " + format, *args)
+
+        return Handler

@@ -1,0 +1,129 @@
+"""Assembling the pieces from settings: model + trainer, and the daemon (Kafka source, sinks, metrics, loop)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from streamvi import __version__
+from streamvi.config import Settings
+from streamvi.estimators import build_estimator
+from streamvi.io.codecs import RecordDecoder
+from streamvi.metrics import Health, Metrics, MetricsServer
+from streamvi.model.vae import build_vae
+from streamvi.snapshots.store import SnapshotInfo, SnapshotStore
+from streamvi.training.loop import CheckpointPolicy, LoopCounts, OnlineLoop, OutputTopics
+from streamvi.training.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+def versions() -> dict[str, str]:
+    """Versions of streamvi and the libraries whose behaviour a snapshot depends on."""
+    found = {"streamvi": __version__}
+    for package in ("tensorflow", "tensorflow-probability", "tf-keras", "kafka-python"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = "unknown"
+    return found
+
+
+def build_trainer(settings: Settings) -> Trainer:
+    """Model, estimator and optimizer as configured, ready to train or to restore into."""
+    model = build_vae(settings.model, settings.training, settings.input.dim)
+    return Trainer.from_settings(model, build_estimator(settings.training), settings.training)
+
+
+def snapshot_meta(settings: Settings) -> dict[str, Any]:
+    """The static part of every snapshot's meta.json: config (secrets masked) and versions."""
+    return {"config": settings.public_dict(), "versions": versions()}
+
+
+@dataclass
+class Daemon:
+    """A running daemon's parts; ``run`` blocks until stopped and always closes its clients."""
+
+    settings: Settings
+    loop: OnlineLoop
+    metrics_server: MetricsServer | None
+    restored: SnapshotInfo | None
+
+    @property
+    def metrics_url(self) -> str | None:
+        return self.metrics_server.url if self.metrics_server else None
+
+    def run(
+        self,
+        stop: threading.Event | None = None,
+        max_records: int | None = None,
+        idle_timeout_seconds: float | None = None,
+    ) -> LoopCounts:
+        try:
+            return self.loop.run(stop, max_records=max_records, idle_timeout_seconds=idle_timeout_seconds)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        try:
+            self.loop.sink.close()
+        finally:
+            self.loop.source.close()
+            if self.metrics_server is not None:
+                self.metrics_server.stop()
+
+
+def build_daemon(settings: Settings, registry: CollectorRegistry | None = None) -> Daemon:
+    """Create topics if allowed, connect to Kafka, restore the newest snapshot and start /metrics."""
+    from streamvi.io.admin import ensure_topics
+    from streamvi.io.kafka_sink import KafkaOutputSink
+    from streamvi.io.kafka_source import KafkaRecordSource
+
+    registry = registry if registry is not None else CollectorRegistry()
+    metrics = Metrics(registry)
+    metrics.set_build_info(versions())
+    health = Health()
+    server = None
+    if settings.metrics.enabled:
+        server = MetricsServer(registry, health, settings.metrics.host, settings.metrics.port).start()
+    try:
+        if settings.kafka.create_topics:
+            ensure_topics(settings.kafka)
+        trainer = build_trainer(settings)
+        store = SnapshotStore(
+            settings.snapshots.dir,
+            keep=settings.snapshots.keep,
+            on_corrupt=lambda path, reason: metrics.corrupt_snapshots.inc(),
+        )
+        sink = KafkaOutputSink(settings.kafka)
+        source = KafkaRecordSource(settings.kafka)
+        loop = OnlineLoop(
+            source=source,
+            sink=sink,
+            decoder=RecordDecoder(settings.input.format, settings.input.dim, settings.input.max_record_bytes),
+            trainer=trainer,
+            store=store,
+            topics=OutputTopics(
+                latents=settings.kafka.latents_topic,
+                metrics=settings.kafka.metrics_topic,
+                dead_letter=settings.kafka.dead_letter_topic,
+            ),
+            policy=CheckpointPolicy(settings.snapshots.every_steps, settings.snapshots.every_seconds),
+            max_batch_latency_seconds=settings.training.max_batch_latency_ms / 1000.0,
+            metrics=metrics,
+            health=health,
+            snapshot_meta=snapshot_meta(settings),
+            max_poll_records=settings.kafka.max_poll_records,
+            lag_interval_seconds=settings.metrics.lag_interval_seconds,
+        )
+        restored = loop.restore()
+    except BaseException:
+        if server is not None:
+            server.stop()
+        raise
+    return Daemon(settings, loop, server, restored)

@@ -1,0 +1,60 @@
+"""Micro-batch assembly into a preallocated array, closed by size or by the latency bound."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from streamvi.io.base import RawRecord
+
+
+class MicroBatcher:
+    """Gathers decoded rows until ``batch_size`` records or ``max_latency_seconds`` after the first one."""
+
+    def __init__(self, batch_size: int, dim: int, max_latency_seconds: float) -> None:
+        self.batch_size = batch_size
+        self.max_latency_seconds = max_latency_seconds
+        self.x = np.zeros((batch_size, dim), dtype=np.float32)
+        self.records: list[RawRecord] = []
+        self.record_ids: list[str | None] = []
+        self.opened_at: float | None = None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def full(self) -> bool:
+        return len(self.records) >= self.batch_size
+
+    def add(self, record: RawRecord, x: np.ndarray, record_id: str | None, now: float | None = None) -> None:
+        """Place one row; the caller closes the batch when ``full`` or ``due``."""
+        index = len(self.records)
+        if index >= self.batch_size:
+            raise RuntimeError("micro-batch is full; process it before adding more")
+        if index == 0:
+            self.opened_at = time.monotonic() if now is None else now
+        self.x[index] = x
+        self.records.append(record)
+        self.record_ids.append(record_id)
+
+    def time_left(self, now: float | None = None) -> float | None:
+        """Seconds until the open batch must close; None when it is empty."""
+        if self.opened_at is None:
+            return None
+        now = time.monotonic() if now is None else now
+        return max(0.0, self.opened_at + self.max_latency_seconds - now)
+
+    def due(self, now: float | None = None) -> bool:
+        left = self.time_left(now)
+        return self.full or (left is not None and left <= 0.0)
+
+    def padded(self) -> np.ndarray:
+        """The batch array with rows past the real records zeroed (they are masked out of the loss)."""
+        self.x[len(self.records) :] = 0.0
+        return self.x
+
+    def clear(self) -> None:
+        self.records = []
+        self.record_ids = []
+        self.opened_at = None

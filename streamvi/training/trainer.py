@@ -1,0 +1,222 @@
+"""The SGVI update: one compiled step per fixed-shape micro-batch, scoring before it updates.
+
+The step is a ``tf.function`` (XLA-compiled where ``training.jit_compile`` is on) traced once for
+the shape [batch_size, dim]; a partial batch is padded and its padding masked out of the loss.
+Everything the step returns is packed into two tensors so one device-to-host copy carries a batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+import tf_keras
+
+from streamvi.config import TrainingSettings
+from streamvi.estimators.base import Estimator
+from streamvi.model.vae import VAE
+
+
+@dataclass(frozen=True)
+class BatchScores:
+    """Per-record results for the ``n`` real records of a batch, computed before any update."""
+
+    bound: np.ndarray
+    kl: np.ndarray
+    reconstruction: np.ndarray
+    z_loc: np.ndarray
+    z_scale: np.ndarray
+
+    @classmethod
+    def unpack(cls, packed: np.ndarray, n: int, latent_dim: int) -> BatchScores:
+        rows = packed[:n]
+        return cls(
+            bound=rows[:, 0],
+            kl=rows[:, 1],
+            reconstruction=rows[:, 2],
+            z_loc=rows[:, 3 : 3 + latent_dim],
+            z_scale=rows[:, 3 + latent_dim : 3 + 2 * latent_dim],
+        )
+
+    @property
+    def size(self) -> int:
+        return int(self.bound.shape[0])
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one training step reports: the prequential per-record scores and the update's figures."""
+
+    scores: BatchScores
+    step: int
+    loss: float
+    grad_norm: float
+    learning_rate: float
+    duration_seconds: float
+
+    def summary(self) -> dict[str, float]:
+        """Batch means of the prequential bound and its parts."""
+        return {
+            "elbo": float(np.mean(self.scores.bound)),
+            "kl": float(np.mean(self.scores.kl)),
+            "reconstruction": float(np.mean(self.scores.reconstruction)),
+        }
+
+
+def build_optimizer(settings: TrainingSettings) -> tf_keras.optimizers.Optimizer:
+    """The configured optimizer, wrapped for loss scaling under the float16 policy."""
+    kinds: dict[str, Any] = {
+        "adam": tf_keras.optimizers.Adam,
+        "adamw": tf_keras.optimizers.AdamW,
+        "rmsprop": tf_keras.optimizers.RMSprop,
+        "sgd": tf_keras.optimizers.SGD,
+    }
+    optimizer = kinds[settings.optimizer](learning_rate=settings.learning_rate)
+    if settings.mixed_precision == "mixed_float16":
+        optimizer = tf_keras.mixed_precision.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+class Trainer:
+    """Owns the model's update: optimizer, step counter and RNG, all of which a snapshot saves."""
+
+    def __init__(
+        self,
+        model: VAE,
+        estimator: Estimator,
+        optimizer: tf_keras.optimizers.Optimizer,
+        batch_size: int,
+        clip_grad_norm: float | None = None,
+        seed: int = 0,
+        jit_compile: bool = True,
+        device: str | None = None,
+    ) -> None:
+        self.model = model
+        self.estimator = estimator
+        self.optimizer = optimizer
+        self.batch_size = batch_size
+        self.clip_grad_norm = clip_grad_norm
+        self.device = device
+        self._loss_scaled = isinstance(optimizer, tf_keras.mixed_precision.LossScaleOptimizer)
+        with self._placement():
+            self.step_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+            self.rng = tf.random.Generator.from_seed(seed)
+            self.optimizer.build(self.model.trainable_variables)
+        self._train_fn = tf.function(self._train_step, jit_compile=jit_compile)
+        self._eval_fn = tf.function(self._eval_step, jit_compile=jit_compile)
+
+    @classmethod
+    def from_settings(cls, model: VAE, estimator: Estimator, settings: TrainingSettings) -> Trainer:
+        return cls(
+            model=model,
+            estimator=estimator,
+            optimizer=build_optimizer(settings),
+            batch_size=settings.batch_size,
+            clip_grad_norm=settings.clip_grad_norm,
+            seed=settings.seed,
+            jit_compile=settings.jit_compile,
+            device=settings.device,
+        )
+
+    def _placement(self) -> Any:
+        return tf.device(self.device) if self.device else contextlib.nullcontext()
+
+    def checkpoint_objects(self) -> dict[str, Any]:
+        """Everything the snapshot must hold to resume this trainer bit for bit."""
+        return {"model": self.model, "optimizer": self.optimizer, "step": self.step_counter, "rng": self.rng}
+
+    @property
+    def step(self) -> int:
+        return int(self.step_counter.numpy())
+
+    @property
+    def latent_dim(self) -> int:
+        return self.model.latent_dim
+
+    # -- compiled bodies ---------------------------------------------------------------------------
+    def _pack(self, terms: Any) -> tf.Tensor:
+        return tf.concat(
+            [
+                terms.bound[:, None],
+                terms.kl[:, None],
+                terms.reconstruction[:, None],
+                tf.cast(terms.z_loc, tf.float32),
+                tf.cast(terms.z_scale, tf.float32),
+            ],
+            axis=1,
+        )
+
+    def _train_step(self, x: tf.Tensor, n: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        mask = tf.range(tf.shape(x)[0]) < n
+        seed = tf.cast(self.rng.make_seeds(1)[:, 0], tf.int32)
+        variables = self.model.trainable_variables
+        with tf.GradientTape() as tape:
+            terms = self.estimator.terms(self.model, x, seed)
+            loss = self.estimator.loss(terms, mask)
+            scaled = self.optimizer.get_scaled_loss(loss) if self._loss_scaled else loss
+        grads = tape.gradient(scaled, variables)
+        if self._loss_scaled:
+            grads = self.optimizer.get_unscaled_gradients(grads)
+        if self.clip_grad_norm is not None:
+            grads, grad_norm = tf.clip_by_global_norm(grads, self.clip_grad_norm)
+        else:
+            grad_norm = tf.linalg.global_norm(grads)
+        self.optimizer.apply_gradients(zip(grads, variables))
+        self.step_counter.assign_add(1)
+        learning_rate = tf.cast(self.optimizer.learning_rate, tf.float32)
+        return self._pack(terms), tf.stack([loss, grad_norm, learning_rate])
+
+    def _eval_step(self, x: tf.Tensor) -> tf.Tensor:
+        seed = tf.cast(self.rng.make_seeds(1)[:, 0], tf.int32)
+        return self._pack(self.estimator.terms(self.model, x, seed))
+
+    # -- host API ----------------------------------------------------------------------------------
+    def train(self, x: np.ndarray, n: int) -> StepResult:
+        """One update on the first ``n`` rows of ``x`` [batch_size, dim]; rows past ``n`` are padding.
+
+        The returned scores come from the same forward pass that produced the gradient, i.e. from
+        the parameters *before* this update: a prequential (score-then-train) evaluation.
+        """
+        self._check_shape(x, n)
+        started = time.perf_counter()
+        with self._placement():
+            packed, scalars = self._train_fn(tf.constant(x), tf.constant(n, dtype=tf.int32))
+        packed_np = packed.numpy()
+        loss, grad_norm, learning_rate = (float(v) for v in scalars.numpy())
+        return StepResult(
+            scores=BatchScores.unpack(packed_np, n, self.latent_dim),
+            step=self.step,
+            loss=loss,
+            grad_norm=grad_norm,
+            learning_rate=learning_rate,
+            duration_seconds=time.perf_counter() - started,
+        )
+
+    def evaluate(self, x: np.ndarray) -> BatchScores:
+        """Scores for any number of rows without updating; runs in fixed-shape padded chunks."""
+        x = np.asarray(x, dtype=np.float32)
+        chunks = []
+        buffer = np.zeros((self.batch_size, x.shape[1]), dtype=np.float32)
+        for start in range(0, x.shape[0], self.batch_size):
+            part = x[start : start + self.batch_size]
+            buffer[: part.shape[0]] = part
+            buffer[part.shape[0] :] = 0.0
+            with self._placement():
+                packed = self._eval_fn(tf.constant(buffer)).numpy()
+            chunks.append(packed[: part.shape[0]])
+        packed_all = np.concatenate(chunks) if chunks else np.zeros((0, 3 + 2 * self.latent_dim), np.float32)
+        return BatchScores.unpack(packed_all, packed_all.shape[0], self.latent_dim)
+
+    def _check_shape(self, x: np.ndarray, n: int) -> None:
+        if x.shape != (self.batch_size, self.model.input_dim) or x.dtype != np.float32:
+            raise ValueError(
+                f"batch must be float32 of shape {(self.batch_size, self.model.input_dim)}, "
+                f"got {x.dtype} {x.shape}"
+            )
+        if not 0 < n <= self.batch_size:
+            raise ValueError(f"batch must hold 1..{self.batch_size} real records, got {n}")
+
