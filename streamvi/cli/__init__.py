@@ -1,0 +1,1 @@
+"""Command-line interface (click); each command builds the config and calls the library."""

@@ -1,0 +1,58 @@
+"""Shared CLI plumbing: settings from --config/--set/env, logging, error reporting, signal handling."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import click
+
+from streamvi.config import Settings, load_settings
+from streamvi.errors import StreamVIError
+
+
+@dataclass
+class CliContext:
+    config_path: str | None
+    overrides: list[str] = field(default_factory=list)
+
+    def settings(self, extra: list[str] | None = None) -> Settings:
+        return load_settings(self.config_path, [*self.overrides, *(extra or [])])
+
+
+pass_cli = click.make_pass_decorator(CliContext)
+
+
+def configure_logging(level: str) -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("kafka", "absl", "tensorflow"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def fail(error: StreamVIError) -> None:
+    """Print a StreamVIError as a one-paragraph message and exit with status 2."""
+    click.echo(f"streamvi: error: {error}", err=True)
+    raise SystemExit(2)
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM or SIGINT, so the daemon finishes its checkpoint and exits cleanly."""
+    stop = threading.Event()
+
+    def handler(signum: int, frame: Any) -> None:
+        logging.getLogger("streamvi").info("received %s; stopping after a final checkpoint", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop

@@ -1,0 +1,54 @@
+"""``streamvi encode``: offline encodings and per-record ELBO from a snapshot."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import orjson
+
+from streamvi.cli.common import fail
+from streamvi.errors import StreamVIError
+
+
+@click.command("encode")
+@click.option(
+    "--snapshot",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="A snapshot directory, or a snapshots directory (its newest valid snapshot is used).",
+)
+@click.option("--input", "input_path", required=True, help="A .npy/.csv/.jsonl file, or 'digits'.")
+@click.option("--output", type=click.File("wb"), default="-", help="JSON lines out [default: stdout].")
+def encode(snapshot: str, input_path: str, output: click.utils.LazyFile) -> None:
+    """Write one JSON line per input row: id, z_mean, z_scale and the ELBO under the snapshot's model."""
+    from streamvi.datasets import load_dataset
+    from streamvi.snapshots.loading import find_snapshot, load_trainer
+
+    try:
+        info = find_snapshot(snapshot)
+        settings, trainer = load_trainer(info)
+        data = load_dataset(input_path)
+        if data.x.shape[1] != settings.input.dim:
+            raise StreamVIError(
+                f"{input_path}: rows have {data.x.shape[1]} values, the snapshot's model expects {settings.input.dim}"
+            )
+        scores = trainer.evaluate(data.x)
+    except StreamVIError as exc:
+        fail(exc)
+    out = output if output is not None else sys.stdout.buffer
+    option = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
+    for i, record_id in enumerate(data.ids):
+        out.write(
+            orjson.dumps(
+                {
+                    "id": record_id,
+                    "model_step": info.step,
+                    "bound": trainer.estimator.bound_name,
+                    "z_mean": scores.z_loc[i],
+                    "z_scale": scores.z_scale[i],
+                    "elbo": float(scores.bound[i]),
+                },
+                option=option,
+            )
+        )

@@ -1,0 +1,60 @@
+"""``streamvi snapshots list|show``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+from streamvi.cli.common import CliContext, fail, pass_cli
+from streamvi.errors import StreamVIError
+
+
+@click.group("snapshots")
+def snapshots_group() -> None:
+    """Inspect snapshots."""
+
+
+def _directory(cli_ctx: CliContext, directory: str | None) -> Path:
+    return Path(directory) if directory else cli_ctx.settings().snapshots.dir
+
+
+@snapshots_group.command("list")
+@click.option("--dir", "directory", type=click.Path(file_okay=False), help="[default: snapshots.dir]")
+@pass_cli
+def list_snapshots(cli_ctx: CliContext, directory: str | None) -> None:
+    """List snapshots, newest first, with step, records trained, offsets and validity."""
+    from streamvi.snapshots.store import SnapshotStore
+
+    try:
+        store = SnapshotStore(_directory(cli_ctx, directory))
+        entries = store.list()
+    except StreamVIError as exc:
+        fail(exc)
+    if not entries:
+        click.echo(f"no snapshots in {store.directory}")
+        return
+    for path, info, problem in entries:
+        if info is None:
+            click.echo(f"{path.name}  CORRUPT  {problem}")
+            continue
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.meta.get("created_at", 0)))
+        trained = info.meta.get("counts", {}).get("records_trained", "?")
+        offsets = json.dumps(info.meta.get("offsets", {}), sort_keys=True)
+        click.echo(f"{path.name}  step={info.step}  trained={trained}  created={created}  offsets={offsets}")
+
+
+@snapshots_group.command("show")
+@click.argument("snapshot", required=False, type=click.Path(exists=True, file_okay=False))
+@pass_cli
+def show(cli_ctx: CliContext, snapshot: str | None) -> None:
+    """Print one snapshot's meta.json (default: the newest valid one in snapshots.dir)."""
+    from streamvi.snapshots.loading import find_snapshot
+
+    try:
+        info = find_snapshot(snapshot or _directory(cli_ctx, None))
+    except StreamVIError as exc:
+        fail(exc)
+    click.echo(json.dumps(dict(info.meta, path=str(info.path)), indent=2, sort_keys=True))
