@@ -10,11 +10,18 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from streamvi.errors import ConfigError
 
@@ -29,7 +36,10 @@ class _Section(BaseModel):
 class KafkaSettings(_Section):
     """Broker address, topics, consumer group and client pass-through settings (security included)."""
 
-    bootstrap_servers: list[str] = Field(default_factory=lambda: ["localhost:9092"], min_length=1)
+    # NoDecode: the environment may give "host1:9092,host2:9092" rather than a JSON list.
+    bootstrap_servers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["localhost:9092"], min_length=1
+    )
     input_topic: str = Field("streamvi.input", min_length=1)
     latents_topic: str = Field("streamvi.latents", min_length=1)
     metrics_topic: str = Field("streamvi.metrics", min_length=1)
@@ -262,16 +272,13 @@ def _read_env(environ: Mapping[str, str] | None) -> dict[str, Any]:
     )
     if unknown:
         raise ConfigError(f"unknown setting in environment: {', '.join(unknown)}")
-    if environ is None:
-        return dict(EnvSettingsSource(Settings)())
-    saved = dict(os.environ)
+    source = EnvSettingsSource(Settings)
+    if environ is not None:
+        source.env_vars = {k.lower(): v for k, v in environ.items()}
     try:
-        os.environ.clear()
-        os.environ.update(environ)
-        return dict(EnvSettingsSource(Settings)())
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+        return dict(source())
+    except SettingsError as exc:
+        raise ConfigError(f"environment: {exc} ({exc.__cause__})") from exc
 
 
 #: Environment variables read by the CLI itself rather than by the settings model.

@@ -57,7 +57,7 @@ def _elbo_trajectory(settings: Settings, steps: int) -> list[float]:
 
 def run_demo(
     base: Settings,
-    passes: int = 5,
+    passes: int = 10,
     workdir: Path | None = None,
     linger_seconds: float = 0.0,
     echo: Callable[[str], None] = print,

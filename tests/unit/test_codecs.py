@@ -1,0 +1,171 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from streamvi.datasets import encode_record
+from streamvi.io.base import RawRecord
+from streamvi.io.codecs import (
+    DEAD_LETTER_REASONS,
+    HEADER_OFFSET,
+    HEADER_PARTITION,
+    HEADER_REASON,
+    HEADER_TOPIC,
+    DecodeError,
+    RecordDecoder,
+    dead_letter_message,
+    latent_messages,
+    metrics_message,
+)
+
+DIM = 4
+
+
+def record(value: bytes | None, key: bytes | None = b"k1", offset: int = 7) -> RawRecord:
+    return RawRecord("in", 2, offset, key, value, [("trace", b"abc")])
+
+
+def reason_of(decoder: RecordDecoder, value: bytes | None) -> str:
+    with pytest.raises(DecodeError) as info:
+        decoder.decode(record(value))
+    assert info.value.reason in DEAD_LETTER_REASONS
+    return info.value.reason
+
+
+def test_json_round_trip_with_id_and_extra_fields():
+    decoder = RecordDecoder("json", DIM, 1024)
+    decoded = decoder.decode(record(b'{"id": "r-1", "x": [0, 0.5, 1, -2.25], "label": 3}'))
+    np.testing.assert_array_equal(decoded.x, np.array([0, 0.5, 1, -2.25], dtype=np.float32))
+    assert decoded.x.dtype == np.float32
+    assert decoded.record_id == "r-1"
+
+
+def test_json_without_id_uses_the_key():
+    decoded = RecordDecoder("json", DIM, 1024).decode(record(b'{"x": [1, 2, 3, 4]}', key=b"key-9"))
+    assert decoded.record_id == "key-9"
+
+
+def test_f32_round_trip():
+    x = np.array([1.5, -2.0, 0.0, 3.25], dtype=np.float32)
+    decoded = RecordDecoder("f32", DIM, 1024).decode(record(encode_record(x, "a", "f32")))
+    np.testing.assert_array_equal(decoded.x, x)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "value", "reason"),
+    [
+        ("json", None, "empty_value"),
+        ("json", b"", "empty_value"),
+        ("json", b'{"x": [' + b"1," * 600 + b"1]}", "oversize"),
+        ("json", b"\xff\xfe{", "wrong_encoding"),
+        ("json", b"{not json", "invalid_json"),
+        ("json", b"[1, 2, 3, 4]", "not_an_object"),
+        ("json", b'{"y": [1, 2, 3, 4]}', "missing_field"),
+        ("json", b'{"x": "1234"}', "wrong_type"),
+        ("json", b'{"x": [1, "2", 3, 4]}', "wrong_type"),
+        ("json", b'{"x": [1, true, 3, 4]}', "wrong_type"),
+        ("json", b'{"x": [1, 2, 3, 4], "id": {"a": 1}}', "wrong_type"),
+        ("json", b'{"x": [1, 2, 3]}', "wrong_length"),
+        ("json", b'{"x": [1, 2, 3, 1e39]}', "non_finite"),
+        ("json", b'{"x": [1, 2, 3, NaN]}', "invalid_json"),
+        ("f32", b"\x00" * 15, "wrong_length"),
+        ("f32", np.array([1, 2, np.nan, 4], "<f4").tobytes(), "non_finite"),
+        ("f32", np.array([1, 2, np.inf, 4], "<f4").tobytes(), "non_finite"),
+    ],
+)
+def test_bad_records_have_a_stable_reason(fmt, value, reason):
+    assert reason_of(RecordDecoder(fmt, DIM, 1024), value) == reason
+
+
+def test_dead_letter_keeps_bytes_and_says_why_and_where():
+    bad = record(b"{oops", key=b"kk", offset=41)
+    error = DecodeError("invalid_json", "unexpected character")
+    message = dead_letter_message(bad, "dlq", error)
+    headers = dict(message.headers)
+    assert message.topic == "dlq"
+    assert message.value == b"{oops"
+    assert message.key == b"kk"
+    assert headers["trace"] == b"abc"  # the original headers survive
+    assert headers[HEADER_REASON] == b"invalid_json"
+    assert headers[HEADER_TOPIC] == b"in"
+    assert headers[HEADER_PARTITION] == b"2"
+    assert headers[HEADER_OFFSET] == b"41"
+
+
+def test_latent_messages_follow_the_contract():
+    records = [record(b"x", key=b"a", offset=0), record(b"x", key=None, offset=1)]
+    z_loc = np.array([[0.5, -1.0], [2.0, 0.0]], dtype=np.float32)
+    z_scale = np.array([[1.0, 0.25], [0.5, 0.5]], dtype=np.float32)
+    bound = np.array([-10.5, np.nan], dtype=np.float32)
+    messages = latent_messages("lat", records, ["a", None], z_loc, z_scale, bound, 12, "elbo")
+    assert [m.key for m in messages] == [b"a", None]
+    first, second = (orjson.loads(m.value) for m in messages)
+    assert first == {
+        "id": "a",
+        "topic": "in",
+        "partition": 2,
+        "offset": 0,
+        "model_step": 12,
+        "bound": "elbo",
+        "z_mean": [0.5, -1.0],
+        "z_scale": [1.0, 0.25],
+        "elbo": -10.5,
+    }
+    assert second["elbo"] is None  # a non-finite score never produces invalid JSON
+
+
+def test_metrics_message_is_valid_json_with_non_finite_values():
+    message = metrics_message("met", {"step": 3, "elbo": math.inf, "kl": 1.5})
+    payload = orjson.loads(message.value)
+    assert payload["elbo"] is None and payload["kl"] == 1.5 and payload["step"] == 3
+    assert "timestamp" in payload
+
+
+finite = st.floats(allow_nan=False, allow_infinity=False, width=32)
+
+
+@given(st.lists(finite, min_size=DIM, max_size=DIM), st.sampled_from(["json", "f32"]))
+def test_valid_vectors_round_trip(values, fmt):
+    x = np.asarray(values, dtype=np.float32)
+    decoded = RecordDecoder(fmt, DIM, 4096).decode(record(encode_record(x, "id", fmt)))
+    np.testing.assert_array_equal(decoded.x, x)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+    lambda children: st.lists(children, max_size=6) | st.dictionaries(st.text(max_size=3), children, max_size=4),
+    max_leaves=20,
+)
+payloads = st.one_of(
+    st.binary(max_size=64),
+    json_values.map(lambda v: orjson.dumps(v, option=orjson.OPT_NON_STR_KEYS) if _dumpable(v) else b"null"),
+    st.lists(st.one_of(st.floats(), st.integers(), st.text(max_size=2)), max_size=6).map(
+        lambda xs: orjson.dumps({"x": xs}) if _dumpable(xs) else b"{}"
+    ),
+)
+
+
+def _dumpable(value: object) -> bool:
+    try:
+        orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+    except (TypeError, orjson.JSONEncodeError):
+        return False
+    return True
+
+
+@given(payloads, st.sampled_from(["json", "f32"]))
+def test_any_payload_is_a_valid_row_or_a_reasoned_dead_letter(value, fmt):
+    decoder = RecordDecoder(fmt, DIM, 48)
+    try:
+        decoded = decoder.decode(record(value))
+    except DecodeError as error:
+        assert error.reason in DEAD_LETTER_REASONS
+    else:
+        assert decoded.x.shape == (DIM,)
+        assert decoded.x.dtype == np.float32
+        assert np.isfinite(decoded.x).all()
