@@ -7,7 +7,7 @@ import platform
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from streamvi.io.codecs import DEAD_LETTER_REASONS
@@ -22,6 +22,7 @@ class Metrics:
     """Every metric the daemon exports, named ``streamvi_<thing>_<unit>``."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        disable_created_metrics()  # the *_created series only add noise to dashboards
         self.registry = registry
         self.records_consumed = Counter(
             "streamvi_records_consumed", "Input records fetched from the input topic", registry=registry

@@ -27,14 +27,23 @@ class VAE(tf.Module):
         decoder_hidden: list[int],
         activation: str = "relu",
         dtype_policy: str = "float32",
+        seed: int = 0,
     ) -> None:
         super().__init__(name="vae")
         self.input_dim = input_dim
         self.latent = latent
         self.likelihood = likelihood
-        self.encoder = mlp(input_dim, encoder_hidden, latent.param_size, activation, dtype_policy, "encoder")
+        self.encoder = mlp(
+            input_dim, encoder_hidden, latent.param_size, activation, dtype_policy, "encoder", seed
+        )
         self.decoder = mlp(
-            latent.latent_dim, decoder_hidden, likelihood.param_size, activation, dtype_policy, "decoder"
+            latent.latent_dim,
+            decoder_hidden,
+            likelihood.param_size,
+            activation,
+            dtype_policy,
+            "decoder",
+            seed + 1000,
         )
 
     @property
@@ -81,4 +90,5 @@ def build_vae(model: ModelSettings, training: TrainingSettings, input_dim: int) 
         decoder_hidden=model.decoder_widths,
         activation=model.activation,
         dtype_policy=policy,
+        seed=training.seed,
     )
