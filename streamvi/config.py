@@ -23,7 +23,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from streamvi.errors import ConfigError
+from streamvi.errors import ConfigError, StreamVIError
 
 ENV_PREFIX = "STREAMVI_"
 ENV_NESTED_DELIMITER = "__"
@@ -72,7 +72,10 @@ class KafkaSettings(_Section):
     @classmethod
     def _split_servers(cls, value: Any) -> Any:
         if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
+            text = value.strip()
+            if text.startswith("["):
+                return yaml.safe_load(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
         return value
 
     @model_validator(mode="after")
@@ -87,6 +90,13 @@ class KafkaSettings(_Section):
         if len(set(topics)) != len(topics):
             raise ValueError("kafka input, latents, metrics and dead-letter topics must all differ")
         return self
+
+    def failure(self, exc: BaseException) -> StreamVIError:
+        """A Kafka client error as a message that names the settings to check."""
+        return StreamVIError(
+            f"Kafka at kafka.bootstrap_servers={','.join(self.bootstrap_servers)} "
+            f"(kafka.security_protocol={self.security_protocol}) failed: {exc}"
+        )
 
     def client_options(self) -> dict[str, Any]:
         """Options shared by every kafka-python client: address, identity and security."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
+from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
 from streamvi import __version__
@@ -122,6 +123,10 @@ def build_daemon(settings: Settings, registry: CollectorRegistry | None = None) 
             lag_interval_seconds=settings.metrics.lag_interval_seconds,
         )
         restored = loop.restore()
+    except KafkaError as exc:
+        if server is not None:
+            server.stop()
+        raise settings.kafka.failure(exc) from exc
     except BaseException:
         if server is not None:
             server.stop()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from kafka.errors import KafkaError
+
 from streamvi.cli.common import CliContext, fail, pass_cli
 from streamvi.errors import StreamVIError
 
@@ -48,6 +50,8 @@ def produce(
             sent = produce_dataset(
                 settings.kafka, data, target, fmt or settings.input.format, repeat, limit, rate, bar.update
             )
+    except KafkaError as exc:
+        fail(settings.kafka.failure(exc))
     except StreamVIError as exc:
         fail(exc)
     click.echo(f"sent {sent} records to {target}", err=True)

@@ -34,11 +34,12 @@ def run(cli_ctx: CliContext, max_records: int | None, idle_timeout: float | None
         daemon = build_daemon(settings)
         if daemon.metrics_url:
             click.echo(f"metrics: {daemon.metrics_url}", err=True)
+        consumed_before = daemon.loop.counts.records_consumed
         counts = daemon.run(stop, max_records=max_records, idle_timeout_seconds=idle_timeout)
     except StreamVIError as exc:
         fail(exc)
     click.echo(
-        f"consumed {counts.records_consumed}, trained {counts.records_trained}, "
-        f"dead letters {counts.dead_letters}, steps {counts.steps}",
+        f"this run consumed {counts.records_consumed - consumed_before}; totals: "
+        f"trained {counts.records_trained}, dead letters {counts.dead_letters}, steps {counts.steps}",
         err=True,
     )
