@@ -51,7 +51,10 @@ def load_dataset(source: str | Path) -> Dataset:
     if suffix == ".csv":
         with path.open(newline="", encoding="utf-8") as handle:
             rows = [[float(v) for v in row] for row in csv.reader(handle) if row]
-        return Dataset(x=_matrix(np.asarray(rows, dtype=np.float32), path), ids=[f"{path.stem}-{i}" for i in range(len(rows))])
+        return Dataset(
+            x=_matrix(np.asarray(rows, dtype=np.float32), path),
+            ids=[f"{path.stem}-{i}" for i in range(len(rows))],
+        )
     if suffix in (".jsonl", ".ndjson"):
         return _load_jsonl(path)
     raise StreamVIError(f"dataset {path}: unsupported file type {suffix!r} (use .npy, .csv or .jsonl)")
@@ -64,7 +67,10 @@ def _matrix(x: np.ndarray, path: Path) -> np.ndarray:
 
 
 def _load_jsonl(path: Path) -> Dataset:
-    rows, ids, labels, contexts = [], [], [], []
+    rows: list[list[float]] = []
+    ids: list[str] = []
+    labels: list[object] = []
+    contexts: list[list[float]] = []
     with path.open("rb") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -73,7 +79,9 @@ def _load_jsonl(path: Path) -> Dataset:
                 doc = orjson.loads(line)
                 rows.append([float(v) for v in doc["x"]])
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                raise StreamVIError(f"dataset {path}, line {number}: expected an object with 'x': {exc}") from exc
+                raise StreamVIError(
+                    f"dataset {path}, line {number}: expected an object with 'x': {exc}"
+                ) from exc
             ids.append(str(doc.get("id", f"{path.stem}-{len(ids)}")))
             labels.append(doc.get("label"))
             if "c" in doc:

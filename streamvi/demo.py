@@ -79,7 +79,9 @@ def run_demo(
         )
         ensure_topics(settings.kafka)
         data = load_digits()
-        sent = produce_dataset(settings.kafka, data, settings.kafka.input_topic, settings.input.format, repeat=passes)
+        sent = produce_dataset(
+            settings.kafka, data, settings.kafka.input_topic, settings.input.format, repeat=passes
+        )
         producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers)
         for value in BAD_RECORDS:
             producer.send(settings.kafka.input_topic, value=value)
@@ -112,7 +114,12 @@ def run_demo(
         f"trained on {summary.trained} records in {summary.steps} steps ({elapsed:.1f}s, "
         f"{summary.trained / max(elapsed, 1e-9):.0f} records/s); {summary.dead_letters} dead letters"
     )
-    echo(f"prequential ELBO per record: first {window} steps {summary.first_elbo:.2f} nats, "
-         f"last {window} steps {summary.last_elbo:.2f} nats")
-    echo(f"snapshots in {summary.snapshot_dir}; try: streamvi encode --snapshot {summary.snapshot_dir} --input digits")
+    echo(
+        f"prequential ELBO per record: first {window} steps {summary.first_elbo:.2f} nats, "
+        f"last {window} steps {summary.last_elbo:.2f} nats"
+    )
+    echo(
+        f"snapshots in {summary.snapshot_dir}; "
+        f"try: streamvi encode --snapshot {summary.snapshot_dir} --input digits"
+    )
     return summary

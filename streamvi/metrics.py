@@ -44,23 +44,35 @@ class Metrics:
         self.train_steps = Counter("streamvi_train_steps", "Optimiser steps taken", registry=registry)
         self.model_step = Gauge("streamvi_model_step", "Current model step", registry=registry)
         self.elbo = Gauge(
-            "streamvi_elbo_nats", "Prequential ELBO per record of the last batch (higher is better)", registry=registry
+            "streamvi_elbo_nats",
+            "Prequential ELBO per record of the last batch (higher is better)",
+            registry=registry,
         )
-        self.kl = Gauge("streamvi_kl_nats", "KL(q(z|x) || p(z)) per record of the last batch", registry=registry)
+        self.kl = Gauge(
+            "streamvi_kl_nats", "KL(q(z|x) || p(z)) per record of the last batch", registry=registry
+        )
         self.reconstruction = Gauge(
             "streamvi_reconstruction_nats",
             "Expected log-likelihood E_q[log p(x|z)] per record of the last batch",
             registry=registry,
         )
         self.gradient_norm = Gauge(
-            "streamvi_gradient_norm", "Global gradient norm of the last step, before clipping", registry=registry
+            "streamvi_gradient_norm",
+            "Global gradient norm of the last step, before clipping",
+            registry=registry,
         )
         self.learning_rate = Gauge("streamvi_learning_rate", "Current learning rate", registry=registry)
         self.step_duration = Histogram(
-            "streamvi_step_duration_seconds", "Wall time of one training step", buckets=_STEP_BUCKETS, registry=registry
+            "streamvi_step_duration_seconds",
+            "Wall time of one training step",
+            buckets=_STEP_BUCKETS,
+            registry=registry,
         )
         self.batch_size = Histogram(
-            "streamvi_batch_size_records", "Records per trained micro-batch", buckets=_SIZE_BUCKETS, registry=registry
+            "streamvi_batch_size_records",
+            "Records per trained micro-batch",
+            buckets=_SIZE_BUCKETS,
+            registry=registry,
         )
         self.consumer_lag = Gauge(
             "streamvi_consumer_lag_records",
@@ -73,12 +85,16 @@ class Metrics:
             "streamvi_snapshot_duration_seconds", "Wall time of writing one snapshot", registry=registry
         )
         self.last_snapshot = Gauge(
-            "streamvi_last_snapshot_timestamp_seconds", "Unix time of the last durable snapshot", registry=registry
+            "streamvi_last_snapshot_timestamp_seconds",
+            "Unix time of the last durable snapshot",
+            registry=registry,
         )
         self.corrupt_snapshots = Counter(
             "streamvi_corrupt_snapshots", "Snapshots found corrupt and skipped", registry=registry
         )
-        self.commits = Counter("streamvi_offset_commits", "Offset commits to the consumer group", registry=registry)
+        self.commits = Counter(
+            "streamvi_offset_commits", "Offset commits to the consumer group", registry=registry
+        )
         self.build_info = Info("streamvi_build", "Versions of streamvi and its runtime", registry=registry)
 
     def set_build_info(self, versions: dict[str, str]) -> None:
@@ -116,7 +132,9 @@ class MetricsServer:
         handler = self._handler_class()
         self._server = ThreadingHTTPServer((host, port), handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="streamvi-metrics", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="streamvi-metrics", daemon=True
+        )
 
     @property
     def port(self) -> int:
@@ -124,7 +142,7 @@ class MetricsServer:
 
     @property
     def url(self) -> str:
-        host = self._server.server_address[0]
+        host = str(self._server.server_address[0])
         return f"http://{host}:{self.port}/metrics"
 
     def start(self) -> MetricsServer:
@@ -161,6 +179,6 @@ class MetricsServer:
                 self.wfile.write(body)
 
             def log_message(self, format: str, *args: object) -> None:
-                log.debug("metrics http: " + format, *args)
+                log.debug("metrics http: %s", format % args)
 
         return Handler

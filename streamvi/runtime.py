@@ -1,4 +1,4 @@
-"""Assembling the pieces from settings: model + trainer, and the daemon (Kafka source, sinks, metrics, loop)."""
+"""Assembling the pieces from settings: the trainer, and the daemon (Kafka source, sink, metrics, loop)."""
 
 from __future__ import annotations
 

@@ -50,7 +50,9 @@ def stop_on_signals() -> threading.Event:
     stop = threading.Event()
 
     def handler(signum: int, frame: Any) -> None:
-        logging.getLogger("streamvi").info("received %s; stopping after a final checkpoint", signal.Signals(signum).name)
+        logging.getLogger("streamvi").info(
+            "received %s; stopping after a final checkpoint", signal.Signals(signum).name
+        )
         stop.set()
 
     signal.signal(signal.SIGTERM, handler)

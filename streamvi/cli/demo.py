@@ -11,9 +11,13 @@ from streamvi.errors import StreamVIError
 
 
 @click.command("demo")
-@click.option("--passes", type=click.IntRange(min=1), default=10, show_default=True, help="Passes over the digits.")
+@click.option(
+    "--passes", type=click.IntRange(min=1), default=10, show_default=True, help="Passes over the digits."
+)
 @click.option("--workdir", type=click.Path(file_okay=False), help="Where snapshots and the broker log go.")
-@click.option("--linger", type=click.FloatRange(min=0), default=0.0, help="Keep /metrics up this long at the end.")
+@click.option(
+    "--linger", type=click.FloatRange(min=0), default=0.0, help="Keep /metrics up this long at the end."
+)
 @pass_cli
 def demo(cli_ctx: CliContext, passes: int, workdir: str | None, linger: float) -> None:
     """Start the embedded broker, stream the digits set through the daemon, print a summary, stop it all."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import BinaryIO
 
 import click
 import orjson
@@ -20,7 +21,7 @@ from streamvi.errors import StreamVIError
 )
 @click.option("--input", "input_path", required=True, help="A .npy/.csv/.jsonl file, or 'digits'.")
 @click.option("--output", type=click.File("wb"), default="-", help="JSON lines out [default: stdout].")
-def encode(snapshot: str, input_path: str, output: click.utils.LazyFile) -> None:
+def encode(snapshot: str, input_path: str, output: BinaryIO) -> None:
     """Write one JSON line per input row: id, z_mean, z_scale and the ELBO under the snapshot's model."""
     from streamvi.datasets import load_dataset
     from streamvi.snapshots.loading import find_snapshot, load_trainer
@@ -31,7 +32,8 @@ def encode(snapshot: str, input_path: str, output: click.utils.LazyFile) -> None
         data = load_dataset(input_path)
         if data.x.shape[1] != settings.input.dim:
             raise StreamVIError(
-                f"{input_path}: rows have {data.x.shape[1]} values, the snapshot's model expects {settings.input.dim}"
+                f"{input_path}: rows have {data.x.shape[1]} values, "
+                f"the snapshot's model expects {settings.input.dim}"
             )
         scores = trainer.evaluate(data.x)
     except StreamVIError as exc:

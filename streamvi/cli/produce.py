@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import click
+import io
 
+import click
 from kafka.errors import KafkaError
 
 from streamvi.cli.common import CliContext, fail, pass_cli
@@ -17,11 +18,17 @@ from streamvi.errors import StreamVIError
     show_default=True,
     help="'digits' (scikit-learn's 8x8 digits, scaled to [0,1]) or a .npy/.csv/.jsonl file.",
 )
-@click.option("--format", "fmt", type=click.Choice(["json", "f32"]), help="Wire format [default: input.format].")
+@click.option(
+    "--format", "fmt", type=click.Choice(["json", "f32"]), help="Wire format [default: input.format]."
+)
 @click.option("--topic", help="Target topic [default: kafka.input_topic].")
-@click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True, help="Passes over the data.")
+@click.option(
+    "--repeat", type=click.IntRange(min=1), default=1, show_default=True, help="Passes over the data."
+)
 @click.option("--limit", type=click.IntRange(min=1), help="Send at most this many records.")
-@click.option("--rate", type=click.FloatRange(min=0.001), help="Records per second (default: as fast as possible).")
+@click.option(
+    "--rate", type=click.FloatRange(min=0.001), help="Records per second (default: as fast as possible)."
+)
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @pass_cli
 def produce(
@@ -46,7 +53,9 @@ def produce(
         if settings.kafka.create_topics:
             ensure_topics(settings.kafka, [target])
         total = len(data) * repeat if limit is None else min(limit, len(data) * repeat)
-        with click.progressbar(length=total, label=f"producing to {target}", file=None if progress else _Null()) as bar:
+        with click.progressbar(
+            length=total, label=f"producing to {target}", file=None if progress else io.StringIO()
+        ) as bar:
             sent = produce_dataset(
                 settings.kafka, data, target, fmt or settings.input.format, repeat, limit, rate, bar.update
             )
@@ -55,14 +64,3 @@ def produce(
     except StreamVIError as exc:
         fail(exc)
     click.echo(f"sent {sent} records to {target}", err=True)
-
-
-class _Null:
-    def write(self, text: str) -> int:
-        return len(text)
-
-    def flush(self) -> None:
-        return None
-
-    def isatty(self) -> bool:
-        return False

@@ -18,7 +18,12 @@ def ensure_topics(settings: KafkaSettings, topics: Iterable[str] | None = None) 
     wanted = list(
         topics
         if topics is not None
-        else (settings.input_topic, settings.latents_topic, settings.metrics_topic, settings.dead_letter_topic)
+        else (
+            settings.input_topic,
+            settings.latents_topic,
+            settings.metrics_topic,
+            settings.dead_letter_topic,
+        )
     )
     admin = KafkaAdminClient(**settings.client_options())
     try:

@@ -72,7 +72,9 @@ class RecordDecoder:
         if not value:
             raise DecodeError("empty_value", "the record has no value")
         if len(value) > self.max_bytes:
-            raise DecodeError("oversize", f"{len(value)} bytes exceeds input.max_record_bytes={self.max_bytes}")
+            raise DecodeError(
+                "oversize", f"{len(value)} bytes exceeds input.max_record_bytes={self.max_bytes}"
+            )
         if self.format == "f32":
             x = self._decode_f32(value)
             record_id = None

@@ -39,7 +39,9 @@ def broker_binary() -> str:
 class EmbeddedBroker:
     """Starts Tansu on a free loopback port and stops it; usable as a context manager."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int | None = None, log_file: Path | None = None) -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", port: int | None = None, log_file: Path | None = None
+    ) -> None:
         self.host = host
         self.port = port or free_port(host)
         self.log_file = log_file

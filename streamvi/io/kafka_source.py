@@ -1,4 +1,4 @@
-"""The Kafka record source: a kafka-python consumer in a group, auto-commit off, seeking to snapshot offsets."""
+"""The Kafka record source: a kafka-python group consumer, auto-commit off, seeking to snapshot offsets."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def _noop(partitions: Sequence[Partition]) -> None:
     return None
 
 
-class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+class _Listener(ConsumerRebalanceListener):
     def __init__(self, source: KafkaRecordSource) -> None:
         self.source = source
 
@@ -101,7 +101,10 @@ class KafkaRecordSource(RecordSource):
         if not offsets:
             return
         self._consumer.commit(
-            {TopicPartition(*partition): OffsetAndMetadata(offset, "", -1) for partition, offset in offsets.items()}
+            {
+                TopicPartition(*partition): OffsetAndMetadata(offset, "", -1)
+                for partition, offset in offsets.items()
+            }
         )
         # Later rebalances resume from the committed position; snapshot offsets are now redundant.
         for partition, offset in offsets.items():

@@ -31,7 +31,9 @@ def produce_dataset(
     try:
         for sent in range(total):
             index = sent % len(dataset)
-            record_id = dataset.ids[index] if repeat == 1 else f"{dataset.ids[index]}-pass{sent // len(dataset)}"
+            record_id = (
+                dataset.ids[index] if repeat == 1 else f"{dataset.ids[index]}-pass{sent // len(dataset)}"
+            )
             label = None if dataset.labels is None else int(dataset.labels[index])
             value = encode_record(dataset.x[index], record_id, fmt, label)
             producer.send(topic, key=record_id.encode(), value=value).add_errback(failures.append)

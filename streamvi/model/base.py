@@ -5,9 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 import tensorflow as tf
-import tensorflow_probability as tfp
-
-tfd = tfp.distributions
+from tensorflow_probability import distributions as tfd
 
 
 class LatentFamily(ABC):

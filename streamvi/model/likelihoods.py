@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import tensorflow as tf
-import tensorflow_probability as tfp
+from tensorflow_probability import distributions as tfd
 
 from streamvi.model.base import Likelihood
-
-tfd = tfp.distributions
 
 
 class BernoulliLikelihood(Likelihood):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tensorflow as tf
-import tensorflow_probability as tfp
+from tensorflow_probability import distributions as tfd
 
 from streamvi.config import ModelSettings, TrainingSettings
 from streamvi.errors import ConfigError
@@ -11,8 +11,6 @@ from streamvi.model.base import LatentFamily, Likelihood
 from streamvi.model.latents import DiagonalGaussian
 from streamvi.model.likelihoods import BernoulliLikelihood, GaussianLikelihood
 from streamvi.model.networks import mlp
-
-tfd = tfp.distributions
 
 
 class VAE(tf.Module):

@@ -105,7 +105,7 @@ class SnapshotStore:
         self._on_corrupt = on_corrupt
 
     def write(self, checkpoint: tf.train.Checkpoint, step: int, meta: dict[str, Any]) -> SnapshotInfo:
-        """Write a snapshot of ``checkpoint`` with ``meta`` (offsets, counts, config...) and prune old ones."""
+        """Write ``checkpoint`` with ``meta`` (offsets, counts, config...) and prune old snapshots."""
         self.directory.mkdir(parents=True, exist_ok=True)
         name = f"{_PREFIX}{step:012d}-{time.time_ns():020d}"
         temp = self.directory / f".tmp-{name}-{uuid.uuid4().hex[:8]}"

@@ -24,7 +24,13 @@ from typing import Any
 import tensorflow as tf
 
 from streamvi.io.base import OutputSink, Partition, RawRecord, RecordSource
-from streamvi.io.codecs import DecodeError, RecordDecoder, dead_letter_message, latent_messages, metrics_message
+from streamvi.io.codecs import (
+    DecodeError,
+    RecordDecoder,
+    dead_letter_message,
+    latent_messages,
+    metrics_message,
+)
 from streamvi.metrics import Health, Metrics
 from streamvi.snapshots.store import SnapshotInfo, SnapshotStore, encode_offsets
 from streamvi.training.batching import MicroBatcher
@@ -332,4 +338,6 @@ class OnlineLoop:
             if highwater is None or position is None:
                 continue
             topic, number = partition
-            self.metrics.consumer_lag.labels(topic=topic, partition=str(number)).set(max(0, highwater - position))
+            self.metrics.consumer_lag.labels(topic=topic, partition=str(number)).set(
+                max(0, highwater - position)
+            )

@@ -165,7 +165,7 @@ class Trainer:
             grads, grad_norm = tf.clip_by_global_norm(grads, self.clip_grad_norm)
         else:
             grad_norm = tf.linalg.global_norm(grads)
-        self.optimizer.apply_gradients(zip(grads, variables))
+        self.optimizer.apply_gradients(zip(grads, variables, strict=True))
         self.step_counter.assign_add(1)
         learning_rate = tf.cast(self.optimizer.learning_rate, tf.float32)
         return self._pack(terms), tf.stack([loss, grad_norm, learning_rate])
@@ -219,4 +219,3 @@ class Trainer:
             )
         if not 0 < n <= self.batch_size:
             raise ValueError(f"batch must hold 1..{self.batch_size} real records, got {n}")
-

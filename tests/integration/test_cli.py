@@ -78,7 +78,11 @@ def test_run_stops_cleanly_on_sigterm_and_restart_replays_nothing(settings_facto
     # a restart with nothing new consumes nothing and writes no new snapshot
     before = SnapshotStore(settings.snapshots.dir).candidates()
     result = subprocess.run(
-        [*STREAMVI, "run", "--idle-timeout", "2"], env=cli_env(settings), capture_output=True, text=True, timeout=120
+        [*STREAMVI, "run", "--idle-timeout", "2"],
+        env=cli_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert "this run consumed 0; totals: trained 200" in result.stderr
@@ -92,20 +96,28 @@ def test_run_max_records_then_encode_and_snapshots_commands(settings_factory, tm
     ensure_topics(kafka)
     produce_values(bootstrap, kafka.input_topic, digits_records(0, 96))
     env = cli_env(settings)
-    result = subprocess.run([*STREAMVI, "run", "--max-records", "96"], env=env, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [*STREAMVI, "run", "--max-records", "96"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     latents = {m.key.decode(): orjson.loads(m.value) for m in read_topic(bootstrap, kafka.latents_topic, 96)}
 
-    listing = subprocess.run([*STREAMVI, "snapshots", "list"], env=env, capture_output=True, text=True, timeout=60)
+    listing = subprocess.run(
+        [*STREAMVI, "snapshots", "list"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert listing.returncode == 0 and "step=3" in listing.stdout and "trained=96" in listing.stdout
-    shown = subprocess.run([*STREAMVI, "snapshots", "show"], env=env, capture_output=True, text=True, timeout=60)
+    shown = subprocess.run(
+        [*STREAMVI, "snapshots", "show"], env=env, capture_output=True, text=True, timeout=60
+    )
     meta = json.loads(shown.stdout)
     assert meta["offsets"] == {kafka.input_topic: {"0": 96}} and meta["step"] == 3
 
     encoded = subprocess.run(
         [*STREAMVI, "encode", "--snapshot", str(settings.snapshots.dir), "--input", "digits"],
-        env=env, capture_output=True, text=True, timeout=120,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert encoded.returncode == 0, encoded.stderr
     rows = [json.loads(line) for line in encoded.stdout.splitlines()]
@@ -122,14 +134,22 @@ def test_config_commands(tmp_path):
     env["STREAMVI_KAFKA__SASL_PASSWORD"] = "s3cret-value"
     shown = subprocess.run(
         [*STREAMVI, "--config", "configs/default.yaml", "--set", "training.batch_size=7", "config", "show"],
-        env=env, capture_output=True, text=True, cwd=ROOT, timeout=60,
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
     )
     assert shown.returncode == 0, shown.stderr
     assert "batch_size: 7" in shown.stdout
     assert "s3cret-value" not in shown.stdout and "**********" in shown.stdout
     bad = subprocess.run(
         [*STREAMVI, "--set", "training.batch_size=-1", "config", "validate"],
-        env=env, capture_output=True, text=True, cwd=ROOT, timeout=60,
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
     )
     assert bad.returncode == 2 and "training.batch_size" in bad.stderr
     for command in (["run"], ["produce"], ["demo"], ["encode"], ["snapshots", "list"], ["config", "show"]):
@@ -144,7 +164,10 @@ def test_produce_command_sends_a_file(settings_factory, tmp_path):
     data.write_text("".join(json.dumps({"id": f"r{i}", "x": [i / 10] * 64}) + "\n" for i in range(10)))
     result = subprocess.run(
         [*STREAMVI, "produce", "--dataset", str(data), "--format", "f32", "--no-progress", "--rate", "200"],
-        env=cli_env(settings), capture_output=True, text=True, timeout=120,
+        env=cli_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     messages = read_topic(kafka.bootstrap_servers[0], kafka.input_topic, 10)
@@ -156,7 +179,11 @@ def test_demo_command(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMVI_")}
     result = subprocess.run(
         [*STREAMVI, "--config", "configs/demo.yaml", "demo", "--passes", "2", "--workdir", str(tmp_path)],
-        env=env, capture_output=True, text=True, cwd=ROOT, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert "trained on 3594 records" in result.stdout

@@ -31,7 +31,9 @@ def digits_records(start: int, count: int, fmt: str = "json") -> list[tuple[byte
     for i in range(start, start + count):
         index = i % len(data)
         record_id = f"rec-{i}"
-        items.append((record_id.encode(), encode_record(data.x[index], record_id, fmt, int(data.labels[index]))))
+        items.append(
+            (record_id.encode(), encode_record(data.x[index], record_id, fmt, int(data.labels[index])))
+        )
     return items
 
 
@@ -127,7 +129,9 @@ def test_records_in_latents_out_then_resume(settings_factory):
     new = [orjson.loads(m.value) for m in latents[n:]]
     assert sorted(p["offset"] for p in new) == list(range(n + len(BAD), n + len(BAD) + 100))
     assert min(p["model_step"] for p in new) == first_step
-    assert SnapshotStore(settings.snapshots.dir).latest().offsets == {(kafka.input_topic, 0): n + len(BAD) + 100}
+    assert SnapshotStore(settings.snapshots.dir).latest().offsets == {
+        (kafka.input_topic, 0): n + len(BAD) + 100
+    }
 
 
 def test_f32_input(settings_factory):
@@ -135,7 +139,7 @@ def test_f32_input(settings_factory):
     kafka = settings.kafka
     bootstrap = kafka.bootstrap_servers[0]
     ensure_topics(kafka)
-    produce_values(bootstrap, kafka.input_topic, digits_records(0, 64, "f32") + [(b"short", b"\x00" * 12)])
+    produce_values(bootstrap, kafka.input_topic, [*digits_records(0, 64, "f32"), (b"short", b"\x00" * 12)])
     counts = build_daemon(settings, CollectorRegistry()).run(max_records=65)
     assert counts.records_trained == 64 and counts.dead_letters == 1
     assert len(read_topic(bootstrap, kafka.latents_topic, 64)) == 64
@@ -153,7 +157,10 @@ def marginal_bernoulli_loglik(x: np.ndarray) -> float:
 def test_elbo_on_digits_improves_beyond_any_latent_free_model(settings_factory):
     # The demo's architecture (configs/demo.yaml): 8 latents, 128-64 ELU networks.
     settings = settings_factory(
-        "snapshots.every_steps=200", "model.latent_dim=8", "model.encoder_hidden=[128, 64]", "model.activation=elu"
+        "snapshots.every_steps=200",
+        "model.latent_dim=8",
+        "model.encoder_hidden=[128, 64]",
+        "model.activation=elu",
     )
     kafka = settings.kafka
     bootstrap = kafka.bootstrap_servers[0]

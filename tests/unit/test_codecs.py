@@ -138,7 +138,9 @@ def test_valid_vectors_round_trip(values, fmt):
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
-    lambda children: st.lists(children, max_size=6) | st.dictionaries(st.text(max_size=3), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=6) | st.dictionaries(st.text(max_size=3), children, max_size=4)
+    ),
     max_leaves=20,
 )
 payloads = st.one_of(

@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from streamvi.config import Settings, load_settings, parse_overrides
 from streamvi.errors import ConfigError
@@ -14,7 +15,7 @@ def test_defaults_are_valid_and_frozen():
     settings = load_settings(environ={})
     assert settings.kafka.input_topic == "streamvi.input"
     assert settings.training.estimator == "sgvb_b"
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         settings.training.batch_size = 3  # type: ignore[misc]
 
 
@@ -79,7 +80,7 @@ def test_unknown_key_in_file_is_rejected(tmp_path):
 
 
 def test_missing_and_malformed_files(tmp_path):
-    with pytest.raises(ConfigError, match="nope.yaml"):
+    with pytest.raises(ConfigError, match=r"nope\.yaml"):
         load_settings(tmp_path / "nope.yaml", environ={})
     bad = tmp_path / "bad.yaml"
     bad.write_text("- a list\n- not sections\n")

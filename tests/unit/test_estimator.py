@@ -29,7 +29,9 @@ def test_bound_at_exact_posterior_is_log_evidence():
     lg = LinearGaussian.make()
     x = tf.constant(lg.sample(6))
     model = lg.vae(exact_encoder=True)
-    np.testing.assert_allclose(lg.closed_form_elbo(model, x).numpy(), lg.log_evidence(x.numpy()), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(
+        lg.closed_form_elbo(model, x).numpy(), lg.log_evidence(x.numpy()), rtol=1e-4, atol=1e-3
+    )
     bounds = draws(SGVBAnalyticKL(samples=1), model, x, 2000)("bound")
     mean, se = bounds.mean(0), bounds.std(0, ddof=1) / np.sqrt(len(bounds))
     assert np.all(np.abs(mean - lg.log_evidence(x.numpy())) <= Z * se + 1e-4)

@@ -159,7 +159,9 @@ def test_clean_stop_with_no_new_input_writes_no_snapshot(tmp_path):
 
 def test_prometheus_counters_follow_the_loop(tmp_path):
     registry = CollectorRegistry()
-    loop = make_loop(MemorySource(records(20, bad_every=5)), MemorySink(), SnapshotStore(tmp_path), registry=registry)
+    loop = make_loop(
+        MemorySource(records(20, bad_every=5)), MemorySink(), SnapshotStore(tmp_path), registry=registry
+    )
     loop.run(max_records=20)
 
     def value(name, **labels):

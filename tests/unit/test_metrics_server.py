@@ -36,7 +36,10 @@ def test_metrics_endpoint_serves_prometheus_text(served):
     assert status == 200
     families = {f.name: f for f in text_string_to_metric_families(body)}
     assert families["streamvi_records_consumed"].samples[0].value == 5
-    assert {s.labels["reason"] for s in families["streamvi_dead_letters"].samples} >= {"invalid_json", "non_finite"}
+    assert {s.labels["reason"] for s in families["streamvi_dead_letters"].samples} >= {
+        "invalid_json",
+        "non_finite",
+    }
     assert families["streamvi_build_info"].samples[0].labels["streamvi"] == "0.1.0"
     assert "streamvi_step_duration_seconds" in families
 

@@ -11,7 +11,12 @@ from streamvi.model import build_vae
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
 def test_shapes_and_distributions(likelihood):
     settings = load_settings(
-        overrides=["input.dim=7", "model.latent_dim=3", "model.encoder_hidden=[16, 8]", f"model.likelihood={likelihood}"],
+        overrides=[
+            "input.dim=7",
+            "model.latent_dim=3",
+            "model.encoder_hidden=[16, 8]",
+            f"model.likelihood={likelihood}",
+        ],
         environ={},
     )
     model = build_vae(settings.model, settings.training, 7)
@@ -41,8 +46,9 @@ def test_bernoulli_log_prob_is_cross_entropy_on_soft_targets():
 
 
 def test_gaussian_likelihood_uses_the_configured_scale():
-    settings = load_settings(overrides=["input.dim=3", "model.likelihood=gaussian", "model.observation_scale=0.5"],
-                             environ={})
+    settings = load_settings(
+        overrides=["input.dim=3", "model.likelihood=gaussian", "model.observation_scale=0.5"], environ={}
+    )
     model = build_vae(settings.model, settings.training, 3)
     dist = model.likelihood.distribution(tf.zeros((1, 3)))
     np.testing.assert_allclose(dist.stddev().numpy(), 0.5)

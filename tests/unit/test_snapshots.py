@@ -59,8 +59,10 @@ def test_corrupt_newest_snapshot_falls_back_to_previous(tmp_path, damage):
     good = store.write(checkpoint(trainer), trainer.step, {"offsets": {"t": {"0": 8}}})
     trainer.train(data(8), 8)
     bad = store.write(checkpoint(trainer), trainer.step, {"offsets": {"t": {"0": 16}}})
-    target = max((p for p in (bad.path / "checkpoint").iterdir() if p.name.startswith("state.data")),
-                 key=lambda p: p.stat().st_size)
+    target = max(
+        (p for p in (bad.path / "checkpoint").iterdir() if p.name.startswith("state.data")),
+        key=lambda p: p.stat().st_size,
+    )
     if damage == "truncate":
         target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
     elif damage == "flip":

@@ -10,8 +10,13 @@ from streamvi.runtime import build_trainer
 
 def make(*overrides: str, dim: int = 6):
     settings = load_settings(
-        overrides=[f"input.dim={dim}", "model.latent_dim=2", "model.encoder_hidden=[16]", "training.batch_size=8",
-                   *overrides],
+        overrides=[
+            f"input.dim={dim}",
+            "model.latent_dim=2",
+            "model.encoder_hidden=[16]",
+            "training.batch_size=8",
+            *overrides,
+        ],
         environ={},
     )
     return build_trainer(settings)
@@ -35,7 +40,9 @@ def test_step_reports_prequential_scores_and_counts_steps():
     assert result.scores.size == 8
     assert result.scores.z_loc.shape == (8, 2) and result.scores.z_scale.shape == (8, 2)
     assert np.all(result.scores.z_scale > 0)
-    np.testing.assert_allclose(result.scores.bound, result.scores.reconstruction - result.scores.kl, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        result.scores.bound, result.scores.reconstruction - result.scores.kl, rtol=1e-5, atol=1e-5
+    )
     # Scored before the update: the KL term (analytic) equals a no-update evaluation's exactly.
     np.testing.assert_allclose(result.scores.kl, before.kl, rtol=1e-5)
     after = trainer.evaluate(x)
