@@ -95,6 +95,34 @@ class Metrics:
         self.commits = Counter(
             "streamvi_offset_commits", "Offset commits to the consumer group", registry=registry
         )
+        # Held-out evaluation on the hash-selected reservoir that is never trained on.
+        self.heldout_elbo = Gauge(
+            "streamvi_heldout_elbo_nats", "Mean ELBO per record on the held-out reservoir", registry=registry
+        )
+        self.heldout_log_likelihood = Gauge(
+            "streamvi_heldout_log_likelihood_nats",
+            "Importance-weighted estimate of log p(x) per record on the held-out reservoir",
+            registry=registry,
+        )
+        self.heldout_records = Gauge(
+            "streamvi_heldout_records", "Records currently in the held-out reservoir", registry=registry
+        )
+        # Guarding the model against garbage updates and reporting replays.
+        self.nonfinite_updates = Counter(
+            "streamvi_nonfinite_updates",
+            "Updates skipped because the loss or gradients were not finite",
+            registry=registry,
+        )
+        self.training_diverged = Gauge(
+            "streamvi_training_diverged",
+            "1 after too many non-finite updates in a row forced a restore of the last good snapshot",
+            registry=registry,
+        )
+        self.replayed_records = Counter(
+            "streamvi_replayed_records",
+            "Records consumed again after a restart because their outputs may already have been published",
+            registry=registry,
+        )
         self.build_info = Info("streamvi_build", "Versions of streamvi and its runtime", registry=registry)
 
     def set_build_info(self, versions: dict[str, str]) -> None:
