@@ -136,18 +136,27 @@ class InputSettings(_Section):
 
     format: Literal["json", "f32"] = "json"
     dim: int = Field(64, ge=1)
+    context_dim: int = Field(0, ge=0)
     max_record_bytes: int = Field(1_048_576, ge=16)
 
 
 class ModelSettings(_Section):
     """The amortised encoder q(z|x), the decoder p(x|z) and their distributions."""
 
+    latent: Literal["gaussian", "gumbel_softmax"] = "gaussian"
     latent_dim: int = Field(8, ge=1)
+    categorical_variables: int = Field(8, ge=1)
+    categories: int = Field(10, ge=2)
+    temperature_start: float = Field(1.0, gt=0.0)
+    temperature_floor: float = Field(0.5, gt=0.0)
+    temperature_rate: float = Field(1e-4, ge=0.0)
+    straight_through: bool = False
     encoder_hidden: list[int] = Field(default_factory=lambda: [256, 128])
     decoder_hidden: list[int] | None = None
     activation: Literal["relu", "elu", "gelu", "tanh", "softplus", "swish"] = "relu"
-    likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"
+    likelihood: Literal["bernoulli", "gaussian", "poisson"] = "bernoulli"
     observation_scale: float = Field(0.1, gt=0.0)
+    learn_observation_scale: bool = False
     min_posterior_scale: float = Field(1e-4, gt=0.0)
 
     @field_validator("encoder_hidden", "decoder_hidden")
@@ -156,6 +165,12 @@ class ModelSettings(_Section):
         if value is not None and any(width < 1 for width in value):
             raise ValueError("hidden layer widths must be positive integers")
         return value
+
+    @model_validator(mode="after")
+    def _check_temperature(self) -> ModelSettings:
+        if self.temperature_floor > self.temperature_start:
+            raise ValueError("model.temperature_floor must not exceed model.temperature_start")
+        return self
 
     @property
     def decoder_widths(self) -> list[int]:
@@ -166,8 +181,11 @@ class ModelSettings(_Section):
 class TrainingSettings(_Section):
     """The stochastic-gradient VI update and micro-batching."""
 
-    estimator: Literal["sgvb_b"] = "sgvb_b"
+    estimator: Literal["sgvb_a", "sgvb_b", "iwae", "stl", "dreg", "score_function"] = "sgvb_b"
     samples: int = Field(1, ge=1)
+    baseline: Literal["none", "running_mean", "learned"] = "running_mean"
+    baseline_decay: float = Field(0.99, ge=0.0, lt=1.0)
+    baseline_hidden: int = Field(64, ge=1)
     batch_size: int = Field(128, ge=1)
     max_batch_latency_ms: int = Field(250, ge=1)
     optimizer: Literal["adam", "adamw", "rmsprop", "sgd"] = "adam"
@@ -177,6 +195,15 @@ class TrainingSettings(_Section):
     jit_compile: bool = True
     device: str | None = None
     mixed_precision: Literal["off", "mixed_float16", "mixed_bfloat16"] = "off"
+
+
+class EvaluationSettings(_Section):
+    """Honest evaluation while streaming: a hash-selected held-out reservoir that is never trained on."""
+
+    heldout_fraction: float = Field(0.05, ge=0.0, le=0.5)
+    heldout_capacity: int = Field(2_000, ge=1)
+    every_steps: int = Field(100, ge=1)
+    importance_samples: int = Field(64, ge=1)
 
 
 class SnapshotSettings(_Section):
@@ -211,6 +238,7 @@ class Settings(BaseSettings):
     input: InputSettings = Field(default_factory=InputSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
+    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
     snapshots: SnapshotSettings = Field(default_factory=SnapshotSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 

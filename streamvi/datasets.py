@@ -92,11 +92,16 @@ def _load_jsonl(path: Path) -> Dataset:
     return Dataset(x=x, ids=ids, labels=label_array, context=context)
 
 
-def encode_record(x: np.ndarray, record_id: str, fmt: str, label: int | None = None) -> bytes:
-    """One input record value in the wire format ``fmt`` (json or f32)."""
+def encode_record(
+    x: np.ndarray, record_id: str, fmt: str, label: int | None = None, context: np.ndarray | None = None
+) -> bytes:
+    """One input record value in the wire format ``fmt`` (json or f32; f32 appends the context)."""
     if fmt == "f32":
-        return np.ascontiguousarray(x, dtype="<f4").tobytes()
+        values = x if context is None else np.concatenate([x, context])
+        return np.ascontiguousarray(values, dtype="<f4").tobytes()
     document: dict[str, object] = {"id": record_id, "x": np.asarray(x, dtype=np.float32)}
+    if context is not None:
+        document["c"] = np.asarray(context, dtype=np.float32)
     if label is not None:
         document["label"] = int(label)
     return orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)

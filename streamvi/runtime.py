@@ -18,7 +18,8 @@ from streamvi.io.codecs import RecordDecoder
 from streamvi.metrics import Health, Metrics, MetricsServer
 from streamvi.model.vae import build_vae
 from streamvi.snapshots.store import SnapshotInfo, SnapshotStore
-from streamvi.training.loop import CheckpointPolicy, LoopCounts, OnlineLoop, OutputTopics
+from streamvi.training.heldout import HeldOutReservoir
+from streamvi.training.loop import CheckpointPolicy, EvaluationPolicy, LoopCounts, OnlineLoop, OutputTopics
 from streamvi.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,22 @@ def versions() -> dict[str, str]:
 
 def build_trainer(settings: Settings) -> Trainer:
     """Model, estimator and optimizer as configured, ready to train or to restore into."""
-    model = build_vae(settings.model, settings.training, settings.input.dim)
-    return Trainer.from_settings(model, build_estimator(settings.training), settings.training)
+    model = build_vae(settings.model, settings.training, settings.input.dim, settings.input.context_dim)
+    return Trainer.from_settings(model, build_estimator(settings), settings.training)
+
+
+def evaluation_policy(settings: Settings) -> EvaluationPolicy | None:
+    """The held-out evaluation the settings ask for; None when no record is held out."""
+    evaluation = settings.evaluation
+    if evaluation.heldout_fraction <= 0.0:
+        return None
+    reservoir = HeldOutReservoir(
+        evaluation.heldout_fraction,
+        evaluation.heldout_capacity,
+        settings.input.dim,
+        settings.input.context_dim,
+    )
+    return EvaluationPolicy(reservoir, evaluation.every_steps, evaluation.importance_samples)
 
 
 def snapshot_meta(settings: Settings) -> dict[str, Any]:
@@ -106,7 +121,12 @@ def build_daemon(settings: Settings, registry: CollectorRegistry | None = None) 
         loop = OnlineLoop(
             source=source,
             sink=sink,
-            decoder=RecordDecoder(settings.input.format, settings.input.dim, settings.input.max_record_bytes),
+            decoder=RecordDecoder(
+                settings.input.format,
+                settings.input.dim,
+                settings.input.max_record_bytes,
+                settings.input.context_dim,
+            ),
             trainer=trainer,
             store=store,
             topics=OutputTopics(
@@ -121,6 +141,7 @@ def build_daemon(settings: Settings, registry: CollectorRegistry | None = None) 
             snapshot_meta=snapshot_meta(settings),
             max_poll_records=settings.kafka.max_poll_records,
             lag_interval_seconds=settings.metrics.lag_interval_seconds,
+            evaluation=evaluation_policy(settings),
         )
         restored = loop.restore()
     except KafkaError as exc:

@@ -21,8 +21,13 @@ from streamvi.errors import StreamVIError
 )
 @click.option("--input", "input_path", required=True, help="A .npy/.csv/.jsonl file, or 'digits'.")
 @click.option("--output", type=click.File("wb"), default="-", help="JSON lines out [default: stdout].")
-def encode(snapshot: str, input_path: str, output: BinaryIO) -> None:
-    """Write one JSON line per input row: id, z_mean, z_scale and the ELBO under the snapshot's model."""
+@click.option(
+    "--importance-samples",
+    type=click.IntRange(min=1),
+    help="Also estimate log p(x) per record with this many importance samples (IWAE-k).",
+)
+def encode(snapshot: str, input_path: str, output: BinaryIO, importance_samples: int | None) -> None:
+    """Write one JSON line per input row: id, z_mean, z_scale and the bound under the snapshot's model."""
     from streamvi.datasets import load_dataset
     from streamvi.snapshots.loading import find_snapshot, load_trainer
 
@@ -35,22 +40,26 @@ def encode(snapshot: str, input_path: str, output: BinaryIO) -> None:
                 f"{input_path}: rows have {data.x.shape[1]} values, "
                 f"the snapshot's model expects {settings.input.dim}"
             )
-        scores = trainer.evaluate(data.x)
+        if data.context is None and settings.input.context_dim:
+            raise StreamVIError(f"{input_path}: the snapshot's model needs a context 'c' per record")
+        scores = trainer.evaluate(data.x, data.context)
+        log_likelihood = (
+            trainer.log_likelihood(data.x, data.context, importance_samples) if importance_samples else None
+        )
     except StreamVIError as exc:
         fail(exc)
     out = output if output is not None else sys.stdout.buffer
     option = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
     for i, record_id in enumerate(data.ids):
-        out.write(
-            orjson.dumps(
-                {
-                    "id": record_id,
-                    "model_step": info.step,
-                    "bound": trainer.estimator.bound_name,
-                    "z_mean": scores.z_loc[i],
-                    "z_scale": scores.z_scale[i],
-                    "elbo": float(scores.bound[i]),
-                },
-                option=option,
-            )
-        )
+        row: dict[str, object] = {
+            "id": record_id,
+            "model_step": info.step,
+            "bound": trainer.estimator.bound_name,
+            "z_mean": scores.z_loc[i],
+            "z_scale": scores.z_scale[i],
+            "elbo": float(scores.bound[i]),
+        }
+        if log_likelihood is not None:
+            row["log_likelihood"] = float(log_likelihood[i])
+            row["importance_samples"] = importance_samples
+        out.write(orjson.dumps(row, option=option))

@@ -1,24 +1,57 @@
-"""Gradient estimators of the ELBO, one small strategy class each, chosen by ``training.estimator``."""
+"""Gradient estimators of the ELBO and its importance-weighted relatives, one strategy class each."""
 
 from __future__ import annotations
 
-from streamvi.config import TrainingSettings
+from streamvi.config import Settings
 from streamvi.errors import ConfigError
-from streamvi.estimators.base import BoundTerms, Estimator
-from streamvi.estimators.sgvb import SGVBAnalyticKL
+from streamvi.estimators.base import BoundTerms, Estimator, log_likelihood_estimate
+from streamvi.estimators.iwae import DoublyReparameterized, ImportanceWeighted
+from streamvi.estimators.score_function import ScoreFunction
+from streamvi.estimators.sgvb import SGVBAnalyticKL, SGVBMonteCarlo, StickingTheLanding
 
-ESTIMATORS: dict[str, type[Estimator]] = {cls.name: cls for cls in (SGVBAnalyticKL,)}
+ESTIMATORS: dict[str, type[Estimator]] = {
+    cls.name: cls
+    for cls in (
+        SGVBMonteCarlo,
+        SGVBAnalyticKL,
+        ImportanceWeighted,
+        StickingTheLanding,
+        DoublyReparameterized,
+        ScoreFunction,
+    )
+}
 
 
-def build_estimator(settings: TrainingSettings) -> Estimator:
+def build_estimator(settings: Settings) -> Estimator:
     """The estimator named by ``training.estimator`` with its hyperparameters from the settings."""
+    training = settings.training
+    if training.estimator == ScoreFunction.name:
+        return ScoreFunction(
+            samples=training.samples,
+            baseline=training.baseline,
+            decay=training.baseline_decay,
+            input_width=settings.input.dim + settings.input.context_dim,
+            hidden=training.baseline_hidden,
+        )
     try:
-        cls = ESTIMATORS[settings.estimator]
+        cls = ESTIMATORS[training.estimator]
     except KeyError:
         raise ConfigError(
-            f"training.estimator: unknown estimator {settings.estimator!r}; known: {sorted(ESTIMATORS)}"
+            f"training.estimator: unknown estimator {training.estimator!r}; known: {sorted(ESTIMATORS)}"
         ) from None
-    return cls(samples=settings.samples)
+    return cls(samples=training.samples)
 
 
-__all__ = ["ESTIMATORS", "BoundTerms", "Estimator", "SGVBAnalyticKL", "build_estimator"]
+__all__ = [
+    "ESTIMATORS",
+    "BoundTerms",
+    "DoublyReparameterized",
+    "Estimator",
+    "ImportanceWeighted",
+    "SGVBAnalyticKL",
+    "SGVBMonteCarlo",
+    "ScoreFunction",
+    "StickingTheLanding",
+    "build_estimator",
+    "log_likelihood_estimate",
+]

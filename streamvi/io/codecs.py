@@ -2,7 +2,9 @@
 
 Input formats (``input.format``):
 - ``json``: ``{"id": str?, "x": [float, ...], "c": [float, ...]?}``; other fields are ignored;
-- ``f32``: the raw little-endian float32 vector of ``input.dim`` values.
+  ``c`` (the conditioning context, ``input.context_dim`` values) is required when context_dim > 0;
+- ``f32``: the raw little-endian float32 vector of ``input.dim`` values, followed by the
+  ``input.context_dim`` context values when there is a context.
 A record that fails any check raises :class:`DecodeError` with a stable ``reason`` label.
 """
 
@@ -31,6 +33,7 @@ DEAD_LETTER_REASONS = (
     "wrong_type",
     "wrong_length",
     "non_finite",
+    "missing_context",
 )
 
 HEADER_REASON = "streamvi.error.reason"
@@ -51,21 +54,24 @@ class DecodeError(StreamVIError):
 
 @dataclass(frozen=True, slots=True)
 class DecodedRecord:
-    """A valid input: the vector (float32, finite, right length) and the record's id if it has one."""
+    """A valid input: x and context c (float32, finite, right lengths) and the record's id if any."""
 
     x: np.ndarray
+    c: np.ndarray
     record_id: str | None
 
 
 class RecordDecoder:
     """Validates and decodes raw record values of one configured format and dimension."""
 
-    def __init__(self, fmt: str, dim: int, max_bytes: int) -> None:
+    def __init__(self, fmt: str, dim: int, max_bytes: int, context_dim: int = 0) -> None:
         if fmt not in ("json", "f32"):
             raise ValueError(f"unknown input format {fmt!r}")
         self.format = fmt
         self.dim = dim
+        self.context_dim = context_dim
         self.max_bytes = max_bytes
+        self._no_context = np.zeros(0, dtype=np.float32)
 
     def decode(self, record: RawRecord) -> DecodedRecord:
         value = record.value
@@ -76,23 +82,27 @@ class RecordDecoder:
                 "oversize", f"{len(value)} bytes exceeds input.max_record_bytes={self.max_bytes}"
             )
         if self.format == "f32":
-            x = self._decode_f32(value)
+            x, c = self._decode_f32(value)
             record_id = None
         else:
-            x, record_id = self._decode_json(value)
-        if not np.isfinite(x).all():
+            x, c, record_id = self._decode_json(value)
+        if not (np.isfinite(x).all() and np.isfinite(c).all()):
             raise DecodeError("non_finite", "the vector holds NaN or infinite values")
         if record_id is None and record.key is not None:
             record_id = record.key.decode("utf-8", errors="replace")
-        return DecodedRecord(x, record_id)
+        return DecodedRecord(x, c, record_id)
 
-    def _decode_f32(self, value: bytes) -> np.ndarray:
-        expected = 4 * self.dim
-        if len(value) != expected:
-            raise DecodeError("wrong_length", f"{len(value)} bytes, expected {expected} ({self.dim} float32)")
-        return np.frombuffer(value, dtype="<f4")
+    def _decode_f32(self, value: bytes) -> tuple[np.ndarray, np.ndarray]:
+        width = self.dim + self.context_dim
+        if len(value) != 4 * width:
+            raise DecodeError(
+                "wrong_length",
+                f"{len(value)} bytes, expected {4 * width} ({self.dim} + {self.context_dim} context float32)",
+            )
+        values = np.frombuffer(value, dtype="<f4")
+        return values[: self.dim], values[self.dim :]
 
-    def _decode_json(self, value: bytes) -> tuple[np.ndarray, str | None]:
+    def _decode_json(self, value: bytes) -> tuple[np.ndarray, np.ndarray, str | None]:
         try:
             document = orjson.loads(value)
         except orjson.JSONDecodeError as exc:
@@ -111,7 +121,17 @@ class RecordDecoder:
         record_id = document.get("id")
         if record_id is not None and not isinstance(record_id, str | int):
             raise DecodeError("wrong_type", f"'id' must be a string, got {type(record_id).__name__}")
-        return x, None if record_id is None else str(record_id)
+        c = self._no_context
+        if self.context_dim:
+            if "c" not in document:
+                raise DecodeError("missing_context", f"input.context_dim={self.context_dim} but no 'c' field")
+            c = _as_vector(document["c"], "c")
+            if c.shape[0] != self.context_dim:
+                raise DecodeError(
+                    "wrong_length",
+                    f"'c' has {c.shape[0]} values, expected input.context_dim={self.context_dim}",
+                )
+        return x, c, None if record_id is None else str(record_id)
 
 
 def _as_vector(values: Any, field: str) -> np.ndarray:

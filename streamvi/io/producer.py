@@ -35,7 +35,8 @@ def produce_dataset(
                 dataset.ids[index] if repeat == 1 else f"{dataset.ids[index]}-pass{sent // len(dataset)}"
             )
             label = None if dataset.labels is None else int(dataset.labels[index])
-            value = encode_record(dataset.x[index], record_id, fmt, label)
+            context = None if dataset.context is None else dataset.context[index]
+            value = encode_record(dataset.x[index], record_id, fmt, label, context)
             producer.send(topic, key=record_id.encode(), value=value).add_errback(failures.append)
             if rate:
                 delay = started + (sent + 1) / rate - time.monotonic()

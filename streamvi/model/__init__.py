@@ -1,8 +1,8 @@
 """The generative model p(x|z)p(z) and the amortised variational family q(z|x)."""
 
-from streamvi.model.base import LatentFamily, Likelihood
-from streamvi.model.latents import DiagonalGaussian
-from streamvi.model.likelihoods import BernoulliLikelihood, GaussianLikelihood
+from streamvi.model.base import LatentFamily, LatentSample, Likelihood
+from streamvi.model.latents import DiagonalGaussian, GumbelSoftmax
+from streamvi.model.likelihoods import BernoulliLikelihood, GaussianLikelihood, PoissonLikelihood
 from streamvi.model.vae import VAE, build_vae
 
 __all__ = [
@@ -10,7 +10,10 @@ __all__ = [
     "BernoulliLikelihood",
     "DiagonalGaussian",
     "GaussianLikelihood",
+    "GumbelSoftmax",
     "LatentFamily",
+    "LatentSample",
     "Likelihood",
+    "PoissonLikelihood",
     "build_vae",
 ]

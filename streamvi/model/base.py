@@ -1,45 +1,71 @@
-"""Interfaces of the model's parts: a latent family (q(z|x) and its prior) and an observation likelihood."""
+"""Interfaces of the model's parts: a latent family (q(z|x), its prior, its samples) and a likelihood."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import tensorflow as tf
 from tensorflow_probability import distributions as tfd
 
 
-class LatentFamily(ABC):
-    """The variational family q(z|x) the encoder parameterises, and the prior p(z)."""
+@dataclass(frozen=True)
+class LatentSample:
+    """Draws from q(z|x) and the densities every estimator needs, each of shape [S, B].
+
+    ``log_q_stopped`` is log q evaluated with the encoder's outputs held constant, so its gradient
+    flows only through the sample path (sticking-the-landing and DReG use it); for a sample drawn
+    without reparameterisation (score function) the sample itself carries no gradient.
+    """
+
+    decoder_input: tf.Tensor  # [S, B, latent_size]
+    log_q: tf.Tensor
+    log_q_stopped: tf.Tensor
+    log_prior: tf.Tensor
+
+
+class LatentFamily(tf.Module, ABC):
+    """The variational family q(z|x) parameterised by the encoder, with its prior p(z)."""
 
     name: str
-
-    def __init__(self, latent_dim: int) -> None:
-        self.latent_dim = latent_dim
 
     @property
     @abstractmethod
     def param_size(self) -> int:
         """Width of the encoder output that parameterises q(z|x)."""
 
+    @property
     @abstractmethod
-    def posterior(self, params: tf.Tensor) -> tfd.Distribution:
-        """q(z|x) from encoder outputs; batch shape [B], event shape [latent_dim]."""
-
-    @abstractmethod
-    def prior(self, batch_shape: tf.Tensor) -> tfd.Distribution:
-        """p(z), broadcast to the given batch shape."""
+    def latent_size(self) -> int:
+        """Width of z as the decoder sees it."""
 
     @abstractmethod
-    def summary(self, posterior: tfd.Distribution) -> tuple[tf.Tensor, tf.Tensor]:
-        """Per-record location and scale of q(z|x), as published on the latents topic."""
+    def sample(
+        self, params: tf.Tensor, samples: int, seed: tf.Tensor, step: tf.Tensor, reparameterized: bool = True
+    ) -> LatentSample:
+        """``samples`` draws per record; reparameterised (pathwise gradients) unless told otherwise."""
+
+    @abstractmethod
+    def analytic_kl(self, params: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
+        """KL(q(z|x) || p(z)) in closed form, shape [B]."""
+
+    @abstractmethod
+    def summary(self, params: tf.Tensor, step: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """Per-record location and scale of q(z|x) as published, each [B, summary_size]."""
+
+    @property
+    @abstractmethod
+    def summary_size(self) -> int:
+        """Width of the published location and scale vectors."""
 
 
-class Likelihood(ABC):
-    """The observation model p(x|z) given decoder outputs."""
+class Likelihood(tf.Module, ABC):
+    """The observation model p(x|z) given decoder outputs; may own trainable variables."""
 
     name: str
 
     def __init__(self, dim: int) -> None:
+        super().__init__()
         self.dim = dim
 
     @property

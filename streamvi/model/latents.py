@@ -1,34 +1,153 @@
-"""Latent families: the diagonal Gaussian with a standard-normal prior."""
+"""Latent families: the diagonal Gaussian and Gumbel-softmax (Concrete) relaxed categoricals."""
 
 from __future__ import annotations
+
+import math
 
 import tensorflow as tf
 from tensorflow_probability import distributions as tfd
 
-from streamvi.model.base import LatentFamily
+from streamvi.model.base import LatentFamily, LatentSample
 
 
 class DiagonalGaussian(LatentFamily):
-    """q(z|x) = N(mu(x), diag(sigma(x)^2)), p(z) = N(0, I); fully reparameterised."""
+    """q(z|x) = N(mu(x), diag(sigma(x)^2)), p(z) = N(0, I); fully reparameterised (z = mu + sigma eps)."""
 
     name = "gaussian"
 
     def __init__(self, latent_dim: int, min_scale: float = 1e-4) -> None:
-        super().__init__(latent_dim)
+        super().__init__(name="gaussian_latent")
+        self.latent_dim = latent_dim
         self.min_scale = min_scale
 
     @property
     def param_size(self) -> int:
         return 2 * self.latent_dim
 
-    def posterior(self, params: tf.Tensor) -> tfd.Distribution:
+    @property
+    def latent_size(self) -> int:
+        return self.latent_dim
+
+    @property
+    def summary_size(self) -> int:
+        return self.latent_dim
+
+    def _q(self, params: tf.Tensor) -> tfd.Distribution:
         loc, raw_scale = tf.split(tf.cast(params, tf.float32), 2, axis=-1)
-        scale = tf.nn.softplus(raw_scale) + self.min_scale
-        return tfd.MultivariateNormalDiag(loc=loc, scale_diag=scale)
+        return tfd.MultivariateNormalDiag(loc=loc, scale_diag=tf.nn.softplus(raw_scale) + self.min_scale)
 
-    def prior(self, batch_shape: tf.Tensor) -> tfd.Distribution:
-        shape = tf.concat([batch_shape, [self.latent_dim]], axis=0)
-        return tfd.MultivariateNormalDiag(loc=tf.zeros(shape), scale_diag=tf.ones(shape))
+    def _prior(self, like: tf.Tensor) -> tfd.Distribution:
+        return tfd.MultivariateNormalDiag(loc=tf.zeros_like(like), scale_diag=tf.ones_like(like))
 
-    def summary(self, posterior: tfd.Distribution) -> tuple[tf.Tensor, tf.Tensor]:
-        return posterior.mean(), posterior.stddev()
+    def sample(
+        self, params: tf.Tensor, samples: int, seed: tf.Tensor, step: tf.Tensor, reparameterized: bool = True
+    ) -> LatentSample:
+        q = self._q(params)
+        z = q.sample(samples, seed=seed)
+        if not reparameterized:
+            z = tf.stop_gradient(z)
+        stopped = self._q(tf.stop_gradient(params))
+        return LatentSample(z, q.log_prob(z), stopped.log_prob(z), self._prior(z).log_prob(z))
+
+    def analytic_kl(self, params: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
+        q = self._q(params)
+        return q.kl_divergence(self._prior(q.mean()))
+
+    def summary(self, params: tf.Tensor, step: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        q = self._q(params)
+        return q.mean(), q.stddev()
+
+
+class GumbelSoftmax(LatentFamily):
+    """M categorical latents with K classes each, relaxed to Gumbel-softmax (Concrete) samples.
+
+    Reparameterised draws are y = softmax((logits + g) / tau) with Gumbel noise g, at a temperature
+    tau(step) = max(floor, start * exp(-rate * step)); densities are evaluated in log space
+    (ExpRelaxedOneHotCategorical) for stability. The prior is the uniform categorical (relaxed at
+    the same temperature for density ratios). With ``straight_through`` the decoder sees the hard
+    one-hot argmax while gradients flow through the soft sample. Without reparameterisation
+    (score function) the draws are exact one-hot categorical samples.
+    """
+
+    name = "gumbel_softmax"
+
+    def __init__(
+        self,
+        variables: int,
+        classes: int,
+        temperature_start: float = 1.0,
+        temperature_floor: float = 0.5,
+        temperature_rate: float = 1e-4,
+        straight_through: bool = False,
+    ) -> None:
+        super().__init__(name="gumbel_softmax_latent")
+        self.variables = variables
+        self.classes = classes
+        self.temperature_start = temperature_start
+        self.temperature_floor = temperature_floor
+        self.temperature_rate = temperature_rate
+        self.straight_through = straight_through
+
+    @property
+    def param_size(self) -> int:
+        return self.variables * self.classes
+
+    @property
+    def latent_size(self) -> int:
+        return self.variables * self.classes
+
+    @property
+    def summary_size(self) -> int:
+        return self.variables * self.classes
+
+    def temperature(self, step: tf.Tensor) -> tf.Tensor:
+        """The annealed temperature at an optimiser step (computed in-graph, no host round-trip)."""
+        decayed = self.temperature_start * tf.exp(-self.temperature_rate * tf.cast(step, tf.float32))
+        return tf.maximum(tf.constant(self.temperature_floor, tf.float32), decayed)
+
+    def _logits(self, params: tf.Tensor) -> tf.Tensor:
+        shape = tf.concat([tf.shape(params)[:-1], [self.variables, self.classes]], axis=0)
+        return tf.reshape(tf.cast(params, tf.float32), shape)
+
+    def _flatten(self, z: tf.Tensor) -> tf.Tensor:
+        return tf.reshape(z, tf.concat([tf.shape(z)[:-2], [self.latent_size]], axis=0))
+
+    def sample(
+        self, params: tf.Tensor, samples: int, seed: tf.Tensor, step: tf.Tensor, reparameterized: bool = True
+    ) -> LatentSample:
+        logits = self._logits(params)
+        if not reparameterized:
+            q = tfd.OneHotCategorical(logits=logits, dtype=tf.float32)
+            z = tf.stop_gradient(q.sample(samples, seed=seed))  # [S, B, M, K]
+            log_q = tf.reduce_sum(q.log_prob(z), axis=-1)
+            stopped = tfd.OneHotCategorical(logits=tf.stop_gradient(logits), dtype=tf.float32)
+            log_prior = tf.fill(tf.shape(log_q), -self.variables * math.log(self.classes))
+            return LatentSample(
+                self._flatten(z), log_q, tf.reduce_sum(stopped.log_prob(z), axis=-1), log_prior
+            )
+        tau = self.temperature(step)
+        q = tfd.ExpRelaxedOneHotCategorical(tau, logits=logits)
+        log_y = q.sample(samples, seed=seed)  # [S, B, M, K], log of a point on the simplex
+        stopped = tfd.ExpRelaxedOneHotCategorical(tau, logits=tf.stop_gradient(logits))
+        prior = tfd.ExpRelaxedOneHotCategorical(tau, logits=tf.zeros_like(logits))
+        soft = tf.exp(log_y)
+        z = soft
+        if self.straight_through:
+            hard = tf.one_hot(tf.argmax(soft, axis=-1), self.classes, dtype=soft.dtype)
+            z = soft + tf.stop_gradient(hard - soft)
+        return LatentSample(
+            self._flatten(z),
+            tf.reduce_sum(q.log_prob(log_y), axis=-1),
+            tf.reduce_sum(stopped.log_prob(log_y), axis=-1),
+            tf.reduce_sum(prior.log_prob(log_y), axis=-1),
+        )
+
+    def analytic_kl(self, params: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
+        """KL of the underlying categoricals to the uniform prior: sum p (log p + log K)."""
+        log_p = tf.nn.log_softmax(self._logits(params), axis=-1)
+        return tf.reduce_sum(tf.exp(log_p) * (log_p + math.log(self.classes)), axis=[-2, -1])
+
+    def summary(self, params: tf.Tensor, step: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """Class probabilities (the mean of the one-hot z) and their standard deviations."""
+        probs = self._flatten(tf.nn.softmax(self._logits(params), axis=-1))
+        return probs, tf.sqrt(probs * (1.0 - probs))

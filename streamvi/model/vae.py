@@ -1,4 +1,8 @@
-"""The variational autoencoder: amortised encoder q(z|x), decoder p(x|z), prior p(z)."""
+"""The variational autoencoder: amortised encoder q(z|x, c), decoder p(x|z, c), prior p(z).
+
+The context ``c`` (a conditional VAE) has ``context_dim`` columns; with ``context_dim == 0`` it is
+an empty [B, 0] tensor and the model is an ordinary VAE, so every code path has one signature.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,8 @@ from tensorflow_probability import distributions as tfd
 from streamvi.config import ModelSettings, TrainingSettings
 from streamvi.errors import ConfigError
 from streamvi.model.base import LatentFamily, Likelihood
-from streamvi.model.latents import DiagonalGaussian
-from streamvi.model.likelihoods import BernoulliLikelihood, GaussianLikelihood
+from streamvi.model.latents import DiagonalGaussian, GumbelSoftmax
+from streamvi.model.likelihoods import BernoulliLikelihood, GaussianLikelihood, PoissonLikelihood
 from streamvi.model.networks import mlp
 
 
@@ -26,16 +30,24 @@ class VAE(tf.Module):
         activation: str = "relu",
         dtype_policy: str = "float32",
         seed: int = 0,
+        context_dim: int = 0,
     ) -> None:
         super().__init__(name="vae")
         self.input_dim = input_dim
+        self.context_dim = context_dim
         self.latent = latent
         self.likelihood = likelihood
         self.encoder = mlp(
-            input_dim, encoder_hidden, latent.param_size, activation, dtype_policy, "encoder", seed
+            input_dim + context_dim,
+            encoder_hidden,
+            latent.param_size,
+            activation,
+            dtype_policy,
+            "encoder",
+            seed,
         )
         self.decoder = mlp(
-            latent.latent_dim,
+            latent.latent_size + context_dim,
             decoder_hidden,
             likelihood.param_size,
             activation,
@@ -44,40 +56,48 @@ class VAE(tf.Module):
             seed + 1000,
         )
 
-    @property
-    def latent_dim(self) -> int:
-        return self.latent.latent_dim
+    def encode(self, x: tf.Tensor, c: tf.Tensor) -> tf.Tensor:
+        """Encoder outputs (the parameters of q(z|x, c)) for x [B, D] and c [B, C]."""
+        return self.encoder(tf.concat([x, c], axis=-1) if self.context_dim else x)
 
-    def posterior(self, x: tf.Tensor) -> tfd.Distribution:
-        """q(z|x) for a batch of inputs [B, input_dim]."""
-        return self.latent.posterior(self.encoder(x))
-
-    def prior(self, batch_shape: tf.Tensor) -> tfd.Distribution:
-        """p(z) broadcast to ``batch_shape``."""
-        return self.latent.prior(batch_shape)
-
-    def observation(self, z: tf.Tensor) -> tfd.Distribution:
-        """p(x|z) for latents of shape [..., latent_dim]; the decoder is applied to the flattened batch."""
+    def observation(self, z: tf.Tensor, c: tf.Tensor) -> tfd.Distribution:
+        """p(x|z, c) for z [..., B, latent_size]; the context is broadcast over the leading sample axes."""
         leading = tf.shape(z)[:-1]
-        flat = tf.reshape(z, [-1, self.latent_dim])
-        params = self.decoder(flat)
+        inputs = z
+        if self.context_dim:
+            context = tf.broadcast_to(c, tf.concat([leading, [self.context_dim]], axis=0))
+            inputs = tf.concat([z, tf.cast(context, z.dtype)], axis=-1)
+        params = self.decoder(tf.reshape(inputs, [-1, self.latent.latent_size + self.context_dim]))
         params = tf.reshape(params, tf.concat([leading, [self.likelihood.param_size]], axis=0))
         return self.likelihood.distribution(params)
 
 
 def build_latent(settings: ModelSettings) -> LatentFamily:
-    return DiagonalGaussian(settings.latent_dim, settings.min_posterior_scale)
+    if settings.latent == "gaussian":
+        return DiagonalGaussian(settings.latent_dim, settings.min_posterior_scale)
+    if settings.latent == "gumbel_softmax":
+        return GumbelSoftmax(
+            settings.categorical_variables,
+            settings.categories,
+            settings.temperature_start,
+            settings.temperature_floor,
+            settings.temperature_rate,
+            settings.straight_through,
+        )
+    raise ConfigError(f"model.latent: unsupported value {settings.latent!r}")
 
 
 def build_likelihood(settings: ModelSettings, input_dim: int) -> Likelihood:
     if settings.likelihood == "bernoulli":
         return BernoulliLikelihood(input_dim)
     if settings.likelihood == "gaussian":
-        return GaussianLikelihood(input_dim, settings.observation_scale)
+        return GaussianLikelihood(input_dim, settings.observation_scale, settings.learn_observation_scale)
+    if settings.likelihood == "poisson":
+        return PoissonLikelihood(input_dim)
     raise ConfigError(f"model.likelihood: unsupported value {settings.likelihood!r}")
 
 
-def build_vae(model: ModelSettings, training: TrainingSettings, input_dim: int) -> VAE:
+def build_vae(model: ModelSettings, training: TrainingSettings, input_dim: int, context_dim: int = 0) -> VAE:
     """The VAE described by the model settings, under the training dtype policy."""
     policy = "float32" if training.mixed_precision == "off" else training.mixed_precision
     return VAE(
@@ -89,4 +109,5 @@ def build_vae(model: ModelSettings, training: TrainingSettings, input_dim: int) 
         activation=model.activation,
         dtype_policy=policy,
         seed=training.seed,
+        context_dim=context_dim,
     )

@@ -1,4 +1,4 @@
-"""Micro-batch assembly into a preallocated array, closed by size or by the latency bound."""
+"""Micro-batch assembly into preallocated arrays, closed by size or by the latency bound."""
 
 from __future__ import annotations
 
@@ -10,12 +10,18 @@ from streamvi.io.base import RawRecord
 
 
 class MicroBatcher:
-    """Gathers decoded rows until ``batch_size`` records or ``max_latency_seconds`` after the first one."""
+    """Gathers decoded rows until ``batch_size`` records or ``max_latency_seconds`` after the first one.
 
-    def __init__(self, batch_size: int, dim: int, max_latency_seconds: float) -> None:
+    Besides x and the context c, each row has a training weight: 1 to train on it, 0 to only score
+    it (a held-out record); padding rows past the real ones always weigh 0.
+    """
+
+    def __init__(self, batch_size: int, dim: int, max_latency_seconds: float, context_dim: int = 0) -> None:
         self.batch_size = batch_size
         self.max_latency_seconds = max_latency_seconds
         self.x = np.zeros((batch_size, dim), dtype=np.float32)
+        self.c = np.zeros((batch_size, context_dim), dtype=np.float32)
+        self.weights = np.zeros(batch_size, dtype=np.float32)
         self.records: list[RawRecord] = []
         self.record_ids: list[str | None] = []
         self.opened_at: float | None = None
@@ -27,7 +33,15 @@ class MicroBatcher:
     def full(self) -> bool:
         return len(self.records) >= self.batch_size
 
-    def add(self, record: RawRecord, x: np.ndarray, record_id: str | None, now: float | None = None) -> None:
+    def add(
+        self,
+        record: RawRecord,
+        x: np.ndarray,
+        record_id: str | None,
+        c: np.ndarray | None = None,
+        train: bool = True,
+        now: float | None = None,
+    ) -> None:
         """Place one row; the caller closes the batch when ``full`` or ``due``."""
         index = len(self.records)
         if index >= self.batch_size:
@@ -35,6 +49,9 @@ class MicroBatcher:
         if index == 0:
             self.opened_at = time.monotonic() if now is None else now
         self.x[index] = x
+        if c is not None and c.size:
+            self.c[index] = c
+        self.weights[index] = 1.0 if train else 0.0
         self.records.append(record)
         self.record_ids.append(record_id)
 
@@ -49,10 +66,13 @@ class MicroBatcher:
         left = self.time_left(now)
         return self.full or (left is not None and left <= 0.0)
 
-    def padded(self) -> np.ndarray:
-        """The batch array with rows past the real records zeroed (they are masked out of the loss)."""
-        self.x[len(self.records) :] = 0.0
-        return self.x
+    def padded(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """x, c and weights with rows past the real records zeroed (masked out of the loss)."""
+        n = len(self.records)
+        self.x[n:] = 0.0
+        self.c[n:] = 0.0
+        self.weights[n:] = 0.0
+        return self.x, self.c, self.weights
 
     def clear(self) -> None:
         self.records = []

@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
 from streamvi.io.base import OutputSink, Partition, RawRecord, RecordSource
@@ -34,6 +35,7 @@ from streamvi.io.codecs import (
 from streamvi.metrics import Health, Metrics
 from streamvi.snapshots.store import SnapshotInfo, SnapshotStore, encode_offsets
 from streamvi.training.batching import MicroBatcher
+from streamvi.training.heldout import HeldOutReservoir
 from streamvi.training.trainer import StepResult, Trainer
 
 log = logging.getLogger(__name__)
@@ -70,11 +72,21 @@ class CheckpointPolicy:
 
 
 @dataclass
+class EvaluationPolicy:
+    """Held-out evaluation: every ``every_steps`` steps, ELBO and IWAE-k log-likelihood on the reservoir."""
+
+    reservoir: HeldOutReservoir
+    every_steps: int
+    importance_samples: int
+
+
+@dataclass
 class LoopState:
     """What the loop has consumed: next offset per partition and the last step's summary."""
 
     next_offsets: dict[Partition, int] = field(default_factory=dict)
     last_summary: dict[str, float] = field(default_factory=dict)
+    last_heldout: dict[str, Any] = field(default_factory=dict)
 
 
 class OnlineLoop:
@@ -96,6 +108,7 @@ class OnlineLoop:
         snapshot_meta: Mapping[str, Any] | None = None,
         max_poll_records: int = 1000,
         lag_interval_seconds: float = 5.0,
+        evaluation: EvaluationPolicy | None = None,
     ) -> None:
         self.source = source
         self.sink = sink
@@ -109,7 +122,10 @@ class OnlineLoop:
         self.snapshot_meta = dict(snapshot_meta or {})
         self.max_poll_records = max_poll_records
         self.lag_interval_seconds = lag_interval_seconds
-        self.batcher = MicroBatcher(trainer.batch_size, decoder.dim, max_batch_latency_seconds)
+        self.evaluation = evaluation
+        self.batcher = MicroBatcher(
+            trainer.batch_size, decoder.dim, max_batch_latency_seconds, context_dim=decoder.context_dim
+        )
         self.checkpoint = tf.train.Checkpoint(**trainer.checkpoint_objects())
         self.counts = LoopCounts()
         self.state = LoopState()
@@ -205,7 +221,10 @@ class OnlineLoop:
             except DecodeError as error:
                 self._dead_letter(record, error)
                 continue
-            self.batcher.add(record, decoded.x, decoded.record_id)
+            heldout = self.evaluation is not None and self.evaluation.reservoir.selects(record)
+            if heldout and self.evaluation is not None:
+                self.evaluation.reservoir.add(decoded.x, decoded.c)
+            self.batcher.add(record, decoded.x, decoded.record_id, decoded.c, train=not heldout)
             if self.batcher.full:
                 self._train_batch()
                 if self._checkpoint_due():
@@ -222,7 +241,8 @@ class OnlineLoop:
         n = len(self.batcher)
         if n == 0:
             return
-        result = self.trainer.train(self.batcher.padded(), n)
+        x, c, weights = self.batcher.padded()
+        result = self.trainer.train(x, n, c, weights)
         scores = result.scores
         self.sink.send_many(
             latent_messages(
@@ -232,23 +252,57 @@ class OnlineLoop:
                 scores.z_loc,
                 scores.z_scale,
                 scores.bound,
-                result.step - 1,  # the parameters that scored the batch: before this update
+                result.step - 1 if result.trained else result.step,  # the parameters that scored it
                 self.trainer.estimator.bound_name,
             )
         )
         self.batcher.clear()
-        self.counts.records_trained += n
+        self.counts.records_trained += result.trained_records
         self.counts.latents_published += n
+        if self.metrics is not None:
+            self.metrics.latents_published.inc(n)
+        if not result.trained:
+            return
         self.counts.steps += 1
         summary = result.summary()
         self.state.last_summary = summary
         self.sink.send(metrics_message(self.topics.metrics, self._step_payload(result, summary)))
         self._record_step_metrics(result, summary)
+        if self.evaluation is not None and result.step % self.evaluation.every_steps == 0:
+            self._evaluate_heldout(result.step)
+
+    def _evaluate_heldout(self, step: int) -> None:
+        """Held-out ELBO and importance-weighted log-likelihood on the reservoir (no update)."""
+        assert self.evaluation is not None
+        x, c = self.evaluation.reservoir.contents()
+        if x.shape[0] == 0:
+            return
+        elbo = float(np.mean(self.trainer.evaluate(x, c).bound))
+        k = self.evaluation.importance_samples
+        log_likelihood = float(np.mean(self.trainer.log_likelihood(x, c, k)))
+        payload = {
+            "kind": "heldout",
+            "step": step,
+            "records": int(x.shape[0]),
+            "bound": self.trainer.estimator.bound_name,
+            "elbo": elbo,
+            "log_likelihood": log_likelihood,
+            "importance_samples": k,
+            "wall_time": time.time(),
+        }
+        self.state.last_heldout = payload
+        self.sink.send(metrics_message(self.topics.metrics, payload))
+        if self.metrics is not None:
+            self.metrics.heldout_elbo.set(elbo)
+            self.metrics.heldout_log_likelihood.set(log_likelihood)
+            self.metrics.heldout_records.set(x.shape[0])
 
     def _step_payload(self, result: StepResult, summary: dict[str, float]) -> dict[str, Any]:
         return {
+            "kind": "step",
             "step": result.step,
             "records": result.scores.size,
+            "trained_records": result.trained_records,
             "estimator": self.trainer.estimator.name,
             "bound": self.trainer.estimator.bound_name,
             **summary,
@@ -264,9 +318,7 @@ class OnlineLoop:
         m = self.metrics
         if m is None:
             return
-        n = result.scores.size
-        m.records_trained.inc(n)
-        m.latents_published.inc(n)
+        m.records_trained.inc(result.trained_records)
         m.train_steps.inc()
         m.model_step.set(result.step)
         m.elbo.set(summary["elbo"])
@@ -275,7 +327,7 @@ class OnlineLoop:
         m.gradient_norm.set(result.grad_norm)
         m.learning_rate.set(result.learning_rate)
         m.step_duration.observe(result.duration_seconds)
-        m.batch_size.observe(n)
+        m.batch_size.observe(result.scores.size)
 
     # -- checkpoints -------------------------------------------------------------------------------
     def _checkpoint_due(self) -> bool:
@@ -325,6 +377,7 @@ class OnlineLoop:
             offsets=encode_offsets(offsets),
             counts=asdict(self.counts),
             metrics=self.state.last_summary,
+            heldout=self.state.last_heldout,
             estimator=self.trainer.estimator.name,
             bound=self.trainer.estimator.bound_name,
         )

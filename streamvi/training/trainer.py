@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,13 +18,13 @@ import tensorflow as tf
 import tf_keras
 
 from streamvi.config import TrainingSettings
-from streamvi.estimators.base import Estimator
+from streamvi.estimators.base import BoundTerms, Estimator, log_likelihood_estimate
 from streamvi.model.vae import VAE
 
 
 @dataclass(frozen=True)
 class BatchScores:
-    """Per-record results for the ``n`` real records of a batch, computed before any update."""
+    """Per-record results for the real records of a batch, computed before any update."""
 
     bound: np.ndarray
     kl: np.ndarray
@@ -32,14 +33,14 @@ class BatchScores:
     z_scale: np.ndarray
 
     @classmethod
-    def unpack(cls, packed: np.ndarray, n: int, latent_dim: int) -> BatchScores:
+    def unpack(cls, packed: np.ndarray, n: int, summary_size: int) -> BatchScores:
         rows = packed[:n]
         return cls(
             bound=rows[:, 0],
             kl=rows[:, 1],
             reconstruction=rows[:, 2],
-            z_loc=rows[:, 3 : 3 + latent_dim],
-            z_scale=rows[:, 3 + latent_dim : 3 + 2 * latent_dim],
+            z_loc=rows[:, 3 : 3 + summary_size],
+            z_scale=rows[:, 3 + summary_size : 3 + 2 * summary_size],
         )
 
     @property
@@ -49,7 +50,10 @@ class BatchScores:
 
 @dataclass(frozen=True)
 class StepResult:
-    """What one training step reports: the prequential per-record scores and the update's figures."""
+    """What one step reports: the prequential per-record scores and the update's figures.
+
+    ``trained`` is False when no row of the batch was trainable (all held out): it was only scored.
+    """
 
     scores: BatchScores
     step: int
@@ -57,6 +61,11 @@ class StepResult:
     grad_norm: float
     learning_rate: float
     duration_seconds: float
+    trained_records: int
+
+    @property
+    def trained(self) -> bool:
+        return self.trained_records > 0
 
     def summary(self) -> dict[str, float]:
         """Batch means of the prequential bound and its parts."""
@@ -101,13 +110,15 @@ class Trainer:
         self.batch_size = batch_size
         self.clip_grad_norm = clip_grad_norm
         self.device = device
+        self.jit_compile = jit_compile
         self._loss_scaled = isinstance(optimizer, tf_keras.mixed_precision.LossScaleOptimizer)
         with self._placement():
             self.step_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
             self.rng = tf.random.Generator.from_seed(seed)
-            self.optimizer.build(self.model.trainable_variables)
+            self.optimizer.build(self.trainable_variables)
         self._train_fn = tf.function(self._train_step, jit_compile=jit_compile)
         self._eval_fn = tf.function(self._eval_step, jit_compile=jit_compile)
+        self._loglik_fns: dict[int, Any] = {}
 
     @classmethod
     def from_settings(cls, model: VAE, estimator: Estimator, settings: TrainingSettings) -> Trainer:
@@ -125,20 +136,35 @@ class Trainer:
     def _placement(self) -> Any:
         return tf.device(self.device) if self.device else contextlib.nullcontext()
 
+    @property
+    def trainable_variables(self) -> list[tf.Variable]:
+        """The model's variables and the estimator's own (a learned baseline), in a fixed order."""
+        return list(self.model.trainable_variables) + list(self.estimator.trainable_variables)
+
     def checkpoint_objects(self) -> dict[str, Any]:
         """Everything the snapshot must hold to resume this trainer bit for bit."""
-        return {"model": self.model, "optimizer": self.optimizer, "step": self.step_counter, "rng": self.rng}
+        return {
+            "model": self.model,
+            "estimator": self.estimator,
+            "optimizer": self.optimizer,
+            "step": self.step_counter,
+            "rng": self.rng,
+        }
 
     @property
     def step(self) -> int:
         return int(self.step_counter.numpy())
 
     @property
-    def latent_dim(self) -> int:
-        return self.model.latent_dim
+    def summary_size(self) -> int:
+        return self.model.latent.summary_size
+
+    @property
+    def context_dim(self) -> int:
+        return self.model.context_dim
 
     # -- compiled bodies ---------------------------------------------------------------------------
-    def _pack(self, terms: Any) -> tf.Tensor:
+    def _pack(self, terms: BoundTerms) -> tf.Tensor:
         return tf.concat(
             [
                 terms.bound[:, None],
@@ -150,17 +176,19 @@ class Trainer:
             axis=1,
         )
 
-    def _train_step(self, x: tf.Tensor, n: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        mask = tf.range(tf.shape(x)[0]) < n
-        seed = tf.cast(self.rng.make_seeds(1)[:, 0], tf.int32)
-        variables = self.model.trainable_variables
+    def _seed(self) -> tf.Tensor:
+        return tf.cast(self.rng.make_seeds(1)[:, 0], tf.int32)
+
+    def _train_step(self, x: tf.Tensor, c: tf.Tensor, weights: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        variables = self.trainable_variables
         with tf.GradientTape() as tape:
-            terms = self.estimator.terms(self.model, x, seed)
-            loss = self.estimator.loss(terms, mask)
+            terms = self.estimator.terms(self.model, x, c, self._seed(), self.step_counter)
+            loss = self.estimator.loss(terms, weights)
             scaled = self.optimizer.get_scaled_loss(loss) if self._loss_scaled else loss
         grads = tape.gradient(scaled, variables)
         if self._loss_scaled:
             grads = self.optimizer.get_unscaled_gradients(grads)
+        grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables, strict=True)]
         if self.clip_grad_norm is not None:
             grads, grad_norm = tf.clip_by_global_norm(grads, self.clip_grad_norm)
         else:
@@ -170,46 +198,93 @@ class Trainer:
         learning_rate = tf.cast(self.optimizer.learning_rate, tf.float32)
         return self._pack(terms), tf.stack([loss, grad_norm, learning_rate])
 
-    def _eval_step(self, x: tf.Tensor) -> tf.Tensor:
-        seed = tf.cast(self.rng.make_seeds(1)[:, 0], tf.int32)
-        return self._pack(self.estimator.terms(self.model, x, seed))
+    def _eval_step(self, x: tf.Tensor, c: tf.Tensor) -> tf.Tensor:
+        return self._pack(self.estimator.terms(self.model, x, c, self._seed(), self.step_counter))
 
     # -- host API ----------------------------------------------------------------------------------
-    def train(self, x: np.ndarray, n: int) -> StepResult:
+    def _context(self, c: np.ndarray | None, rows: int) -> np.ndarray:
+        if c is None:
+            if self.context_dim:
+                raise ValueError(f"this model needs a context of {self.context_dim} values per record")
+            return np.zeros((rows, 0), dtype=np.float32)
+        return np.asarray(c, dtype=np.float32)
+
+    def train(
+        self, x: np.ndarray, n: int, c: np.ndarray | None = None, weights: np.ndarray | None = None
+    ) -> StepResult:
         """One update on the first ``n`` rows of ``x`` [batch_size, dim]; rows past ``n`` are padding.
 
-        The returned scores come from the same forward pass that produced the gradient, i.e. from
-        the parameters *before* this update: a prequential (score-then-train) evaluation.
+        ``weights`` [batch_size] marks the rows that are trained on (1) or only scored (0, e.g. held
+        out); by default the ``n`` real rows. The returned scores come from the forward pass that
+        produced the gradient, i.e. from the parameters *before* this update: a prequential
+        (score-then-train) evaluation. A batch with no trainable row is scored without an update.
         """
         self._check_shape(x, n)
+        c = self._context(c, x.shape[0])
+        if weights is None:
+            weights = (np.arange(self.batch_size) < n).astype(np.float32)
+        trained = int(np.count_nonzero(weights[:n]))
         started = time.perf_counter()
         with self._placement():
-            packed, scalars = self._train_fn(tf.constant(x), tf.constant(n, dtype=tf.int32))
+            if trained == 0:
+                packed = self._eval_fn(tf.constant(x), tf.constant(c))
+                scalars = np.array([np.nan, 0.0, np.nan], dtype=np.float32)
+            else:
+                packed, scalar_tensor = self._train_fn(tf.constant(x), tf.constant(c), tf.constant(weights))
+                scalars = scalar_tensor.numpy()
         packed_np = packed.numpy()
-        loss, grad_norm, learning_rate = (float(v) for v in scalars.numpy())
+        loss, grad_norm, learning_rate = (float(v) for v in scalars)
         return StepResult(
-            scores=BatchScores.unpack(packed_np, n, self.latent_dim),
+            scores=BatchScores.unpack(packed_np, n, self.summary_size),
             step=self.step,
             loss=loss,
             grad_norm=grad_norm,
             learning_rate=learning_rate,
             duration_seconds=time.perf_counter() - started,
+            trained_records=trained,
         )
 
-    def evaluate(self, x: np.ndarray) -> BatchScores:
-        """Scores for any number of rows without updating; runs in fixed-shape padded chunks."""
+    def _chunks(self, x: np.ndarray, c: np.ndarray | None) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+        """Fixed-shape padded chunks of any number of rows, so evaluation never retraces."""
         x = np.asarray(x, dtype=np.float32)
-        chunks = []
-        buffer = np.zeros((self.batch_size, x.shape[1]), dtype=np.float32)
+        c = self._context(c, x.shape[0])
+        x_buffer = np.zeros((self.batch_size, x.shape[1]), dtype=np.float32)
+        c_buffer = np.zeros((self.batch_size, c.shape[1]), dtype=np.float32)
         for start in range(0, x.shape[0], self.batch_size):
             part = x[start : start + self.batch_size]
-            buffer[: part.shape[0]] = part
-            buffer[part.shape[0] :] = 0.0
+            rows = part.shape[0]
+            x_buffer[:rows] = part
+            x_buffer[rows:] = 0.0
+            c_buffer[:rows] = c[start : start + rows]
+            c_buffer[rows:] = 0.0
+            yield x_buffer, c_buffer, rows
+
+    def evaluate(self, x: np.ndarray, c: np.ndarray | None = None) -> BatchScores:
+        """Scores for any number of rows without updating."""
+        chunks = []
+        for x_chunk, c_chunk, rows in self._chunks(x, c):
             with self._placement():
-                packed = self._eval_fn(tf.constant(buffer)).numpy()
-            chunks.append(packed[: part.shape[0]])
-        packed_all = np.concatenate(chunks) if chunks else np.zeros((0, 3 + 2 * self.latent_dim), np.float32)
-        return BatchScores.unpack(packed_all, packed_all.shape[0], self.latent_dim)
+                chunks.append(self._eval_fn(tf.constant(x_chunk), tf.constant(c_chunk)).numpy()[:rows])
+        width = 3 + 2 * self.summary_size
+        packed = np.concatenate(chunks) if chunks else np.zeros((0, width), np.float32)
+        return BatchScores.unpack(packed, packed.shape[0], self.summary_size)
+
+    def log_likelihood(self, x: np.ndarray, c: np.ndarray | None = None, samples: int = 64) -> np.ndarray:
+        """Importance-weighted estimate of log p(x) per row with ``samples`` draws (IWAE-k), no update."""
+        if samples not in self._loglik_fns:
+
+            def estimate(x_chunk: tf.Tensor, c_chunk: tf.Tensor) -> tf.Tensor:
+                return log_likelihood_estimate(
+                    self.model, x_chunk, c_chunk, samples, self._seed(), self.step_counter
+                )
+
+            self._loglik_fns[samples] = tf.function(estimate, jit_compile=self.jit_compile)
+        fn = self._loglik_fns[samples]
+        out = []
+        for x_chunk, c_chunk, rows in self._chunks(x, c):
+            with self._placement():
+                out.append(fn(tf.constant(x_chunk), tf.constant(c_chunk)).numpy()[:rows])
+        return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
     def _check_shape(self, x: np.ndarray, n: int) -> None:
         if x.shape != (self.batch_size, self.model.input_dim) or x.dtype != np.float32:
