@@ -56,6 +56,15 @@ class VAE(tf.Module):
             seed + 1000,
         )
 
+    @property
+    def trainable_variables(self) -> tuple[tf.Variable, ...]:
+        """Encoder, decoder and likelihood variables, in that order; honours Keras ``trainable`` flags."""
+        return (
+            tuple(self.encoder.trainable_variables)
+            + tuple(self.decoder.trainable_variables)
+            + tuple(self.likelihood.trainable_variables)
+        )
+
     def encode(self, x: tf.Tensor, c: tf.Tensor) -> tf.Tensor:
         """Encoder outputs (the parameters of q(z|x, c)) for x [B, D] and c [B, C]."""
         return self.encoder(tf.concat([x, c], axis=-1) if self.context_dim else x)

@@ -70,7 +70,9 @@ class LinearGaussian:
         maha = np.einsum("ni,ij,nj->n", diff, np.linalg.inv(cov), diff)
         return -0.5 * (self.data_dim * np.log(2 * np.pi) + logdet + maha)
 
-    def vae(self, exact_encoder: bool = True, perturb: float = 0.3, seed: int = 2, freeze_decoder: bool = False) -> VAE:
+    def vae(
+        self, exact_encoder: bool = True, perturb: float = 0.3, seed: int = 2, freeze_decoder: bool = False
+    ) -> VAE:
         """A VAE with this decoder; its encoder is the exact posterior map, or a perturbed one."""
         model = VAE(
             input_dim=self.data_dim,

@@ -46,7 +46,9 @@ def gradient_draws(estimator, model, x, n, seed=11) -> np.ndarray:
     variables = model.trainable_variables
     tiled = tf.tile(x, [n, 1])
     with tf.GradientTape() as tape:
-        surrogate = estimator.terms(model, tiled, no_context(tiled), tf.constant([seed, 0], tf.int32), STEP).surrogate
+        surrogate = estimator.terms(
+            model, tiled, no_context(tiled), tf.constant([seed, 0], tf.int32), STEP
+        ).surrogate
         per_draw = tf.reduce_mean(tf.reshape(surrogate, [n, -1]), axis=1)
     jacobians = tape.jacobian(per_draw, variables)
     return np.concatenate([j.numpy().reshape(n, -1) for j in jacobians], axis=1)
@@ -121,7 +123,13 @@ def test_more_samples_reduce_the_bound_variance():
 
 @pytest.mark.parametrize(
     "estimator",
-    [SGVBMonteCarlo(), SGVBAnalyticKL(), StickingTheLanding(), ImportanceWeighted(1), DoublyReparameterized(1)],
+    [
+        SGVBMonteCarlo(),
+        SGVBAnalyticKL(),
+        StickingTheLanding(),
+        ImportanceWeighted(1),
+        DoublyReparameterized(1),
+    ],
     ids=lambda e: e.name,
 )
 def test_reparameterised_gradients_are_unbiased_for_the_elbo_gradient(estimator):
