@@ -81,7 +81,7 @@ class GumbelSoftmax(LatentFamily):
         straight_through: bool = False,
     ) -> None:
         super().__init__(name="gumbel_softmax_latent")
-        self.variables = variables
+        self.count = variables
         self.classes = classes
         self.temperature_start = temperature_start
         self.temperature_floor = temperature_floor
@@ -90,15 +90,15 @@ class GumbelSoftmax(LatentFamily):
 
     @property
     def param_size(self) -> int:
-        return self.variables * self.classes
+        return self.count * self.classes
 
     @property
     def latent_size(self) -> int:
-        return self.variables * self.classes
+        return self.count * self.classes
 
     @property
     def summary_size(self) -> int:
-        return self.variables * self.classes
+        return self.count * self.classes
 
     def temperature(self, step: tf.Tensor) -> tf.Tensor:
         """The annealed temperature at an optimiser step (computed in-graph, no host round-trip)."""
@@ -106,10 +106,10 @@ class GumbelSoftmax(LatentFamily):
         return tf.maximum(tf.constant(self.temperature_floor, tf.float32), decayed)
 
     def _logits(self, params: tf.Tensor) -> tf.Tensor:
-        shape = tf.concat([tf.shape(params)[:-1], [self.variables, self.classes]], axis=0)
+        shape = tf.concat([tf.shape(params)[:-1], [self.count, self.classes]], axis=0)
         return tf.reshape(tf.cast(params, tf.float32), shape)
 
-    def _flatten(self, z: tf.Tensor) -> tf.Tensor:
+    def _flatten_classes(self, z: tf.Tensor) -> tf.Tensor:
         return tf.reshape(z, tf.concat([tf.shape(z)[:-2], [self.latent_size]], axis=0))
 
     def sample(
@@ -121,9 +121,9 @@ class GumbelSoftmax(LatentFamily):
             z = tf.stop_gradient(q.sample(samples, seed=seed))  # [S, B, M, K]
             log_q = tf.reduce_sum(q.log_prob(z), axis=-1)
             stopped = tfd.OneHotCategorical(logits=tf.stop_gradient(logits), dtype=tf.float32)
-            log_prior = tf.fill(tf.shape(log_q), -self.variables * math.log(self.classes))
+            log_prior = tf.fill(tf.shape(log_q), -self.count * math.log(self.classes))
             return LatentSample(
-                self._flatten(z), log_q, tf.reduce_sum(stopped.log_prob(z), axis=-1), log_prior
+                self._flatten_classes(z), log_q, tf.reduce_sum(stopped.log_prob(z), axis=-1), log_prior
             )
         tau = self.temperature(step)
         q = tfd.ExpRelaxedOneHotCategorical(tau, logits=logits)
@@ -136,7 +136,7 @@ class GumbelSoftmax(LatentFamily):
             hard = tf.one_hot(tf.argmax(soft, axis=-1), self.classes, dtype=soft.dtype)
             z = soft + tf.stop_gradient(hard - soft)
         return LatentSample(
-            self._flatten(z),
+            self._flatten_classes(z),
             tf.reduce_sum(q.log_prob(log_y), axis=-1),
             tf.reduce_sum(stopped.log_prob(log_y), axis=-1),
             tf.reduce_sum(prior.log_prob(log_y), axis=-1),
@@ -149,5 +149,5 @@ class GumbelSoftmax(LatentFamily):
 
     def summary(self, params: tf.Tensor, step: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """Class probabilities (the mean of the one-hot z) and their standard deviations."""
-        probs = self._flatten(tf.nn.softmax(self._logits(params), axis=-1))
+        probs = self._flatten_classes(tf.nn.softmax(self._logits(params), axis=-1))
         return probs, tf.sqrt(probs * (1.0 - probs))

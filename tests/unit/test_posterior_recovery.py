@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tensorflow as tf
 import tf_keras
 
 from streamvi.estimators import SGVBAnalyticKL, SGVBMonteCarlo, StickingTheLanding
