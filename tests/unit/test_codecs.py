@@ -171,3 +171,23 @@ def test_any_payload_is_a_valid_row_or_a_reasoned_dead_letter(value, fmt):
         assert decoded.x.shape == (DIM,)
         assert decoded.x.dtype == np.float32
         assert np.isfinite(decoded.x).all()
+
+
+def test_context_is_required_and_checked_when_configured():
+    decoder = RecordDecoder("json", DIM, 4096, context_dim=2)
+    decoded = decoder.decode(record(b'{"x": [1, 2, 3, 4], "c": [0.5, -1]}'))
+    np.testing.assert_array_equal(decoded.c, np.array([0.5, -1], np.float32))
+    assert reason_of(decoder, b'{"x": [1, 2, 3, 4]}') == "missing_context"
+    assert reason_of(decoder, b'{"x": [1, 2, 3, 4], "c": [1]}') == "wrong_length"
+    assert reason_of(decoder, b'{"x": [1, 2, 3, 4], "c": "ab"}') == "wrong_type"
+    # without a configured context, a 'c' field is ignored
+    assert RecordDecoder("json", DIM, 4096).decode(record(b'{"x": [1, 2, 3, 4], "c": [9]}')).c.shape == (0,)
+
+
+def test_f32_carries_the_context_after_x():
+    decoder = RecordDecoder("f32", DIM, 4096, context_dim=2)
+    x, c = np.arange(4, dtype=np.float32), np.array([7, 8], np.float32)
+    decoded = decoder.decode(record(encode_record(x, "a", "f32", context=c)))
+    np.testing.assert_array_equal(decoded.x, x)
+    np.testing.assert_array_equal(decoded.c, c)
+    assert reason_of(decoder, encode_record(x, "a", "f32")) == "wrong_length"
