@@ -34,6 +34,7 @@ class DemoSummary:
     last_elbo: float
     metrics_url: str | None
     snapshot_dir: Path
+    heldout: dict[str, float]
 
 
 def _elbo_trajectory(settings: Settings, steps: int) -> list[float]:
@@ -47,7 +48,9 @@ def _elbo_trajectory(settings: Settings, steps: int) -> list[float]:
     values: list[float] = []
     try:
         for message in consumer:
-            values.append(float(orjson.loads(message.value)["elbo"]))
+            payload = orjson.loads(message.value)
+            if payload.get("kind") == "step":
+                values.append(float(payload["elbo"]))
             if len(values) >= steps:
                 break
     finally:
@@ -109,6 +112,7 @@ def run_demo(
         last_elbo=sum(elbos[-window:]) / window,
         metrics_url=daemon.metrics_url,
         snapshot_dir=workdir / "snapshots",
+        heldout=dict(daemon.loop.state.last_heldout),
     )
     echo(
         f"trained on {summary.trained} records in {summary.steps} steps ({elapsed:.1f}s, "
@@ -118,6 +122,14 @@ def run_demo(
         f"prequential ELBO per record: first {window} steps {summary.first_elbo:.2f} nats, "
         f"last {window} steps {summary.last_elbo:.2f} nats"
     )
+    if summary.heldout:
+        held = summary.records - summary.trained - summary.dead_letters
+        report = summary.heldout
+        echo(
+            f"held out (never trained on): {held} records; on the newest {report['records']}: "
+            f"ELBO {report['elbo']:.2f} nats, "
+            f"IWAE-{report['importance_samples']} log-likelihood {report['log_likelihood']:.2f} nats"
+        )
     echo(
         f"snapshots in {summary.snapshot_dir}; "
         f"try: streamvi encode --snapshot {summary.snapshot_dir} --input digits"

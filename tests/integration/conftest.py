@@ -49,6 +49,7 @@ def settings_factory(broker: EmbeddedBroker, tmp_path: Path):
                 "training.batch_size=32",
                 "training.learning_rate=0.005",
                 "training.max_batch_latency_ms=100",
+                "evaluation.heldout_fraction=0",  # exact record counts; held-out tests turn it on
                 *overrides,
             ],
             environ={},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -126,9 +127,20 @@ def test_run_max_records_then_encode_and_snapshots_commands(settings_factory, tm
     assert all(r["model_step"] == 3 for r in rows)
     assert {"id", "z_mean", "z_scale", "elbo", "bound"} <= set(rows[0])
     weighted = subprocess.run(
-        [*STREAMVI, "encode", "--snapshot", str(settings.snapshots.dir), "--input", "digits",
-         "--importance-samples", "16"],
-        env=env, capture_output=True, text=True, timeout=120,
+        [
+            *STREAMVI,
+            "encode",
+            "--snapshot",
+            str(settings.snapshots.dir),
+            "--input",
+            "digits",
+            "--importance-samples",
+            "16",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert weighted.returncode == 0, weighted.stderr
     estimates = [json.loads(line) for line in weighted.stdout.splitlines()]
@@ -197,7 +209,9 @@ def test_demo_command(tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    assert "trained on 3594 records" in result.stdout
+    trained = int(re.search(r"trained on (\d+) records", result.stdout).group(1))
+    held = int(re.search(r"held out \(never trained on\): (\d+) records", result.stdout).group(1))
+    assert trained + held == 3594 and 0 < held < 0.15 * 3594  # configs/demo.yaml holds out ~5%
     assert "3 dead letters" in result.stdout
     assert "metrics: http://127.0.0.1:" in result.stdout
-    assert SnapshotStore(tmp_path / "snapshots").latest().meta["counts"]["records_trained"] == 3594
+    assert SnapshotStore(tmp_path / "snapshots").latest().meta["counts"]["records_trained"] == trained

@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from streamvi.datasets import encode_record, load_digits
 from streamvi.io.admin import ensure_topics
+from streamvi.io.base import RawRecord
 from streamvi.io.codecs import HEADER_OFFSET, HEADER_REASON, HEADER_TOPIC
 from streamvi.runtime import build_daemon
 from streamvi.snapshots import SnapshotStore
@@ -161,6 +162,8 @@ def test_elbo_on_digits_improves_beyond_any_latent_free_model(settings_factory):
         "model.latent_dim=8",
         "model.encoder_hidden=[128, 64]",
         "model.activation=elu",
+        "evaluation.heldout_fraction=0.1",
+        "evaluation.every_steps=100",
     )
     kafka = settings.kafka
     bootstrap = kafka.bootstrap_servers[0]
@@ -168,8 +171,22 @@ def test_elbo_on_digits_improves_beyond_any_latent_free_model(settings_factory):
     data = load_digits()
     passes = 8
     produce_values(bootstrap, kafka.input_topic, digits_records(0, passes * len(data)))
-    counts = build_daemon(settings, CollectorRegistry()).run(max_records=passes * len(data))
-    assert counts.records_trained == passes * len(data)
+    registry = CollectorRegistry()
+    daemon = build_daemon(settings, registry)
+    held = [
+        key
+        for key, _ in digits_records(0, passes * len(data))
+        if daemon.loop.evaluation.reservoir.selects(RawRecord("t", 0, 0, key, None))
+    ]
+    counts = daemon.run(max_records=passes * len(data))
+    assert 0 < len(held) < 0.15 * passes * len(data)
+    assert counts.records_trained == passes * len(data) - len(held)  # held-out records are never trained on
+    reports = [orjson.loads(m.value) for m in read_topic(bootstrap, kafka.metrics_topic, counts.steps + 1)]
+    heldout = [r for r in reports if r["kind"] == "heldout"]
+    assert len(heldout) == counts.steps // 100 and heldout[-1]["importance_samples"] == 64
+    assert heldout[-1]["log_likelihood"] >= heldout[-1]["elbo"] - 0.5  # IWAE-64 is the tighter bound
+    assert heldout[-1]["elbo"] > heldout[0]["elbo"]
+    assert registry.get_sample_value("streamvi_heldout_elbo_nats") == pytest.approx(heldout[-1]["elbo"])
     latents = read_topic(bootstrap, kafka.latents_topic, passes * len(data), timeout=60)
     elbo = np.array([orjson.loads(m.value)["elbo"] for m in sorted(latents, key=lambda m: m.offset)])
     assert np.isfinite(elbo).all()
