@@ -48,8 +48,9 @@ def list_snapshots(cli_ctx: CliContext, directory: str | None) -> None:
 
 @snapshots_group.command("show")
 @click.argument("snapshot", required=False, type=click.Path(exists=True, file_okay=False))
+@click.option("--full", is_flag=True, help="Print the per-step history too, not only its extent.")
 @pass_cli
-def show(cli_ctx: CliContext, snapshot: str | None) -> None:
+def show(cli_ctx: CliContext, snapshot: str | None, full: bool) -> None:
     """Print one snapshot's meta.json (default: the newest valid one in snapshots.dir)."""
     from streamvi.snapshots.loading import find_snapshot
 
@@ -57,7 +58,17 @@ def show(cli_ctx: CliContext, snapshot: str | None) -> None:
         info = find_snapshot(snapshot or _directory(cli_ctx, None))
     except StreamVIError as exc:
         fail(exc)
-    click.echo(json.dumps(dict(info.meta, path=str(info.path)), indent=2, sort_keys=True))
+    meta = dict(info.meta, path=str(info.path))
+    history = meta.get("history")
+    if isinstance(history, dict) and not full:
+        steps = history.get("step", [])
+        meta["history"] = {
+            "points": len(steps),
+            "stride": history.get("stride"),
+            "steps": [steps[0], steps[-1]] if steps else [],
+            "hint": "streamvi report plots it; --full prints it",
+        }
+    click.echo(json.dumps(meta, indent=2, sort_keys=True))
 
 
 @snapshots_group.command("export")

@@ -18,7 +18,7 @@ FIELDS = ("elbo", "kl", "reconstruction")
 class StepHistory:
     """Step, ELBO, KL and reconstruction of at most ``capacity`` evenly spaced steps."""
 
-    def __init__(self, capacity: int = 4096) -> None:
+    def __init__(self, capacity: int = 2048) -> None:
         if capacity < 2:
             raise ValueError("capacity must be >= 2")
         self.capacity = capacity
@@ -56,7 +56,7 @@ class StepHistory:
         }
 
     @classmethod
-    def from_meta(cls, meta: Mapping[str, Any], capacity: int = 4096) -> StepHistory:
+    def from_meta(cls, meta: Mapping[str, Any], capacity: int = 2048) -> StepHistory:
         """The history saved in a snapshot's meta.json; empty if it has none."""
         history = cls(capacity)
         saved = meta.get("history")

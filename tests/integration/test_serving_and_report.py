@@ -219,3 +219,13 @@ def test_report_functions_handle_any_latent_and_input_dimension(tmp_path):
     x = rng.uniform(size=(6, 10))  # 10 is not a square: drawn as profiles
     path = plot_reconstructions(x, x * 0.9, tmp_path / "profiles.png")
     assert png_distinct_colours(path) >= 10
+
+
+def test_snapshots_show_summarises_the_history_unless_full(trained):
+    _, snapshots, _ = trained
+    info = find_snapshot(snapshots)
+    short = json.loads(streamvi("snapshots", "show", str(info.path)).output)
+    assert short["history"]["points"] == info.step and short["history"]["steps"] == [1, info.step]
+    full = json.loads(streamvi("snapshots", "show", "--full", str(info.path)).output)
+    assert full["history"]["step"] == list(range(1, info.step + 1))
+    assert len(full["history"]["elbo"]) == info.step
