@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help install demo test test-unit test-integration lint bench clean
+.PHONY: help install tools demo test test-unit test-integration lint bench clean
 
 help:
 	@echo "make demo   - run the daemon end to end on an embedded broker with the digits set"
@@ -20,13 +21,22 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# promtool validates and unit-tests deploy/prometheus; Debian's prometheus package provides it.
+tools:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  echo "installing promtool (Debian package prometheus)"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	}
+	@promtool --version 2>&1 | head -n 1
+
 demo: $(STAMP)
 	$(BIN)/streamvi --config configs/demo.yaml demo
 
-test: $(STAMP)
+test: $(STAMP) tools
 	$(BIN)/python -m pytest tests
 
-test-unit: $(STAMP)
+test-unit: $(STAMP) tools
 	$(BIN)/python -m pytest tests/unit
 
 test-integration: $(STAMP)

@@ -22,18 +22,18 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from kafka import KafkaProducer  # noqa: E402
-from prometheus_client import CollectorRegistry  # noqa: E402
+import numpy as np
+import tensorflow as tf
+from kafka import KafkaProducer
+from prometheus_client import CollectorRegistry
 
-from streamvi.config import Settings, load_settings  # noqa: E402
-from streamvi.datasets import encode_record, load_digits  # noqa: E402
-from streamvi.io.admin import ensure_topics  # noqa: E402
-from streamvi.io.base import RawRecord  # noqa: E402
-from streamvi.io.embedded import EmbeddedBroker  # noqa: E402
-from streamvi.runtime import build_daemon, build_trainer, evaluation_policy  # noqa: E402
-from streamvi.training import Trainer  # noqa: E402
+from streamvi.config import Settings, load_settings
+from streamvi.datasets import encode_record, load_digits
+from streamvi.io.admin import ensure_topics
+from streamvi.io.base import RawRecord
+from streamvi.io.embedded import EmbeddedBroker
+from streamvi.runtime import build_daemon, build_trainer, evaluation_policy
+from streamvi.training import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 ESTIMATORS = ["sgvb_a", "sgvb_b", "iwae", "stl", "dreg", "score_function"]
@@ -47,7 +47,10 @@ def held_out_mask(settings: Settings, keys: list[bytes]) -> np.ndarray:
 
 def score(trainer: Trainer, x: np.ndarray, k: int, repeats: int = 20) -> dict[str, float]:
     elbo = np.mean([trainer.evaluate(x).bound.mean() for _ in range(repeats)])
-    return {"heldout_elbo": round(float(elbo), 3), f"heldout_iwae_{k}": round(float(trainer.log_likelihood(x, None, k).mean()), 3)}
+    return {
+        "heldout_elbo": round(float(elbo), 3),
+        f"heldout_iwae_{k}": round(float(trainer.log_likelihood(x, None, k).mean()), 3),
+    }
 
 
 def stream(settings: Settings, x: np.ndarray, keys: list[bytes], passes: int, seed: int) -> Trainer:
@@ -56,7 +59,9 @@ def stream(settings: Settings, x: np.ndarray, keys: list[bytes], passes: int, se
     rng = np.random.default_rng(seed)
     for _ in range(passes):
         for i in rng.permutation(len(x)):
-            producer.send(settings.kafka.input_topic, key=keys[i], value=encode_record(x[i], keys[i].decode(), "json"))
+            producer.send(
+                settings.kafka.input_topic, key=keys[i], value=encode_record(x[i], keys[i].decode(), "json")
+            )
     producer.flush()
     producer.close()
     daemon = build_daemon(settings, CollectorRegistry())
@@ -88,18 +93,25 @@ def offline(settings: Settings, x_train: np.ndarray, passes: int, seed: int) -> 
     for _ in range(passes):
         order = rng.permutation(len(x_train))
         for start in range(0, len(order) - batch + 1, batch):
-            step(tf.constant(x_train[order[start : start + batch]]), tf.constant([seed, count], tf.int32),
-                 tf.constant(count, tf.int64))
+            step(
+                tf.constant(x_train[order[start : start + batch]]),
+                tf.constant([seed, count], tf.int32),
+                tf.constant(count, tf.int64),
+            )
             count += 1
     trainer.step_counter.assign(count)
     return trainer
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--passes", type=int, default=10)
     parser.add_argument("--estimators", default=",".join(ESTIMATORS))
-    parser.add_argument("--k", type=int, default=256, help="importance samples for the log-likelihood estimate")
+    parser.add_argument(
+        "--k", type=int, default=256, help="importance samples for the log-likelihood estimate"
+    )
     parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -139,7 +151,9 @@ def main() -> None:
                 "stream": s,
                 "offline": o,
                 "stream_minus_offline_elbo": round(s["heldout_elbo"] - o["heldout_elbo"], 3),
-                "stream_minus_offline_iwae": round(s[f"heldout_iwae_{args.k}"] - o[f"heldout_iwae_{args.k}"], 3),
+                "stream_minus_offline_iwae": round(
+                    s[f"heldout_iwae_{args.k}"] - o[f"heldout_iwae_{args.k}"], 3
+                ),
                 "within_1_nat": s["heldout_elbo"] >= o["heldout_elbo"] - 1.0,
             }
     print(

@@ -13,7 +13,7 @@ import orjson
 from kafka import KafkaConsumer, KafkaProducer
 
 from streamvi.config import Settings
-from streamvi.datasets import load_digits
+from streamvi.datasets import Dataset, load_digits
 from streamvi.io.admin import ensure_topics
 from streamvi.io.embedded import EmbeddedBroker
 from streamvi.io.producer import produce_dataset
@@ -35,6 +35,7 @@ class DemoSummary:
     metrics_url: str | None
     snapshot_dir: Path
     heldout: dict[str, float]
+    report_files: list[Path]
 
 
 def _elbo_trajectory(settings: Settings, steps: int) -> list[float]:
@@ -102,6 +103,7 @@ def run_demo(
             time.sleep(linger_seconds)
         daemon.close()
         elbos = _elbo_trajectory(settings, counts.steps)
+    report_files = _write_report(workdir, data)
     window = max(1, min(10, len(elbos) // 10))
     summary = DemoSummary(
         records=counts.records_consumed,
@@ -113,6 +115,7 @@ def run_demo(
         metrics_url=daemon.metrics_url,
         snapshot_dir=workdir / "snapshots",
         heldout=dict(daemon.loop.state.last_heldout),
+        report_files=report_files,
     )
     echo(
         f"trained on {summary.trained} records in {summary.steps} steps ({elapsed:.1f}s, "
@@ -134,4 +137,17 @@ def run_demo(
         f"snapshots in {summary.snapshot_dir}; "
         f"try: streamvi encode --snapshot {summary.snapshot_dir} --input digits"
     )
+    if report_files:
+        echo(f"plots: {', '.join(str(path) for path in report_files)}")
     return summary
+
+
+def _write_report(workdir: Path, data: Dataset) -> list[Path]:
+    """The report of the final snapshot (history, latent space by digit, reconstructions)."""
+    from streamvi.report import write_report
+    from streamvi.snapshots.store import SnapshotStore
+
+    info = SnapshotStore(workdir / "snapshots").latest()
+    if info is None:
+        return []
+    return write_report(info, workdir / "report", data).files

@@ -1,4 +1,4 @@
-"""The ``streamvi`` command: run, produce, demo, encode, snapshots, config."""
+"""The ``streamvi`` command: run, produce, demo, encode, report, snapshots, config."""
 
 from __future__ import annotations
 
@@ -43,10 +43,11 @@ def _register() -> None:
     from streamvi.cli.demo import demo
     from streamvi.cli.encode import encode
     from streamvi.cli.produce import produce
+    from streamvi.cli.report import report
     from streamvi.cli.run import run
     from streamvi.cli.snapshots import snapshots_group
 
-    for command in (run, produce, demo, encode, snapshots_group, config_group):
+    for command in (run, produce, demo, encode, report, snapshots_group, config_group):
         cli.add_command(command)
 
 

@@ -1,4 +1,4 @@
-"""``streamvi snapshots list|show``."""
+"""``streamvi snapshots list|show|export``."""
 
 from __future__ import annotations
 
@@ -48,8 +48,9 @@ def list_snapshots(cli_ctx: CliContext, directory: str | None) -> None:
 
 @snapshots_group.command("show")
 @click.argument("snapshot", required=False, type=click.Path(exists=True, file_okay=False))
+@click.option("--full", is_flag=True, help="Print the per-step history too, not only its extent.")
 @pass_cli
-def show(cli_ctx: CliContext, snapshot: str | None) -> None:
+def show(cli_ctx: CliContext, snapshot: str | None, full: bool) -> None:
     """Print one snapshot's meta.json (default: the newest valid one in snapshots.dir)."""
     from streamvi.snapshots.loading import find_snapshot
 
@@ -57,4 +58,39 @@ def show(cli_ctx: CliContext, snapshot: str | None) -> None:
         info = find_snapshot(snapshot or _directory(cli_ctx, None))
     except StreamVIError as exc:
         fail(exc)
-    click.echo(json.dumps(dict(info.meta, path=str(info.path)), indent=2, sort_keys=True))
+    meta = dict(info.meta, path=str(info.path))
+    history = meta.get("history")
+    if isinstance(history, dict) and not full:
+        steps = history.get("step", [])
+        meta["history"] = {
+            "points": len(steps),
+            "stride": history.get("stride"),
+            "steps": [steps[0], steps[-1]] if steps else [],
+            "hint": "streamvi report plots it; --full prints it",
+        }
+    click.echo(json.dumps(meta, indent=2, sort_keys=True))
+
+
+@snapshots_group.command("export")
+@click.argument("snapshot", required=False, type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--saved-model",
+    "saved_model",
+    required=True,
+    type=click.Path(),
+    help="Directory to write the SavedModel to; for TF Serving use <model_base_path>/<version>.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing export in that directory.")
+@pass_cli
+def export(cli_ctx: CliContext, snapshot: str | None, saved_model: str, overwrite: bool) -> None:
+    """Export the encoder as a SavedModel whose serving_default maps x (and c) to z_mean and z_scale
+    (default snapshot: the newest valid one in snapshots.dir)."""
+    from streamvi.serving import export_saved_model
+    from streamvi.snapshots.loading import find_snapshot
+
+    try:
+        info = find_snapshot(snapshot or _directory(cli_ctx, None))
+        target = export_saved_model(info, saved_model, overwrite=overwrite)
+    except StreamVIError as exc:
+        fail(exc)
+    click.echo(f"exported {info.path.name} (step {info.step}) to {target}")

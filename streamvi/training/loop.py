@@ -36,6 +36,7 @@ from streamvi.metrics import Health, Metrics
 from streamvi.snapshots.store import SnapshotInfo, SnapshotStore, encode_offsets
 from streamvi.training.batching import MicroBatcher
 from streamvi.training.heldout import HeldOutReservoir
+from streamvi.training.history import StepHistory
 from streamvi.training.trainer import StepResult, Trainer
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,7 @@ class OnlineLoop:
         self.checkpoint = tf.train.Checkpoint(**trainer.checkpoint_objects())
         self.counts = LoopCounts()
         self.state = LoopState()
+        self.history = StepHistory()
         self._last_checkpoint_time = time.monotonic()
         self._last_checkpoint_step = trainer.step
         self._last_checkpoint_offsets: dict[Partition, int] = {}
@@ -144,6 +146,7 @@ class OnlineLoop:
             self.counts = LoopCounts.from_meta(info.meta)
             self.state.next_offsets = dict(info.offsets)
             self.state.last_summary = dict(info.meta.get("metrics", {}))
+            self.history = StepHistory.from_meta(info.meta)
             self.source.set_start_offsets(info.offsets)
             log.info("restored snapshot %s at step %d, offsets %s", info.path.name, info.step, info.offsets)
         self._last_checkpoint_step = self.trainer.step
@@ -266,6 +269,7 @@ class OnlineLoop:
         self.counts.steps += 1
         summary = result.summary()
         self.state.last_summary = summary
+        self.history.add(result.step, summary)
         self.sink.send(metrics_message(self.topics.metrics, self._step_payload(result, summary)))
         self._record_step_metrics(result, summary)
         if self.evaluation is not None and result.step % self.evaluation.every_steps == 0:
@@ -380,6 +384,7 @@ class OnlineLoop:
             heldout=self.state.last_heldout,
             estimator=self.trainer.estimator.name,
             bound=self.trainer.estimator.bound_name,
+            history=self.history.to_json(),
         )
 
     def _update_lag(self) -> None:

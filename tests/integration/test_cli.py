@@ -175,7 +175,16 @@ def test_config_commands(tmp_path):
         timeout=60,
     )
     assert bad.returncode == 2 and "training.batch_size" in bad.stderr
-    for command in (["run"], ["produce"], ["demo"], ["encode"], ["snapshots", "list"], ["config", "show"]):
+    for command in (
+        ["run"],
+        ["produce"],
+        ["demo"],
+        ["encode"],
+        ["report"],
+        ["snapshots", "list"],
+        ["snapshots", "export"],
+        ["config", "show"],
+    ):
         helped = subprocess.run([*STREAMVI, *command, "--help"], capture_output=True, text=True, timeout=60)
         assert helped.returncode == 0 and "Usage:" in helped.stdout
 
@@ -215,3 +224,7 @@ def test_demo_command(tmp_path):
     assert "3 dead letters" in result.stdout
     assert "metrics: http://127.0.0.1:" in result.stdout
     assert SnapshotStore(tmp_path / "snapshots").latest().meta["counts"]["records_trained"] == trained
+    plots = {"history.png", "latents.png", "reconstructions.png"}
+    assert {p.name for p in (tmp_path / "report").iterdir()} == plots
+    assert all((tmp_path / "report" / name).stat().st_size > 15_000 for name in plots)
+    assert "plots: " in result.stdout

@@ -1,0 +1,42 @@
+"""``streamvi report``: PNG plots of a snapshot's training history, latent space and reconstructions."""
+
+from __future__ import annotations
+
+import click
+
+from streamvi.cli.common import fail
+from streamvi.errors import StreamVIError
+
+
+@click.command("report")
+@click.option(
+    "--snapshot",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="A snapshot directory, or a snapshots directory (its newest valid snapshot is used).",
+)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the PNG files.")
+@click.option(
+    "--input",
+    "input_path",
+    help="Records to encode for the latent and reconstruction plots: a .npy/.csv/.jsonl file or "
+    "'digits' (labels from a .jsonl 'label' field colour the latent plot). Without it only the "
+    "history is plotted.",
+)
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=2000, show_default=True, help="Records to encode at most."
+)
+def report(snapshot: str, out: str, input_path: str | None, limit: int) -> None:
+    """Write history.png (ELBO, KL, reconstruction per step) and, with --input, latents.png and
+    reconstructions.png."""
+    from streamvi.datasets import load_dataset
+    from streamvi.report import describe, write_report
+    from streamvi.snapshots.loading import find_snapshot
+
+    try:
+        info = find_snapshot(snapshot)
+        data = load_dataset(input_path) if input_path else None
+        result = write_report(info, out, data, limit=limit)
+    except StreamVIError as exc:
+        fail(exc)
+    click.echo(describe(result.files))

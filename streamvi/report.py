@@ -1,0 +1,203 @@
+"""PNG plots of a snapshot: the training history, the latent space and inputs beside reconstructions.
+
+Drawn with matplotlib's Agg renderer through ``Figure`` objects (no pyplot, no display, no global
+state), so reports can be written from a server, a container or a test.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+from matplotlib.figure import Figure
+
+from streamvi.datasets import Dataset
+from streamvi.errors import StreamVIError
+from streamvi.model.vae import VAE
+from streamvi.snapshots.store import SnapshotInfo
+from streamvi.training.history import FIELDS, StepHistory
+
+HISTORY_PNG = "history.png"
+LATENTS_PNG = "latents.png"
+RECONSTRUCTIONS_PNG = "reconstructions.png"
+
+_TITLES = {
+    "elbo": "ELBO (nats per record, higher is better)",
+    "kl": "KL(q(z|x) || p(z)) (nats per record)",
+    "reconstruction": "reconstruction E_q[log p(x|z)] (nats per record)",
+}
+
+
+@dataclass(frozen=True)
+class Report:
+    """The files a report wrote and what went into them."""
+
+    files: list[Path]
+    history_points: int
+    records_encoded: int
+
+
+def _history(info: SnapshotInfo) -> StepHistory:
+    history = StepHistory.from_meta(info.meta)
+    if len(history) == 0 and info.meta.get("metrics"):
+        # a snapshot written before histories were kept: plot at least its last step
+        history.add(info.step, info.meta["metrics"])
+    return history
+
+
+def plot_history(history: StepHistory, path: Path, title: str = "") -> Path:
+    """ELBO, KL and reconstruction per step, one panel each, sharing the step axis."""
+    figure = Figure(figsize=(9, 8), layout="constrained")
+    axes = figure.subplots(len(FIELDS), 1, sharex=True)
+    steps = np.asarray(history.steps, dtype=np.float64)
+    for ax, name in zip(axes, FIELDS, strict=True):
+        values = np.asarray(history.values[name], dtype=np.float64)
+        ax.plot(steps, values, lw=0.8, color="tab:blue", marker="." if len(steps) < 50 else None)
+        if len(values) >= 20:
+            window = max(5, len(values) // 50)
+            smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+            ax.plot(steps[window - 1 :], smooth, lw=1.8, color="tab:orange", label=f"mean of {window}")
+            ax.legend(loc="best", fontsize="small")
+        ax.set_title(_TITLES[name], fontsize="medium")
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("training step" + (f" (every {history.stride}th)" if history.stride > 1 else ""))
+    if title:
+        figure.suptitle(title)
+    figure.savefig(path, dpi=100)
+    return path
+
+
+def _project_2d(z: np.ndarray) -> tuple[np.ndarray, str, str]:
+    """Coordinates to draw: z itself in 2-D, the first two principal components above, index below."""
+    if z.shape[1] == 1:
+        return np.column_stack([np.arange(z.shape[0]), z[:, 0]]), "record", "z"
+    if z.shape[1] == 2:
+        return z, "z[0]", "z[1]"
+    centred = z - z.mean(axis=0)
+    _, singular, vt = np.linalg.svd(centred, full_matrices=False)
+    explained = singular**2 / max(float(np.sum(singular**2)), 1e-12)
+    xy = centred @ vt[:2].T
+    return xy, f"PC 1 ({explained[0]:.0%} of variance)", f"PC 2 ({explained[1]:.0%})"
+
+
+def plot_latents(z_mean: np.ndarray, labels: np.ndarray | None, path: Path, title: str = "") -> Path:
+    """Posterior means in 2-D (principal components when latent_dim > 2), coloured by label if any."""
+    xy, xlabel, ylabel = _project_2d(np.asarray(z_mean, dtype=np.float64))
+    figure = Figure(figsize=(8, 7), layout="constrained")
+    ax = figure.add_subplot()
+    if labels is None:
+        ax.scatter(xy[:, 0], xy[:, 1], s=6, alpha=0.6, color="tab:blue")
+    else:
+        classes = sorted({str(v) for v in labels.tolist()})
+        codes = np.asarray([classes.index(str(v)) for v in labels.tolist()])
+        cmap = "tab10" if len(classes) <= 10 else "tab20" if len(classes) <= 20 else "viridis"
+        points = ax.scatter(xy[:, 0], xy[:, 1], c=codes, s=6, alpha=0.7, cmap=cmap)
+        if len(classes) <= 20:
+            handles, _ = points.legend_elements(num=len(classes))
+            ax.legend(handles, classes, title="label", loc="best", fontsize="small", markerscale=1.5)
+        else:
+            figure.colorbar(points, ax=ax, label="label index")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.set_title(title or "latent space: posterior means")
+    figure.savefig(path, dpi=100)
+    return path
+
+
+def plot_reconstructions(x: np.ndarray, x_hat: np.ndarray, path: Path, title: str = "") -> Path:
+    """Inputs beside their reconstructions: as images when input.dim is a square, else as profiles."""
+    n = x.shape[0]
+    side = math.isqrt(x.shape[1])
+    square = side * side == x.shape[1] and side > 1
+    columns = 4
+    rows = math.ceil(n / columns)
+    figure = Figure(figsize=(2.4 * columns * (2 if square else 1.5), 2.4 * rows), layout="constrained")
+    if square:
+        grid = figure.subplots(rows, 2 * columns, squeeze=False)
+        low, high = float(min(x.min(), x_hat.min())), float(max(x.max(), x_hat.max()))
+        for i in range(rows * columns):
+            left, right = grid[i // columns][2 * (i % columns)], grid[i // columns][2 * (i % columns) + 1]
+            for ax in (left, right):
+                ax.set_xticks([])
+                ax.set_yticks([])
+            if i >= n:
+                left.set_axis_off()
+                right.set_axis_off()
+                continue
+            left.imshow(x[i].reshape(side, side), cmap="gray_r", vmin=low, vmax=high)
+            right.imshow(x_hat[i].reshape(side, side), cmap="gray_r", vmin=low, vmax=high)
+            if i < columns:
+                left.set_title("input", fontsize="small")
+                right.set_title("reconstruction", fontsize="small")
+    else:
+        grid = figure.subplots(rows, columns, squeeze=False)
+        for i in range(rows * columns):
+            ax = grid[i // columns][i % columns]
+            if i >= n:
+                ax.set_axis_off()
+                continue
+            ax.plot(x[i], lw=1.0, label="input")
+            ax.plot(x_hat[i], lw=1.0, label="reconstruction")
+            ax.set_xticks([])
+            if i == 0:
+                ax.legend(fontsize="x-small")
+    figure.suptitle(title or "inputs beside reconstructions (decoder mean at the posterior mean)")
+    figure.savefig(path, dpi=100)
+    return path
+
+
+def write_report(
+    info: SnapshotInfo, out: str | Path, data: Dataset | None = None, limit: int = 2000, examples: int = 16
+) -> Report:
+    """Write the history plot, and with ``data`` the latent-space and reconstruction plots, into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    history = _history(info)
+    name = f"{info.path.name} (step {info.step})"
+    files = [plot_history(history, out / HISTORY_PNG, f"training history: {name}")]
+    if data is None or len(data) == 0:
+        return Report(files, len(history), 0)
+
+    from streamvi.snapshots.loading import load_trainer
+
+    settings, trainer = load_trainer(info)
+    if data.x.shape[1] != settings.input.dim:
+        raise StreamVIError(
+            f"the report's input rows have {data.x.shape[1]} values, "
+            f"the snapshot's model expects {settings.input.dim}"
+        )
+    x = data.x[:limit]
+    c = data.context[:limit] if data.context is not None else None
+    if c is None and settings.input.context_dim:
+        raise StreamVIError(
+            "the snapshot's model needs a context 'c' per record; the report's input has none"
+        )
+    labels = data.labels[:limit] if data.labels is not None else None
+    scores = trainer.evaluate(x, c)
+    files.append(plot_latents(scores.z_loc, labels, out / LATENTS_PNG, f"latent space: {name}"))
+    shown = x[:examples]
+    x_hat = reconstruct(
+        trainer.model, scores.z_loc[: shown.shape[0]], None if c is None else c[: shown.shape[0]]
+    )
+    files.append(plot_reconstructions(shown, x_hat, out / RECONSTRUCTIONS_PNG))
+    return Report(files, len(history), int(x.shape[0]))
+
+
+def reconstruct(model: VAE, z: np.ndarray, c: np.ndarray | None = None) -> np.ndarray:
+    """The decoder's mean E[x|z, c] at latents ``z`` (probabilities for Bernoulli data).
+
+    For Gumbel-softmax latents ``z`` holds class probabilities, the mean of the one-hot code.
+    """
+    context = tf.zeros((z.shape[0], 0)) if c is None else tf.constant(c, dtype=tf.float32)
+    mean = model.observation(tf.constant(z, dtype=tf.float32), context).mean()
+    return np.asarray(tf.cast(mean, tf.float32).numpy())
+
+
+def describe(files: Sequence[Path]) -> str:
+    """One line per file written, for the CLI."""
+    return "\n".join(f"wrote {path}" for path in files)
