@@ -54,6 +54,7 @@ def secure_env() -> dict[str, str]:
 @pytest.mark.parametrize("mechanism", ["SCRAM-SHA-512", "SCRAM-SHA-256"])
 def test_sasl_ssl_scram_and_tls_settings_reach_the_daemons_clients(mechanism, caplog):
     caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="kafka")  # the CLI quiets "kafka"; other tests may have run it
     with ScramPeer({"streamvi-svc": PASSWORD}, mechanism) as peer:
         settings = load_settings(overrides=secure_overrides(peer.bootstrap, mechanism), environ=secure_env())
         sink = KafkaOutputSink(settings.kafka)
