@@ -113,18 +113,18 @@ def end_to_end(settings: Settings, count: int) -> dict[str, float]:
     first: dict[str, float] = {}
     original_train = trainer.train
 
-    def timed_train(x: np.ndarray, n: int):  # type: ignore[no-untyped-def]
-        result = original_train(x, n)
+    def timed_train(*args, **kwargs):  # type: ignore[no-untyped-def]
+        result = original_train(*args, **kwargs)
         if "end" not in first:
             first["end"] = time.perf_counter()
-            first["records"] = n
+            first["records"] = result.scores.size
             first["step_seconds"] = result.duration_seconds
         return result
 
     trainer.train = timed_train  # type: ignore[method-assign]
     counts = daemon.run(max_records=count)
     finished = time.perf_counter()
-    assert counts.records_trained == count, counts
+    assert counts.records_consumed == count == counts.latents_published, counts
     return {
         "records_per_s": (count - first["records"]) / (finished - first["end"]),
         "startup_seconds": built - started,

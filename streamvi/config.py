@@ -201,9 +201,9 @@ class EvaluationSettings(_Section):
     """Honest evaluation while streaming: a hash-selected held-out reservoir that is never trained on."""
 
     heldout_fraction: float = Field(0.05, ge=0.0, le=0.5)
-    heldout_capacity: int = Field(2_000, ge=1)
-    every_steps: int = Field(100, ge=1)
-    importance_samples: int = Field(64, ge=1)
+    heldout_capacity: int = Field(1_000, ge=1)
+    every_steps: int = Field(500, ge=1)
+    importance_samples: int = Field(32, ge=1)
 
 
 class SnapshotSettings(_Section):

@@ -86,12 +86,21 @@ class Daemon:
             self.close()
 
     def close(self) -> None:
+        """Leave the group, then flush and close the outputs, then stop serving metrics.
+
+        The loop has already written its final checkpoint; the revocation that leaving the group
+        triggers must not start another one, so the rebalance hooks are detached first.
+        """
+        source = self.loop.source
+        source.set_rebalance_callbacks(lambda partitions: None, lambda partitions: None)
         try:
-            self.loop.sink.close()
+            source.close()
         finally:
-            self.loop.source.close()
-            if self.metrics_server is not None:
-                self.metrics_server.stop()
+            try:
+                self.loop.sink.close()
+            finally:
+                if self.metrics_server is not None:
+                    self.metrics_server.stop()
 
 
 def build_daemon(settings: Settings, registry: CollectorRegistry | None = None) -> Daemon:

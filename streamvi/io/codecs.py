@@ -134,12 +134,18 @@ class RecordDecoder:
         return x, c, None if record_id is None else str(record_id)
 
 
+_NUMBER_TYPES = frozenset({int, float})
+
+
 def _as_vector(values: Any, field: str) -> np.ndarray:
     if not isinstance(values, list):
         raise DecodeError("wrong_type", f"'{field}' must be an array of numbers, got {type(values).__name__}")
-    for item in values:
-        if isinstance(item, bool) or not isinstance(item, int | float):
-            raise DecodeError("wrong_type", f"'{field}' must hold only numbers, found {type(item).__name__}")
+    # One C-level pass over the element types (bool is its own type, so true/false are rejected);
+    # numpy alone would quietly turn "1" or true into numbers.
+    kinds = set(map(type, values))
+    if not kinds <= _NUMBER_TYPES:
+        found = sorted(kind.__name__ for kind in kinds - _NUMBER_TYPES)
+        raise DecodeError("wrong_type", f"'{field}' must hold only numbers, found {', '.join(found)}")
     try:
         with np.errstate(over="ignore"):
             return np.asarray(values, dtype=np.float32)
