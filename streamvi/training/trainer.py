@@ -57,6 +57,8 @@ class StepResult:
     grad_norm: float
     learning_rate: float
     duration_seconds: float
+    #: False when the loss or the gradients were not finite and the update was skipped.
+    applied: bool = True
 
     def summary(self) -> dict[str, float]:
         """Batch means of the prequential bound and its parts."""
@@ -165,10 +167,23 @@ class Trainer:
             grads, grad_norm = tf.clip_by_global_norm(grads, self.clip_grad_norm)
         else:
             grad_norm = tf.linalg.global_norm(grads)
-        self.optimizer.apply_gradients(zip(grads, variables, strict=True))
+        # A non-finite loss or gradient (the global norm is non-finite iff any entry is) skips the
+        # update on the device, with no host round-trip. Under loss scaling, overflowing gradients
+        # are the LossScaleOptimizer's to skip (it lowers the scale), so only the loss is checked.
+        finite = tf.math.is_finite(loss)
+        if self._loss_scaled:
+            self.optimizer.apply_gradients(zip(grads, variables, strict=True))
+        else:
+            finite = tf.logical_and(finite, tf.math.is_finite(grad_norm))
+
+            def apply() -> tf.Tensor:
+                self.optimizer.apply_gradients(zip(grads, variables, strict=True))
+                return tf.constant(True)
+
+            tf.cond(finite, apply, lambda: tf.constant(False))
         self.step_counter.assign_add(1)
         learning_rate = tf.cast(self.optimizer.learning_rate, tf.float32)
-        return self._pack(terms), tf.stack([loss, grad_norm, learning_rate])
+        return self._pack(terms), tf.stack([loss, grad_norm, learning_rate, tf.cast(finite, tf.float32)])
 
     def _eval_step(self, x: tf.Tensor) -> tf.Tensor:
         seed = tf.cast(self.rng.make_seeds(1)[:, 0], tf.int32)
@@ -186,7 +201,7 @@ class Trainer:
         with self._placement():
             packed, scalars = self._train_fn(tf.constant(x), tf.constant(n, dtype=tf.int32))
         packed_np = packed.numpy()
-        loss, grad_norm, learning_rate = (float(v) for v in scalars.numpy())
+        loss, grad_norm, learning_rate, finite = (float(v) for v in scalars.numpy())
         return StepResult(
             scores=BatchScores.unpack(packed_np, n, self.latent_dim),
             step=self.step,
@@ -194,6 +209,7 @@ class Trainer:
             grad_norm=grad_norm,
             learning_rate=learning_rate,
             duration_seconds=time.perf_counter() - started,
+            applied=finite > 0.5,
         )
 
     def evaluate(self, x: np.ndarray) -> BatchScores:
