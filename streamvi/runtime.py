@@ -86,14 +86,16 @@ class Daemon:
         source, health = self.loop.source, self.loop.health
 
         def watch() -> None:
-            was = True
+            was: bool | None = None  # silent until the first answer (joining takes a moment)
             while not closed.wait(interval_seconds):
                 now = source.connected()
-                if now != was:
+                if was is None and not now:
+                    continue
+                if was is not None and now != was:
                     (log.info if now else log.warning)(
                         "broker %s", "reachable again" if now else "unreachable: not ready"
                     )
-                    was = now
+                was = now
                 health.set(broker_connected=now)
 
         self._watcher = threading.Thread(target=watch, name="streamvi-broker-watch", daemon=True)
