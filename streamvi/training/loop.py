@@ -336,9 +336,13 @@ class OnlineLoop:
                 if self._checkpoint_due():
                     self.run_checkpoint(reason="interval")
         if not self.processing.exactly_once and self._epoch == epoch:
-            for partition, offset in offsets.items():
-                self._progress[partition] = max(offset, self._progress.get(partition, 0))
             self.store.write_progress(self._progress)
+
+    def _sent(self, record: RawRecord) -> None:
+        """At-least-once bookkeeping: ``record``'s output is on its way (it may be published)."""
+        partition = (record.topic, record.partition)
+        if record.offset >= self._progress.get(partition, 0):
+            self._progress[partition] = record.offset + 1
 
     def _note_replays(self, records: list[RawRecord]) -> None:
         replayed = 0
@@ -355,6 +359,7 @@ class OnlineLoop:
     def _dead_letter(self, record: RawRecord, error: DecodeError) -> None:
         log.debug("dead letter %s:%d@%d: %s", record.topic, record.partition, record.offset, error)
         self.sink.send(dead_letter_message(record, self.topics.dead_letter, error))
+        self._sent(record)
         self.counts.dead_letters += 1
         if self.metrics is not None:
             self.metrics.dead_letters.labels(reason=error.reason).inc()
@@ -380,6 +385,8 @@ class OnlineLoop:
                 self.trainer.estimator.bound_name,
             )
         )
+        for record in self.batcher.records:
+            self._sent(record)
         self.batcher.clear()
         self.counts.latents_published += n
         self.counts.steps += 1

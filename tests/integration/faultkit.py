@@ -294,7 +294,9 @@ def run_kill_scenario(
         finally:
             daemon.wait()
         if fed < feed_batches and rng.random() < 0.5:
-            produce(bootstrap, kafka.input_topic, sequenced_records(chunks[fed], chunks[fed + 1] - chunks[fed]))
+            produce(
+                bootstrap, kafka.input_topic, sequenced_records(chunks[fed], chunks[fed + 1] - chunks[fed])
+            )
             fed += 1
     while fed < feed_batches:
         produce(bootstrap, kafka.input_topic, sequenced_records(chunks[fed], chunks[fed + 1] - chunks[fed]))

@@ -153,9 +153,10 @@ def test_corrupt_newest_snapshot_falls_back_to_the_previous_one(settings_factory
     counts = daemon.run(idle_timeout_seconds=3)
     # the records after the previous snapshot were trained on again (once), nothing was lost
     assert counts.records_trained == 300
-    assert registry.get_sample_value("streamvi_replayed_records_total") == 300 - expected.offsets[
-        (kafka.input_topic, 0)
-    ]
+    assert (
+        registry.get_sample_value("streamvi_replayed_records_total")
+        == 300 - expected.offsets[(kafka.input_topic, 0)]
+    )
     assert committed_offsets(bootstrap, kafka.group_id) == {(kafka.input_topic, 0): 300}
 
 
