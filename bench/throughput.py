@@ -25,17 +25,17 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition  # noqa: E402
-from prometheus_client import CollectorRegistry  # noqa: E402
+import numpy as np
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from prometheus_client import CollectorRegistry
 
-from streamvi.config import Settings, load_settings  # noqa: E402
-from streamvi.datasets import encode_record  # noqa: E402
-from streamvi.io.admin import ensure_topics  # noqa: E402
-from streamvi.io.base import RawRecord  # noqa: E402
-from streamvi.io.codecs import RecordDecoder  # noqa: E402
-from streamvi.io.embedded import EmbeddedBroker  # noqa: E402
-from streamvi.runtime import build_daemon, build_trainer, versions  # noqa: E402
+from streamvi.config import Settings, load_settings
+from streamvi.datasets import encode_record
+from streamvi.io.admin import ensure_topics
+from streamvi.io.base import RawRecord
+from streamvi.io.codecs import RecordDecoder
+from streamvi.io.embedded import EmbeddedBroker
+from streamvi.runtime import build_daemon, build_trainer, versions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,7 +135,9 @@ def end_to_end(settings: Settings, count: int) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--records", type=int, default=30_000)
     parser.add_argument("--format", choices=["json", "f32"], default="json")
     parser.add_argument("--dim", type=int, default=784)
@@ -169,7 +171,9 @@ def main() -> None:
                 "records": args.records,
                 "format": args.format,
                 "record_bytes": record_bytes,
-                "model": f"{args.dim}-{'-'.join(map(str, settings.model.encoder_hidden))}-{settings.model.latent_dim}",
+                "model": "-".join(
+                    map(str, [args.dim, *settings.model.encoder_hidden, settings.model.latent_dim])
+                ),
                 "batch_size": settings.training.batch_size,
                 "end_to_end_records_per_s": round(e2e["records_per_s"], 1),
                 "consume_decode_records_per_s": round(consume, 1),
