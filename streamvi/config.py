@@ -208,8 +208,6 @@ class ProcessingSettings(_Section):
     shutdown_grace_seconds: float = Field(30.0, gt=0.0)
     #: Restore the last good snapshot after this many non-finite updates in a row.
     max_nonfinite_in_a_row: int = Field(10, ge=1)
-    #: Records fetched but not yet processed before the input partitions are paused.
-    max_buffered_records: int = Field(10_000, ge=1)
     #: While a step or a snapshot runs longer than this, the consumer is polled (paused) to stay in its group.
     keepalive_seconds: float = Field(1.0, gt=0.0)
     #: Back-off between attempts while the broker is unreachable, doubling up to ``retry_max_seconds``.
