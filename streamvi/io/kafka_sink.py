@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -107,10 +108,18 @@ class KafkaTransactionalSink(KafkaOutputSink):
         )
 
     def _begin(self) -> None:
-        if self._fenced:
-            self._producer = self._create_producer(self._settings)
-            self._producer.init_transactions()
-            self._fenced = False
+        delay = 0.5
+        while self._fenced:  # the broker may still be unreachable: retry with back-off
+            try:
+                self._producer = self._create_producer(self._settings)
+                self._producer.init_transactions()
+                self._fenced = False
+            except KafkaError as exc:
+                log.warning("restarting the transactional producer failed (%s); retry in %.1fs", exc, delay)
+                with contextlib.suppress(Exception):
+                    self._producer.close(timeout=0)
+                time.sleep(delay)
+                delay = min(10.0, 2 * delay)
         if not self._in_transaction:
             self._producer.begin_transaction()
             self._in_transaction = True
