@@ -495,6 +495,8 @@ class OnlineLoop:
         except StreamVIError as exc:
             self._rewind(f"outputs were not delivered: {exc}")
             return None
+        if not exactly_once:
+            self.store.write_progress(self._progress)
         # 3. snapshot durable: model + optimizer + step + RNG + the offsets it covers. Under
         #    exactly-once it is pending (and the older ones are kept) until step 4 commits.
         offsets = dict(self.state.next_offsets)
