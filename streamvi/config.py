@@ -224,6 +224,27 @@ class MetricsSettings(_Section):
     lag_interval_seconds: float = Field(5.0, gt=0.0)
 
 
+class ProcessingSettings(_Section):
+    """Delivery guarantee, shutdown, backpressure and the guard against non-finite updates."""
+
+    guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    #: exactly_once: the producer's transactional id; null derives ``<kafka.group_id>-streamvi``.
+    transactional_id: str | None = Field(None, min_length=1)
+    transaction_timeout_ms: int = Field(60_000, ge=1_000)
+    #: After SIGTERM/SIGINT, the final flush, snapshot and commit must finish within this many seconds.
+    shutdown_grace_seconds: float = Field(30.0, gt=0.0)
+    #: Restore the last good snapshot after this many non-finite updates in a row.
+    max_nonfinite_in_a_row: int = Field(10, ge=1)
+    #: While a step or a snapshot runs longer than this, the consumer is polled (paused) to stay in its group.
+    keepalive_seconds: float = Field(1.0, gt=0.0)
+    #: Back-off between attempts while the broker is unreachable, doubling up to ``retry_max_seconds``.
+    retry_initial_seconds: float = Field(0.5, gt=0.0)
+    retry_max_seconds: float = Field(10.0, gt=0.0)
+
+    def transactional_id_for(self, group_id: str) -> str:
+        return self.transactional_id or f"{group_id}-streamvi"
+
+
 class Settings(BaseSettings):
     """The whole configuration of a streamvi process."""
 
@@ -241,6 +262,7 @@ class Settings(BaseSettings):
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
     snapshots: SnapshotSettings = Field(default_factory=SnapshotSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    processing: ProcessingSettings = Field(default_factory=ProcessingSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -19,5 +19,13 @@ class CorruptSnapshotError(SnapshotError):
     """A snapshot failed its checksum or structure check and must not be used."""
 
 
+class SnapshotLockedError(SnapshotError):
+    """Another process holds the snapshot directory's writer lock."""
+
+
 class OutputError(StreamVIError):
     """An output (latents, metrics, dead letters) could not be delivered to the broker."""
+
+
+class CommitError(StreamVIError):
+    """Consumed offsets (or a transaction holding them) could not be committed."""

@@ -137,18 +137,27 @@ class Health:
         self.live = True
         self.model_loaded = False
         self.partitions_assigned = False
+        self.broker_connected = True
 
-    def set(self, *, model_loaded: bool | None = None, partitions_assigned: bool | None = None) -> None:
+    def set(
+        self,
+        *,
+        model_loaded: bool | None = None,
+        partitions_assigned: bool | None = None,
+        broker_connected: bool | None = None,
+    ) -> None:
         with self._lock:
             if model_loaded is not None:
                 self.model_loaded = model_loaded
             if partitions_assigned is not None:
                 self.partitions_assigned = partitions_assigned
+            if broker_connected is not None:
+                self.broker_connected = broker_connected
 
     @property
     def ready(self) -> bool:
         with self._lock:
-            return self.model_loaded and self.partitions_assigned
+            return self.model_loaded and self.partitions_assigned and self.broker_connected
 
 
 class MetricsServer:

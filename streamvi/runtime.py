@@ -17,9 +17,16 @@ from streamvi.estimators import build_estimator
 from streamvi.io.codecs import RecordDecoder
 from streamvi.metrics import Health, Metrics, MetricsServer
 from streamvi.model.vae import build_vae
-from streamvi.snapshots.store import SnapshotInfo, SnapshotStore
+from streamvi.snapshots.store import SnapshotInfo, SnapshotLock, SnapshotStore
 from streamvi.training.heldout import HeldOutReservoir
-from streamvi.training.loop import CheckpointPolicy, EvaluationPolicy, LoopCounts, OnlineLoop, OutputTopics
+from streamvi.training.loop import (
+    CheckpointPolicy,
+    EvaluationPolicy,
+    LoopCounts,
+    OnlineLoop,
+    OutputTopics,
+    ProcessingPolicy,
+)
 from streamvi.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -69,6 +76,9 @@ class Daemon:
     loop: OnlineLoop
     metrics_server: MetricsServer | None
     restored: SnapshotInfo | None
+    lock: SnapshotLock | None = None
+    _watcher: threading.Thread | None = None
+    _closed: threading.Event | None = None
 
     @property
     def metrics_url(self) -> str | None:
@@ -80,17 +90,41 @@ class Daemon:
         max_records: int | None = None,
         idle_timeout_seconds: float | None = None,
     ) -> LoopCounts:
+        self._watch_broker()
         try:
             return self.loop.run(stop, max_records=max_records, idle_timeout_seconds=idle_timeout_seconds)
         finally:
             self.close()
 
+    def _watch_broker(self, interval_seconds: float = 0.5) -> None:
+        """/readyz follows broker connectivity, even while the loop is blocked waiting for it."""
+        closed = self._closed = threading.Event()
+        source, health = self.loop.source, self.loop.health
+
+        def watch() -> None:
+            was: bool | None = None  # silent until the first answer (joining takes a moment)
+            while not closed.wait(interval_seconds):
+                now = source.connected()
+                if was is None and not now:
+                    continue
+                if was is not None and now != was:
+                    (log.info if now else log.warning)(
+                        "broker %s", "reachable again" if now else "unreachable: not ready"
+                    )
+                was = now
+                health.set(broker_connected=now)
+
+        self._watcher = threading.Thread(target=watch, name="streamvi-broker-watch", daemon=True)
+        self._watcher.start()
+
     def close(self) -> None:
-        """Leave the group, then flush and close the outputs, then stop serving metrics.
+        """Leave the group, then flush and close the outputs, then stop serving and unlock.
 
         The loop has already written its final checkpoint; the revocation that leaving the group
         triggers must not start another one, so the rebalance hooks are detached first.
         """
+        if self._closed is not None:
+            self._closed.set()
         source = self.loop.source
         source.set_rebalance_callbacks(lambda partitions: None, lambda partitions: None)
         try:
@@ -101,22 +135,31 @@ class Daemon:
             finally:
                 if self.metrics_server is not None:
                     self.metrics_server.stop()
+                if self.lock is not None:
+                    self.lock.release()
 
 
 def build_daemon(settings: Settings, registry: CollectorRegistry | None = None) -> Daemon:
     """Create topics if allowed, connect to Kafka, restore the newest snapshot and start /metrics."""
     from streamvi.io.admin import ensure_topics
-    from streamvi.io.kafka_sink import KafkaOutputSink
+    from streamvi.io.base import OutputSink
+    from streamvi.io.kafka_sink import KafkaOutputSink, KafkaTransactionalSink
     from streamvi.io.kafka_source import KafkaRecordSource
 
     registry = registry if registry is not None else CollectorRegistry()
     metrics = Metrics(registry)
     metrics.set_build_info(versions())
     health = Health()
+    processing = settings.processing
+    exactly_once = processing.guarantee == "exactly_once"
+    # One writer per snapshot directory, for the daemon's whole life: checked before anything else.
+    lock = SnapshotStore(settings.snapshots.dir).lock()
     server = None
-    if settings.metrics.enabled:
-        server = MetricsServer(registry, health, settings.metrics.host, settings.metrics.port).start()
+    sink: OutputSink | None = None
+    source: KafkaRecordSource | None = None
     try:
+        if settings.metrics.enabled:
+            server = MetricsServer(registry, health, settings.metrics.host, settings.metrics.port).start()
         if settings.kafka.create_topics:
             ensure_topics(settings.kafka)
         trainer = build_trainer(settings)
@@ -125,8 +168,17 @@ def build_daemon(settings: Settings, registry: CollectorRegistry | None = None) 
             keep=settings.snapshots.keep,
             on_corrupt=lambda path, reason: metrics.corrupt_snapshots.inc(),
         )
-        sink = KafkaOutputSink(settings.kafka)
-        source = KafkaRecordSource(settings.kafka)
+        if exactly_once:
+            sink = KafkaTransactionalSink(
+                settings.kafka,
+                processing.transactional_id_for(settings.kafka.group_id),
+                processing.transaction_timeout_ms,
+            )
+        else:
+            sink = KafkaOutputSink(settings.kafka)
+        source = KafkaRecordSource(
+            settings.kafka, isolation_level="read_committed" if exactly_once else "read_uncommitted"
+        )
         loop = OnlineLoop(
             source=source,
             sink=sink,
@@ -151,14 +203,26 @@ def build_daemon(settings: Settings, registry: CollectorRegistry | None = None) 
             max_poll_records=settings.kafka.max_poll_records,
             lag_interval_seconds=settings.metrics.lag_interval_seconds,
             evaluation=evaluation_policy(settings),
+            processing=ProcessingPolicy(
+                exactly_once=exactly_once,
+                max_nonfinite_in_a_row=processing.max_nonfinite_in_a_row,
+                keepalive_seconds=processing.keepalive_seconds,
+                retry_initial_seconds=processing.retry_initial_seconds,
+                retry_max_seconds=processing.retry_max_seconds,
+            ),
         )
         restored = loop.restore()
-    except KafkaError as exc:
+    except BaseException as exc:
+        for client in (source, sink):
+            if client is not None:
+                try:
+                    client.close()
+                except Exception:  # already failing; the original error is what matters
+                    log.debug("closing a client after a failed start", exc_info=True)
         if server is not None:
             server.stop()
-        raise settings.kafka.failure(exc) from exc
-    except BaseException:
-        if server is not None:
-            server.stop()
+        lock.release()
+        if isinstance(exc, KafkaError):
+            raise settings.kafka.failure(exc) from exc
         raise
-    return Daemon(settings, loop, server, restored)
+    return Daemon(settings, loop, server, restored, lock)

@@ -45,14 +45,29 @@ def fail(error: StreamVIError) -> None:
     raise SystemExit(2)
 
 
-def stop_on_signals() -> threading.Event:
-    """An event set by SIGTERM or SIGINT, so the daemon finishes its checkpoint and exits cleanly."""
+def stop_on_signals(grace_seconds: float | None = None) -> threading.Event:
+    """An event set by SIGTERM or SIGINT, so the daemon finishes its checkpoint and exits cleanly.
+
+    With ``grace_seconds``, a process still running that long after the first signal exits at once
+    with status 3 (the last snapshot and committed offsets stay consistent; the rest is replayed).
+    """
     stop = threading.Event()
+
+    def expire() -> None:
+        logging.getLogger("streamvi").error(
+            "shutdown did not finish within processing.shutdown_grace_seconds=%s; exiting now", grace_seconds
+        )
+        logging.shutdown()
+        os._exit(3)
 
     def handler(signum: int, frame: Any) -> None:
         logging.getLogger("streamvi").info(
             "received %s; stopping after a final checkpoint", signal.Signals(signum).name
         )
+        if grace_seconds is not None and not stop.is_set():
+            timer = threading.Timer(grace_seconds, expire)
+            timer.daemon = True
+            timer.start()
         stop.set()
 
     signal.signal(signal.SIGTERM, handler)

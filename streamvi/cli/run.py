@@ -24,13 +24,14 @@ from streamvi.errors import StreamVIError
 def run(cli_ctx: CliContext, max_records: int | None, idle_timeout: float | None) -> None:
     """Consume the input topic, train the VAE online, publish latents and metrics, snapshot, commit.
 
-    SIGTERM and SIGINT stop it after a final flush, snapshot and offset commit.
+    SIGTERM and SIGINT stop it after a final flush, snapshot and offset commit, within
+    processing.shutdown_grace_seconds (exit status 3 if that runs out).
     """
     from streamvi.runtime import build_daemon
 
     try:
         settings = cli_ctx.settings()
-        stop = stop_on_signals()
+        stop = stop_on_signals(settings.processing.shutdown_grace_seconds)
         daemon = build_daemon(settings)
         if daemon.metrics_url:
             click.echo(f"metrics: {daemon.metrics_url}", err=True)

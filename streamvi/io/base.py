@@ -72,6 +72,27 @@ class RecordSource(ABC):
     def close(self) -> None:
         """Leave the group and release connections."""
 
+    # -- optional capabilities (fault handling); the defaults suit a source that never fails --------
+    def committed_offsets(self, partitions: Sequence[Partition]) -> dict[Partition, int]:
+        """The group's committed next offset of each of ``partitions`` that has one."""
+        return {}
+
+    def group_metadata(self) -> object:
+        """An opaque token of this consumer's group membership, for transactional offset commits."""
+        return None
+
+    def seek(self, offsets: Mapping[Partition, int]) -> None:
+        """Rewind: every assigned partition goes back to ``offsets`` if listed there, otherwise to the
+        group's committed offset (or the start of the partition)."""
+        self.set_start_offsets(offsets)
+
+    def keepalive(self) -> None:  # noqa: B027 -- optional; nothing to keep alive by default
+        """Poll without taking records (partitions paused), so a long step does not cost the group."""
+
+    def connected(self) -> bool:
+        """Whether the broker has answered recently; safe to call from another thread."""
+        return True
+
 
 class OutputSink(ABC):
     """Publishes output messages; ``flush`` returns only when everything sent so far is durable."""
@@ -92,3 +113,15 @@ class OutputSink(ABC):
     @abstractmethod
     def close(self) -> None:
         """Flush and release the connection."""
+
+    # -- transactions (exactly-once); a non-transactional sink has none ----------------------------
+    #: True when outputs become visible to read_committed consumers only at ``commit_transaction``.
+    transactional: bool = False
+
+    def commit_transaction(self, offsets: Mapping[Partition, int], group_metadata: object) -> None:
+        """Atomically make every output since the last commit visible and commit ``offsets`` for the
+        consumer group identified by ``group_metadata``; a new transaction starts with the next send."""
+        raise NotImplementedError(f"{type(self).__name__} is not transactional")
+
+    def abort_transaction(self) -> None:  # noqa: B027 -- nothing to drop when not transactional
+        """Drop every output since the last commit (they never become visible to read_committed)."""

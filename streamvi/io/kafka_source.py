@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 
 from kafka import KafkaConsumer
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from streamvi.config import KafkaSettings
+from streamvi.errors import CommitError
 from streamvi.io.base import Partition, RawRecord, RecordSource
 
 log = logging.getLogger(__name__)
@@ -33,7 +36,7 @@ class _Listener(ConsumerRebalanceListener):
 class KafkaRecordSource(RecordSource):
     """Consumes ``kafka.input_topic``; offsets are committed only when the loop says so."""
 
-    def __init__(self, settings: KafkaSettings) -> None:
+    def __init__(self, settings: KafkaSettings, isolation_level: str = "read_uncommitted") -> None:
         self.settings = settings
         self._start_offsets: dict[Partition, int] = {}
         self._on_assigned: Callable[[Sequence[Partition]], None] = _noop
@@ -48,6 +51,7 @@ class KafkaRecordSource(RecordSource):
             max_poll_interval_ms=settings.max_poll_interval_ms,
             max_poll_records=settings.max_poll_records,
             fetch_max_bytes=settings.fetch_max_bytes,
+            isolation_level=isolation_level,
         )
         self._consumer.subscribe([settings.input_topic], listener=_Listener(self))
 
@@ -100,16 +104,65 @@ class KafkaRecordSource(RecordSource):
     def commit(self, offsets: Mapping[Partition, int]) -> None:
         if not offsets:
             return
-        self._consumer.commit(
-            {
-                TopicPartition(*partition): OffsetAndMetadata(offset, "", -1)
-                for partition, offset in offsets.items()
-            }
-        )
+        try:
+            self._consumer.commit(to_kafka_offsets(offsets))
+        except KafkaError as exc:
+            raise CommitError(f"committing offsets for group {self.settings.group_id} failed: {exc}") from exc
+        self.committed_to_group(offsets)
+
+    def committed_to_group(self, offsets: Mapping[Partition, int]) -> None:
+        """Called once ``offsets`` are committed (directly or by a transaction)."""
         # Later rebalances resume from the committed position; snapshot offsets are now redundant.
         for partition, offset in offsets.items():
             if self._start_offsets.get(partition) == offset:
                 del self._start_offsets[partition]
+
+    def committed_offsets(self, partitions: Sequence[Partition]) -> dict[Partition, int]:
+        found: dict[Partition, int] = {}
+        for partition in partitions:
+            offset = self._consumer.committed(TopicPartition(*partition))
+            if offset is not None and offset >= 0:
+                found[partition] = int(offset)
+        return found
+
+    def group_metadata(self) -> object:
+        return self._consumer.group_metadata()
+
+    def seek(self, offsets: Mapping[Partition, int]) -> None:
+        self._start_offsets.update(offsets)
+        assigned = self._consumer.assignment()
+        unlisted = [tp for tp in assigned if (tp.topic, tp.partition) not in offsets]
+        committed = self.committed_offsets([(tp.topic, tp.partition) for tp in unlisted])
+        for tp in assigned:
+            partition = (tp.topic, tp.partition)
+            offset = offsets.get(partition, committed.get(partition))
+            if offset is not None:
+                self._consumer.seek(tp, offset)
+            else:
+                self._consumer.seek_to_beginning(tp)
+
+    def keepalive(self) -> None:
+        # Every partition is paused, so this poll fetches nothing: it only tells the group that this
+        # member is alive (max_poll_interval_ms) and serves any rebalance (callbacks included).
+        assigned = self._consumer.assignment()
+        already = set(self._consumer.paused())
+        self._consumer.pause(*assigned)
+        try:
+            stray = self._consumer.poll(timeout_ms=0, max_records=1)
+        finally:
+            self._consumer.resume(*(self._consumer.assignment() - already))
+        for tp, messages in stray.items():  # newly assigned partitions are not paused yet
+            self._consumer.seek(tp, min(m.offset for m in messages))
+
+    def connected(self) -> bool:
+        # Reads two fields the heartbeat thread writes; safe from any thread.
+        coordinator = getattr(self._consumer, "_coordinator", None)
+        if coordinator is None or getattr(coordinator, "coordinator_id", None) is None:
+            return False
+        heartbeat = coordinator.heartbeat
+        answered = max(heartbeat.last_receive, heartbeat.last_reset)
+        limit = max(3 * self.settings.heartbeat_interval_ms / 1000.0, 2.0)
+        return time.monotonic() - answered < limit
 
     def assignment(self) -> list[Partition]:
         return sorted((tp.topic, tp.partition) for tp in self._consumer.assignment())
@@ -120,3 +173,7 @@ class KafkaRecordSource(RecordSource):
 
     def close(self) -> None:
         self._consumer.close(autocommit=False)
+
+
+def to_kafka_offsets(offsets: Mapping[Partition, int]) -> dict[TopicPartition, OffsetAndMetadata]:
+    return {TopicPartition(*p): OffsetAndMetadata(offset, "", -1) for p, offset in offsets.items()}

@@ -65,22 +65,58 @@ class MemorySource(RecordSource):
     def close(self) -> None:
         self.closed = True
 
+    def committed_offsets(self, partitions: Sequence[Partition]) -> dict[Partition, int]:
+        return {p: self.committed[p] for p in partitions if p in self.committed}
+
+    def group_metadata(self) -> object:
+        return self  # a MemorySink in transactional mode commits offsets through it
+
+    def seek(self, offsets: Mapping[Partition, int]) -> None:
+        self._start = dict(offsets)
+        if self._assigned:
+            for partition in self._partitions():
+                self._positions[partition] = offsets.get(partition, self.committed.get(partition, 0))
+
 
 class MemorySink(OutputSink):
-    """Collects messages; ``flush`` moves them from pending to delivered, as a broker ack would."""
+    """Collects messages; ``flush`` moves them from pending to delivered, as a broker ack would.
 
-    def __init__(self) -> None:
+    With ``transactional=True`` flushed messages wait in ``in_transaction`` until
+    ``commit_transaction`` delivers them and commits the offsets on the MemorySource given as the
+    group metadata, in one step; ``abort_transaction`` drops them.
+    """
+
+    def __init__(self, transactional: bool = False) -> None:
+        self.transactional = transactional
         self.pending: list[OutputMessage] = []
+        self.in_transaction: list[OutputMessage] = []
         self.delivered: list[OutputMessage] = []
         self.flushes = 0
+        self.transactions = 0
+        self.aborts = 0
 
     def send(self, message: OutputMessage) -> None:
         self.pending.append(message)
 
     def flush(self, timeout_seconds: float | None = None) -> None:
-        self.delivered.extend(self.pending)
+        (self.in_transaction if self.transactional else self.delivered).extend(self.pending)
         self.pending.clear()
         self.flushes += 1
+
+    def commit_transaction(self, offsets: Mapping[Partition, int], group_metadata: object) -> None:
+        if not self.transactional:
+            super().commit_transaction(offsets, group_metadata)
+        self.flush()
+        if isinstance(group_metadata, MemorySource):
+            group_metadata.commit(offsets)
+        self.delivered.extend(self.in_transaction)
+        self.in_transaction.clear()
+        self.transactions += 1
+
+    def abort_transaction(self) -> None:
+        self.pending.clear()
+        self.in_transaction.clear()
+        self.aborts += 1
 
     def close(self) -> None:
         self.flush()

@@ -9,6 +9,8 @@ Never pickle: model state is only ever a TensorFlow checkpoint.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -23,7 +25,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from streamvi.errors import CorruptSnapshotError, SnapshotError
+from streamvi.errors import CorruptSnapshotError, SnapshotError, SnapshotLockedError
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,10 @@ META_FILE = "meta.json"
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_PREFIX = "state"
 FORMAT_VERSION = 1
+LOCK_FILE = ".lock"
+PROGRESS_FILE = "progress.json"
 _PREFIX = "snapshot-"
+_DISCARDED = ".discarded-"
 
 
 @dataclass(frozen=True)
@@ -104,8 +109,18 @@ class SnapshotStore:
         self.keep = keep
         self._on_corrupt = on_corrupt
 
-    def write(self, checkpoint: tf.train.Checkpoint, step: int, meta: dict[str, Any]) -> SnapshotInfo:
-        """Write ``checkpoint`` with ``meta`` (offsets, counts, config...) and prune old snapshots."""
+    def lock(self) -> SnapshotLock:
+        """Take the directory's exclusive writer lock for this process's life (see SnapshotLock)."""
+        return SnapshotLock(self.directory)
+
+    def write(
+        self, checkpoint: tf.train.Checkpoint, step: int, meta: dict[str, Any], *, prune: bool = True
+    ) -> SnapshotInfo:
+        """Write ``checkpoint`` with ``meta`` (offsets, counts, config...) and prune old snapshots.
+
+        ``prune=False`` leaves pruning to the caller: an exactly-once snapshot is not trusted until
+        its transaction commits, so the older ones must survive until then.
+        """
         self.directory.mkdir(parents=True, exist_ok=True)
         name = f"{_PREFIX}{step:012d}-{time.time_ns():020d}"
         temp = self.directory / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
@@ -129,7 +144,8 @@ class SnapshotStore:
             if isinstance(exc, OSError):
                 raise SnapshotError(f"writing snapshot into {self.directory} failed: {exc}") from exc
             raise
-        self.prune()
+        if prune:
+            self.prune()
         return SnapshotInfo(final, full_meta)
 
     def candidates(self) -> list[Path]:
@@ -172,16 +188,45 @@ class SnapshotStore:
                 result.append((path, None, str(exc)))
         return result
 
-    def latest(self) -> SnapshotInfo | None:
-        """The newest snapshot that verifies; corrupt ones are logged, reported and skipped."""
+    def valid(self) -> Iterator[SnapshotInfo]:
+        """Snapshots that verify, newest first; corrupt ones are logged, reported and skipped."""
         for path in self.candidates():
             try:
-                return self.verify(path)
+                info = self.verify(path)
             except CorruptSnapshotError as exc:
                 log.error("skipping corrupt snapshot: %s", exc)
                 if self._on_corrupt is not None:
                     self._on_corrupt(path, str(exc))
-        return None
+                continue
+            yield info
+
+    def latest(self) -> SnapshotInfo | None:
+        """The newest snapshot that verifies; corrupt ones are logged, reported and skipped."""
+        return next(self.valid(), None)
+
+    def discard(self, info: SnapshotInfo, reason: str) -> None:
+        """Take a snapshot out of use (renamed aside, deleted by the next prune): it must never be
+        restored, e.g. an exactly-once snapshot whose transaction did not commit."""
+        target = self.directory / f"{_DISCARDED}{info.path.name}"
+        log.warning("discarding snapshot %s: %s", info.path.name, reason)
+        os.rename(info.path, target)
+        _fsync_path(self.directory)
+
+    def write_progress(self, offsets: dict[tuple[str, int], int]) -> None:
+        """Record how far outputs have been sent (not fsynced: it only has to survive a process
+        crash); a restart compares it with the snapshot's offsets to count replayed records."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / PROGRESS_FILE
+        temp = path.with_name(f".{PROGRESS_FILE}.{os.getpid()}")
+        temp.write_text(json.dumps({"offsets": encode_offsets(offsets)}), encoding="utf-8")
+        os.replace(temp, path)
+
+    def read_progress(self) -> dict[tuple[str, int], int]:
+        try:
+            data = json.loads((self.directory / PROGRESS_FILE).read_text(encoding="utf-8"))
+            return SnapshotInfo(self.directory, data).offsets
+        except (OSError, ValueError, AttributeError, TypeError):
+            return {}
 
     def restore(self, checkpoint: tf.train.Checkpoint, info: SnapshotInfo, *, partial: bool = False) -> None:
         """Load ``info`` into ``checkpoint``; every saved value must match (unless ``partial``)."""
@@ -197,5 +242,37 @@ class SnapshotStore:
             shutil.rmtree(path, ignore_errors=True)
         if self.directory.is_dir():
             for path in self.directory.iterdir():
-                if path.name.startswith(".tmp-"):
+                if path.name.startswith((".tmp-", _DISCARDED)):
                     shutil.rmtree(path, ignore_errors=True)
+
+
+class SnapshotLock:
+    """An exclusive ``flock`` on ``<dir>/.lock``, holding the owner's pid: one writer per directory.
+
+    The kernel releases it when the process dies, so a crash never leaves a stale lock behind.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / LOCK_FILE
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 64, 0).decode("ascii", errors="replace").strip() or "unknown"
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise SnapshotLockedError(
+                    f"snapshot directory {directory} is in use by another streamvi process (pid {holder}); "
+                    "two writers would corrupt its state: stop that one or set snapshots.dir"
+                ) from None
+            raise SnapshotError(f"cannot lock snapshot directory {directory}: {exc}") from exc
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)

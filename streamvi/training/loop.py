@@ -9,21 +9,43 @@ Checkpoint commit order (the contract downstream users and restarts rely on):
 
 A crash between any two steps loses nothing: on restart the newest valid snapshot is restored and
 consumption resumes at *its* offsets, so no record is skipped and none is trained on twice; outputs
-of records after the snapshot may be published again (at-least-once output).
+of records after the snapshot may be published again (at-least-once output), and how many is
+counted (``streamvi_replayed_records_total``).
+
+Exactly-once (``processing.guarantee: exactly_once``, a transactional sink) is a two-phase scheme:
+
+    1. the open micro-batch is trained and its latents queued (into the open transaction);
+    2. outputs flushed    -- acknowledged by the broker but invisible to read_committed consumers;
+    3. snapshot durable   -- written *pending*: trusted only once step 4 has happened;
+    4. transaction commit -- outputs and offsets become visible/committed in one atomic step;
+    5. old snapshots pruned (never before 4: the previous trusted snapshot must survive a crash).
+
+Crash windows: before 3, the transaction is aborted by the broker (or fenced by the restarted
+producer) and no snapshot covers it: the restart redoes the interval from the previous snapshot.
+Between 3 and 4, the newest snapshot's offsets are ahead of the group's committed offsets: on
+restart it is discarded (its transaction never committed) and the previous one is restored, which
+is exactly where the committed offsets are. After 4 the newest snapshot and the group agree. So
+the group's committed offsets are the commit record of the two-phase scheme, and a read_committed
+consumer sees each input's outputs once while the model is trained on each input once.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
+import shutil
+import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import tensorflow as tf
 
+from streamvi.errors import StreamVIError
 from streamvi.io.base import OutputSink, Partition, RawRecord, RecordSource
 from streamvi.io.codecs import (
     DecodeError,
@@ -40,6 +62,8 @@ from streamvi.training.history import StepHistory
 from streamvi.training.trainer import StepResult, Trainer
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -59,6 +83,8 @@ class LoopCounts:
     latents_published: int = 0
     steps: int = 0
     snapshots: int = 0
+    updates_skipped: int = 0
+    records_skipped: int = 0
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> LoopCounts:
@@ -79,6 +105,19 @@ class EvaluationPolicy:
     reservoir: HeldOutReservoir
     every_steps: int
     importance_samples: int
+
+
+@dataclass
+class ProcessingPolicy:
+    """Delivery guarantee and fault handling (``processing.*``)."""
+
+    exactly_once: bool = False
+    max_nonfinite_in_a_row: int = 10
+    #: Poll the source (partitions paused) this often while a step or snapshot is still running;
+    #: None runs them inline with no keep-alive.
+    keepalive_seconds: float | None = None
+    retry_initial_seconds: float = 0.5
+    retry_max_seconds: float = 10.0
 
 
 @dataclass
@@ -110,6 +149,7 @@ class OnlineLoop:
         max_poll_records: int = 1000,
         lag_interval_seconds: float = 5.0,
         evaluation: EvaluationPolicy | None = None,
+        processing: ProcessingPolicy | None = None,
     ) -> None:
         self.source = source
         self.sink = sink
@@ -135,33 +175,107 @@ class OnlineLoop:
         self._last_checkpoint_step = trainer.step
         self._last_checkpoint_offsets: dict[Partition, int] = {}
         self._last_lag_time = 0.0
+        self.processing = processing or ProcessingPolicy()
+        if self.processing.exactly_once and not sink.transactional:
+            raise ValueError("exactly-once processing needs a transactional sink")
+        self._trusted: SnapshotInfo | None = None  # the snapshot a rewind goes back to
+        self._nonfinite_run = 0
+        self._failures = 0  # consecutive failed checkpoints, for the back-off
+        self._rewind_reason: str | None = None
+        self._epoch = 0  # bumped by every rewind: records fetched before it are stale
+        self._busy = False
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._progress: dict[Partition, int] = {}  # at-least-once: offsets whose outputs were sent
+        self._replay_until: dict[Partition, int] = {}
+        self._initial_state: Path | None = None
         source.set_rebalance_callbacks(self._on_assigned, self._on_revoked)
 
     # -- start-up ----------------------------------------------------------------------------------
     def restore(self) -> SnapshotInfo | None:
-        """Load the newest valid snapshot (if any) and make the source resume at its offsets."""
-        info = self.store.latest()
+        """Load the newest trusted snapshot (if any) and make the source resume at its offsets."""
+        info = self._trusted_snapshot()
         if info is not None:
-            self.store.restore(self.checkpoint, info)
-            self.counts = LoopCounts.from_meta(info.meta)
-            self.state.next_offsets = dict(info.offsets)
-            self.state.last_summary = dict(info.meta.get("metrics", {}))
-            self.history = StepHistory.from_meta(info.meta)
-            self.source.set_start_offsets(info.offsets)
+            self._load(info)
             log.info("restored snapshot %s at step %d, offsets %s", info.path.name, info.step, info.offsets)
+        if not self.processing.exactly_once:
+            self._count_replays(info)
         self._last_checkpoint_step = self.trainer.step
         self._last_checkpoint_offsets = dict(self.state.next_offsets)
+        self._trusted = info
+        if info is None:
+            # A rewind always needs a target: keep the initial state (it covers no offsets).
+            self._initial_state = Path(tempfile.mkdtemp(prefix="streamvi-initial-"))
+            self.checkpoint.write(str(self._initial_state / "state"))
         self.health.set(model_loaded=True)
         if self.metrics is not None:
             self.metrics.model_step.set(self.trainer.step)
         return info
+
+    def _load(self, info: SnapshotInfo) -> None:
+        self.store.restore(self.checkpoint, info)
+        self.counts = LoopCounts.from_meta(info.meta)
+        self.state.next_offsets = dict(info.offsets)
+        self.state.last_summary = dict(info.meta.get("metrics", {}))
+        self.history = StepHistory.from_meta(info.meta)
+        self.source.set_start_offsets(info.offsets)
+
+    def _trusted_snapshot(self) -> SnapshotInfo | None:
+        """The newest valid snapshot; under exactly-once, the newest whose transaction committed.
+
+        A snapshot is written before its transaction commits, and the transaction commits the
+        snapshot's offsets for the group; so a snapshot whose offsets are ahead of the group's
+        committed offsets belongs to a transaction that never committed, and is discarded.
+        """
+        if not self.processing.exactly_once:
+            return self.store.latest()
+        valid = list(self.store.valid())
+        partitions = sorted({p for info in valid for p in info.offsets})
+        committed = self.source.committed_offsets(partitions) if partitions else {}
+        for info in valid:
+            ahead = {p: o for p, o in info.offsets.items() if o > committed.get(p, 0)}
+            if ahead:
+                reason = f"its transaction never committed (offsets {ahead}, group {committed})"
+                self.store.discard(info, reason)
+                continue
+            behind = {p: c for p, c in committed.items() if p in info.offsets and c > info.offsets[p]}
+            if behind:
+                # Only when a newer trusted snapshot was lost (corrupt): outputs up to the committed
+                # offsets are already visible, so resume there; the model misses those records.
+                log.error(
+                    "snapshot %s is behind the committed offsets %s (a newer snapshot was lost); "
+                    "resuming at the committed offsets, the model skips the records in between",
+                    info.path.name,
+                    behind,
+                )
+                resumed = encode_offsets({**info.offsets, **behind})
+                info = SnapshotInfo(info.path, dict(info.meta, offsets=resumed))
+            return info
+        return None
+
+    def _count_replays(self, info: SnapshotInfo | None) -> None:
+        """At-least-once: the records between the snapshot and how far outputs were sent before the
+        crash will be output again; they are counted as they are reprocessed."""
+        sent = self.store.read_progress()
+        start = dict(info.offsets) if info is not None else {}
+        missing = [p for p in sent if p not in start]
+        if missing:
+            start.update(self.source.committed_offsets(missing))
+        self._replay_until = {p: o for p, o in sent.items() if o > start.get(p, 0)}
+        self._progress = dict(sent)
+        if self._replay_until:
+            total = sum(o - start.get(p, 0) for p, o in self._replay_until.items())
+            log.warning("up to %d records after the last snapshot will be output again", total)
 
     # -- rebalance hooks (called from inside source.poll on this thread) ---------------------------
     def _on_assigned(self, partitions: Sequence[Partition]) -> None:
         self.health.set(partitions_assigned=bool(self.source.assignment()) or bool(partitions))
 
     def _on_revoked(self, partitions: Sequence[Partition]) -> None:
-        if partitions:
+        if partitions and self._busy:
+            # Revoked while a step or snapshot runs (during a keep-alive poll): this interval can no
+            # longer be committed, so it is rolled back as soon as that operation returns.
+            self._rewind_reason = "partitions revoked during a long step or snapshot"
+        elif partitions:
             self.run_checkpoint(reason="rebalance")
             for partition in partitions:
                 self.state.next_offsets.pop(partition, None)
@@ -208,14 +322,25 @@ class OnlineLoop:
                 self._last_lag_time = now
         self.run_checkpoint(reason="shutdown")
         self._update_lag()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        if self._initial_state is not None:
+            shutil.rmtree(self._initial_state, ignore_errors=True)
+            self._initial_state = None
         return self.counts
 
     def _handle(self, records: list[RawRecord]) -> None:
         if self.metrics is not None:
             self.metrics.records_consumed.inc(len(records))
         self.counts.records_consumed += len(records)
+        if self._replay_until:
+            self._note_replays(records)
+        epoch = self._epoch
         offsets = self.state.next_offsets
         for record in records:
+            if self._epoch != epoch:
+                return  # rewound: the rest of this fetch is stale and will be fetched again
             # The record counts as consumed once handed to the batcher or the dead-letter sink; a
             # checkpoint always drains the batcher first, so the offset never runs ahead of training.
             offsets[(record.topic, record.partition)] = record.offset + 1
@@ -232,10 +357,31 @@ class OnlineLoop:
                 self._train_batch()
                 if self._checkpoint_due():
                     self.run_checkpoint(reason="interval")
+        if not self.processing.exactly_once and self._epoch == epoch:
+            self.store.write_progress(self._progress)
+
+    def _sent(self, record: RawRecord) -> None:
+        """At-least-once bookkeeping: ``record``'s output is on its way (it may be published)."""
+        partition = (record.topic, record.partition)
+        if record.offset >= self._progress.get(partition, 0):
+            self._progress[partition] = record.offset + 1
+
+    def _note_replays(self, records: list[RawRecord]) -> None:
+        replayed = 0
+        for record in records:
+            until = self._replay_until.get((record.topic, record.partition))
+            if until is not None and record.offset < until:
+                replayed += 1
+        for (topic, partition), until in list(self._replay_until.items()):
+            if any(r.topic == topic and r.partition == partition and r.offset >= until - 1 for r in records):
+                del self._replay_until[(topic, partition)]
+        if replayed and self.metrics is not None:
+            self.metrics.replayed_records.inc(replayed)
 
     def _dead_letter(self, record: RawRecord, error: DecodeError) -> None:
         log.debug("dead letter %s:%d@%d: %s", record.topic, record.partition, record.offset, error)
         self.sink.send(dead_letter_message(record, self.topics.dead_letter, error))
+        self._sent(record)
         self.counts.dead_letters += 1
         if self.metrics is not None:
             self.metrics.dead_letters.labels(reason=error.reason).inc()
@@ -245,7 +391,10 @@ class OnlineLoop:
         if n == 0:
             return
         x, c, weights = self.batcher.padded()
-        result = self.trainer.train(x, n, c, weights)
+        result = self._guarded(lambda: self.trainer.train(x, n, c, weights))
+        if self._rewind_reason is not None:
+            self._rewind(self._rewind_reason)
+            return
         scores = result.scores
         self.sink.send_many(
             latent_messages(
@@ -259,19 +408,30 @@ class OnlineLoop:
                 self.trainer.estimator.bound_name,
             )
         )
+        for record in self.batcher.records:
+            self._sent(record)
         self.batcher.clear()
-        self.counts.records_trained += result.trained_records
         self.counts.latents_published += n
         if self.metrics is not None:
             self.metrics.latents_published.inc(n)
         if not result.trained:
             return
         self.counts.steps += 1
+        if result.applied:
+            self.counts.records_trained += result.trained_records
+            self._nonfinite_run = 0
+        else:
+            self.counts.updates_skipped += 1
+            self.counts.records_skipped += n
+            self._nonfinite_run += 1
+            log.warning("step %d: non-finite loss or gradient, update skipped", result.step)
         summary = result.summary()
         self.state.last_summary = summary
         self.history.add(result.step, summary)
         self.sink.send(metrics_message(self.topics.metrics, self._step_payload(result, summary)))
         self._record_step_metrics(result, summary)
+        if self._nonfinite_run >= self.processing.max_nonfinite_in_a_row:
+            self._recover_from_divergence()
         if self.evaluation is not None and result.step % self.evaluation.every_steps == 0:
             self._evaluate_heldout(result.step)
 
@@ -301,6 +461,24 @@ class OnlineLoop:
             self.metrics.heldout_log_likelihood.set(log_likelihood)
             self.metrics.heldout_records.set(x.shape[0])
 
+    def _recover_from_divergence(self) -> None:
+        """Too many non-finite updates in a row: reload the parameters and optimizer state of the
+        last trusted snapshot (the step counter, RNG and offsets go on) and raise the alert gauge."""
+        info = self._trusted
+        log.error(
+            "%d non-finite updates in a row: restoring the model from snapshot %s",
+            self._nonfinite_run,
+            info.path.name if info is not None else "(none)",
+        )
+        if info is not None:
+            partial = tf.train.Checkpoint(
+                model=self.trainer.model, estimator=self.trainer.estimator, optimizer=self.trainer.optimizer
+            )
+            self.store.restore(partial, info, partial=True)
+        self._nonfinite_run = 0
+        if self.metrics is not None:
+            self.metrics.training_diverged.set(1)
+
     def _step_payload(self, result: StepResult, summary: dict[str, float]) -> dict[str, Any]:
         return {
             "kind": "step",
@@ -314,6 +492,7 @@ class OnlineLoop:
             "grad_norm": result.grad_norm,
             "learning_rate": result.learning_rate,
             "step_seconds": result.duration_seconds,
+            "update_skipped": not result.applied,
             "wall_time": time.time(),
             "records_trained": self.counts.records_trained,
         }
@@ -322,7 +501,10 @@ class OnlineLoop:
         m = self.metrics
         if m is None:
             return
-        m.records_trained.inc(result.trained_records)
+        if result.applied:
+            m.records_trained.inc(result.trained_records)
+        else:
+            m.nonfinite_updates.inc()
         m.train_steps.inc()
         m.model_step.set(result.step)
         m.elbo.set(summary["elbo"])
@@ -349,21 +531,66 @@ class OnlineLoop:
         )
 
     def run_checkpoint(self, reason: str) -> SnapshotInfo | None:
-        """Drain, flush outputs, write the snapshot, then commit offsets -- in that order, always."""
+        """Drain, flush outputs, write the snapshot, then commit offsets -- in that order, always.
+
+        Returns None when there was nothing to do, or when delivering failed and the loop rewound
+        to the last trusted snapshot (the interval is then consumed and processed again).
+        """
         if not self._has_progress():
             self._last_checkpoint_time = time.monotonic()
             return None
         started = time.perf_counter()
+        exactly_once = self.processing.exactly_once
         # 1. nothing consumed stays pending: train the open micro-batch now.
+        epoch = self._epoch
         self._train_batch()
-        # 2. outputs flushed: every latent, metric and dead letter is acknowledged.
-        self.sink.flush()
-        # 3. snapshot durable: model + optimizer + step + RNG + the offsets it covers.
+        if self._epoch != epoch:
+            return None
+        # 2. outputs flushed: every latent, metric and dead letter is acknowledged (under
+        #    exactly-once, still invisible to read_committed consumers).
+        try:
+            self.sink.flush()
+        except StreamVIError as exc:
+            self._rewind(f"outputs were not delivered: {exc}")
+            return None
+        if not exactly_once:
+            self.store.write_progress(self._progress)
+        # 3. snapshot durable: model + optimizer + step + RNG + the offsets it covers. Under
+        #    exactly-once it is pending (and the older ones are kept) until step 4 commits.
         offsets = dict(self.state.next_offsets)
         self.counts.snapshots += 1
-        info = self.store.write(self.checkpoint, self.trainer.step, self._meta(offsets))
-        # 4. offsets committed: the group now agrees with the snapshot.
-        self.source.commit(offsets)
+        meta = self._meta(offsets)
+        step = self.trainer.step
+        if exactly_once:
+            info = self._guarded(lambda: self.store.write(self.checkpoint, step, meta, prune=False))
+        else:
+            info = self._guarded(lambda: self.store.write(self.checkpoint, step, meta))
+        if self._rewind_reason is not None:
+            if exactly_once:
+                self.store.discard(info, "partitions revoked before its transaction committed")
+            self._rewind(self._rewind_reason)
+            return None
+        # 4. offsets committed: the group now agrees with the snapshot; under exactly-once the
+        #    outputs become visible in the same atomic step, which makes the snapshot trusted.
+        try:
+            if exactly_once:
+                self.sink.commit_transaction(offsets, self.source.group_metadata())
+            else:
+                self.source.commit(offsets)
+        except StreamVIError as exc:
+            if exactly_once:
+                # Not committed: the transaction is aborted and this snapshot must never be used.
+                self.store.discard(info, f"its transaction failed to commit: {exc}")
+                self._rewind(f"the transaction failed to commit: {exc}")
+                return None
+            # At-least-once: the snapshot is durable and a restart resumes at its offsets; the group
+            # catches up at the next checkpoint.
+            log.warning("committing offsets failed (the snapshot is durable, retrying later): %s", exc)
+        # 5. older snapshots go only now, so a trusted one always survives.
+        if exactly_once:
+            self.store.prune()
+        self._trusted = info
+        self._failures = 0
         self._last_checkpoint_time = time.monotonic()
         self._last_checkpoint_step = self.trainer.step
         self._last_checkpoint_offsets = offsets
@@ -385,7 +612,62 @@ class OnlineLoop:
             estimator=self.trainer.estimator.name,
             bound=self.trainer.estimator.bound_name,
             history=self.history.to_json(),
+            guarantee="exactly_once" if self.processing.exactly_once else "at_least_once",
         )
+
+    # -- fault handling ----------------------------------------------------------------------------
+    def _guarded(self, operation: Callable[[], T]) -> T:
+        """Run a step or snapshot write; if it takes longer than ``keepalive_seconds``, poll the
+        source meanwhile (partitions paused, nothing fetched) so the consumer stays in its group."""
+        interval = self.processing.keepalive_seconds
+        if interval is None:
+            return operation()
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="streamvi-step")
+        future = self._executor.submit(operation)
+        done, _ = concurrent.futures.wait([future], timeout=interval)
+        if not done:
+            self._busy = True
+            try:
+                while not done:
+                    self.source.keepalive()
+                    done, _ = concurrent.futures.wait([future], timeout=interval)
+            finally:
+                self._busy = False
+        return future.result()
+
+    def _rewind(self, reason: str) -> None:
+        """Go back to the last trusted snapshot: abort the open transaction (exactly-once), drop the
+        open batch, restore the model and re-read the input from the snapshot's offsets, after a
+        back-off. Nothing is lost: every record after the snapshot is consumed again."""
+        self._rewind_reason = None
+        self._epoch += 1
+        self._failures += 1
+        delay = min(
+            self.processing.retry_max_seconds,
+            self.processing.retry_initial_seconds * 2 ** (self._failures - 1),
+        )
+        log.error("rewinding to the last snapshot in %.1fs: %s", delay, reason)
+        time.sleep(delay)
+        if self.processing.exactly_once:
+            try:
+                self.sink.abort_transaction()
+            except StreamVIError as exc:
+                log.warning("aborting the transaction failed (it will time out on the broker): %s", exc)
+        self.batcher.clear()
+        info = self._trusted
+        if info is not None:
+            self._load(info)
+        elif self._initial_state is not None:
+            self.checkpoint.read(str(self._initial_state / "state")).assert_consumed()
+            self.counts = LoopCounts()
+            self.state = LoopState()
+        self.source.seek(self.state.next_offsets)
+        if not self.processing.exactly_once:
+            start = self.state.next_offsets
+            self._replay_until = {p: o for p, o in self._progress.items() if o > start.get(p, 0)}
+        self._last_checkpoint_step = self.trainer.step
+        self._last_checkpoint_offsets = dict(self.state.next_offsets)
 
     def _update_lag(self) -> None:
         if self.metrics is None:

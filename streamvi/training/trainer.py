@@ -62,6 +62,8 @@ class StepResult:
     learning_rate: float
     duration_seconds: float
     trained_records: int
+    #: False when the loss or the gradients were not finite and the update was skipped.
+    applied: bool = True
 
     @property
     def trained(self) -> bool:
@@ -193,10 +195,23 @@ class Trainer:
             grads, grad_norm = tf.clip_by_global_norm(grads, self.clip_grad_norm)
         else:
             grad_norm = tf.linalg.global_norm(grads)
-        self.optimizer.apply_gradients(zip(grads, variables, strict=True))
+        # A non-finite loss or gradient (the global norm is non-finite iff any entry is) skips the
+        # update on the device, with no host round-trip. Under loss scaling, overflowing gradients
+        # are the LossScaleOptimizer's to skip (it lowers the scale), so only the loss is checked.
+        finite = tf.math.is_finite(loss)
+        if self._loss_scaled:
+            self.optimizer.apply_gradients(zip(grads, variables, strict=True))
+        else:
+            finite = tf.logical_and(finite, tf.math.is_finite(grad_norm))
+
+            def apply() -> tf.Tensor:
+                self.optimizer.apply_gradients(zip(grads, variables, strict=True))
+                return tf.constant(True)
+
+            tf.cond(finite, apply, lambda: tf.constant(False))
         self.step_counter.assign_add(1)
         learning_rate = tf.cast(self.optimizer.learning_rate, tf.float32)
-        return self._pack(terms), tf.stack([loss, grad_norm, learning_rate])
+        return self._pack(terms), tf.stack([loss, grad_norm, learning_rate, tf.cast(finite, tf.float32)])
 
     def _eval_step(self, x: tf.Tensor, c: tf.Tensor) -> tf.Tensor:
         return self._pack(self.estimator.terms(self.model, x, c, self._seed(), self.step_counter))
@@ -228,12 +243,12 @@ class Trainer:
         with self._placement():
             if trained == 0:
                 packed = self._eval_fn(tf.constant(x), tf.constant(c))
-                scalars = np.array([np.nan, 0.0, np.nan], dtype=np.float32)
+                scalars = np.array([np.nan, 0.0, np.nan, 1.0], dtype=np.float32)
             else:
                 packed, scalar_tensor = self._train_fn(tf.constant(x), tf.constant(c), tf.constant(weights))
                 scalars = scalar_tensor.numpy()
         packed_np = packed.numpy()
-        loss, grad_norm, learning_rate = (float(v) for v in scalars)
+        loss, grad_norm, learning_rate, finite = (float(v) for v in scalars)
         return StepResult(
             scores=BatchScores.unpack(packed_np, n, self.summary_size),
             step=self.step,
@@ -242,6 +257,7 @@ class Trainer:
             learning_rate=learning_rate,
             duration_seconds=time.perf_counter() - started,
             trained_records=trained,
+            applied=finite > 0.5,
         )
 
     def _chunks(self, x: np.ndarray, c: np.ndarray | None) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
