@@ -19,6 +19,7 @@ from streamvi.io.admin import ensure_topics
 from streamvi.io.codecs import HEADER_OFFSET, HEADER_PARTITION, HEADER_REASON, HEADER_TOPIC
 from streamvi.runtime import build_daemon
 from streamvi.snapshots import SnapshotStore
+from tests.integration.conftest import read_topic
 from tests.integration.faultkit import (
     DaemonProcess,
     committed_offsets,
@@ -260,3 +261,25 @@ def test_bad_input_is_dead_lettered_with_origin_and_the_rest_processed(settings_
     for reason, count in by_reason.items():
         assert registry.get_sample_value("streamvi_dead_letters_total", {"reason": reason}) == count
     assert set(by_reason) == set(reasons.values())
+
+
+def test_records_without_a_required_context_are_dead_lettered(settings_factory):
+    """A conditional model (input.context_dim > 0) never sees a record that lacks its context."""
+    settings = settings_factory("input.context_dim=3")
+    kafka = settings.kafka
+    bootstrap = kafka.bootstrap_servers[0]
+    ensure_topics(kafka)
+    items: list[tuple[bytes | None, bytes]] = []
+    for i in range(64):
+        document = {"id": f"r{i}", "x": [0.5] * 64, "c": [1.0, 0.0, 0.0]}
+        if i % 8 == 3:
+            del document["c"]
+        items.append((f"r{i}".encode(), orjson.dumps(document)))
+    produce(bootstrap, kafka.input_topic, items)
+    registry = CollectorRegistry()
+    counts = build_daemon(settings, registry).run(max_records=len(items))
+    assert counts.records_trained == 56 and counts.dead_letters == 8
+    assert registry.get_sample_value("streamvi_dead_letters_total", {"reason": "missing_context"}) == 8
+    dead = read_topic(bootstrap, kafka.dead_letter_topic, 8)
+    assert sorted(m.key for m in dead) == sorted(f"r{i}".encode() for i in range(3, 64, 8))
+    assert {dict(m.headers)[HEADER_REASON] for m in dead} == {b"missing_context"}
