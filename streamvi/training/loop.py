@@ -173,6 +173,7 @@ class OnlineLoop:
         self.history = StepHistory()
         self._last_checkpoint_time = time.monotonic()
         self._last_checkpoint_step = trainer.step
+        self._finished_step = trainer.step
         self._last_checkpoint_offsets: dict[Partition, int] = {}
         self._last_lag_time = 0.0
         self.processing = processing or ProcessingPolicy()
@@ -184,7 +185,13 @@ class OnlineLoop:
         self._rewind_reason: str | None = None
         self._epoch = 0  # bumped by every rewind: records fetched before it are stale
         self._busy = False
+        self._in_rebalance = False
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        # Double buffering: one batch may train on the step thread while the next one fills.
+        self._spare_batcher = MicroBatcher(
+            trainer.batch_size, decoder.dim, max_batch_latency_seconds, context_dim=decoder.context_dim
+        )
+        self._inflight: tuple[MicroBatcher, concurrent.futures.Future[StepResult]] | None = None
         self._progress: dict[Partition, int] = {}  # at-least-once: offsets whose outputs were sent
         self._replay_until: dict[Partition, int] = {}
         self._initial_state: Path | None = None
@@ -199,7 +206,7 @@ class OnlineLoop:
             log.info("restored snapshot %s at step %d, offsets %s", info.path.name, info.step, info.offsets)
         if not self.processing.exactly_once:
             self._count_replays(info)
-        self._last_checkpoint_step = self.trainer.step
+        self._finished_step = self._last_checkpoint_step = self.trainer.step
         self._last_checkpoint_offsets = dict(self.state.next_offsets)
         self._trusted = info
         if info is None:
@@ -276,7 +283,11 @@ class OnlineLoop:
             # longer be committed, so it is rolled back as soon as that operation returns.
             self._rewind_reason = "partitions revoked during a long step or snapshot"
         elif partitions:
-            self.run_checkpoint(reason="rebalance")
+            self._in_rebalance = True  # no keep-alive polls from inside this poll's callback
+            try:
+                self.run_checkpoint(reason="rebalance")
+            finally:
+                self._in_rebalance = False
             for partition in partitions:
                 self.state.next_offsets.pop(partition, None)
                 self._last_checkpoint_offsets.pop(partition, None)
@@ -299,8 +310,12 @@ class OnlineLoop:
         while not stop.is_set():
             if max_records is not None and consumed_here >= max_records:
                 break
+            if self._inflight is not None and self._inflight[1].done():
+                self._finish_batch()  # publish as soon as the step is done, even if input is idle
             wait = self.batcher.time_left()
             timeout = 0.2 if wait is None else min(0.2, wait)
+            if self._inflight is not None:
+                timeout = min(timeout, 0.005)
             budget = self.max_poll_records
             if max_records is not None:
                 budget = min(budget, max_records - consumed_here)
@@ -313,8 +328,10 @@ class OnlineLoop:
             elif idle_timeout_seconds is not None and now - last_record_time >= idle_timeout_seconds:
                 log.info("no input for %.1fs; stopping", idle_timeout_seconds)
                 break
-            if self.batcher.due():
-                self._train_batch()
+            # A partial batch past its latency bound goes as soon as the step thread is free; while
+            # a step is in flight it keeps filling, since it could not start any sooner.
+            if self.batcher.due() and self._inflight is None:
+                self._submit_batch()
             if self._checkpoint_due():
                 self.run_checkpoint(reason="interval")
             if now - self._last_lag_time >= self.lag_interval_seconds:
@@ -354,7 +371,7 @@ class OnlineLoop:
                 self.evaluation.reservoir.add(decoded.x, decoded.c)
             self.batcher.add(record, decoded.x, decoded.record_id, decoded.c, train=not heldout)
             if self.batcher.full:
-                self._train_batch()
+                self._submit_batch()
                 if self._checkpoint_due():
                     self.run_checkpoint(reason="interval")
         if not self.processing.exactly_once and self._epoch == epoch:
@@ -387,20 +404,45 @@ class OnlineLoop:
             self.metrics.dead_letters.labels(reason=error.reason).inc()
 
     def _train_batch(self) -> None:
+        """Train the open batch and finish it before returning (checkpoints drain this way)."""
+        self._submit_batch()
+        self._finish_batch()
+
+    def _submit_batch(self) -> None:
+        """Start the step for the open batch on the step thread and return at once.
+
+        At most one step is in flight: the previous one is finished (its latents and metrics
+        published) first. The next batch fills a second buffer while this one trains, so fetching,
+        decoding and publishing overlap with the step; the two buffers bound what is held in memory.
+        """
+        self._finish_batch()
         n = len(self.batcher)
         if n == 0:
             return
         x, c, weights = self.batcher.padded()
-        result = self._guarded(lambda: self.trainer.train(x, n, c, weights))
+        batch, self.batcher = self.batcher, self._spare_batcher
+        self._spare_batcher = batch
+        self._inflight = (batch, self._step_thread().submit(self.trainer.train, x, n, c, weights))
+
+    def _finish_batch(self) -> None:
+        """Wait for the step in flight, if any, and publish its latents and metrics."""
+        if self._inflight is None:
+            return
+        batch, future = self._inflight
+        self._inflight = None
+        result = self._wait(future)
         if self._rewind_reason is not None:
+            batch.clear()
             self._rewind(self._rewind_reason)
             return
+        n = len(batch)
+        self._finished_step = result.step
         scores = result.scores
         self.sink.send_many(
             latent_messages(
                 self.topics.latents,
-                self.batcher.records,
-                self.batcher.record_ids,
+                batch.records,
+                batch.record_ids,
                 scores.z_loc,
                 scores.z_scale,
                 scores.bound,
@@ -408,9 +450,9 @@ class OnlineLoop:
                 self.trainer.estimator.bound_name,
             )
         )
-        for record in self.batcher.records:
+        for record in batch.records:
             self._sent(record)
-        self.batcher.clear()
+        batch.clear()
         self.counts.latents_published += n
         if self.metrics is not None:
             self.metrics.latents_published.inc(n)
@@ -517,7 +559,8 @@ class OnlineLoop:
 
     # -- checkpoints -------------------------------------------------------------------------------
     def _checkpoint_due(self) -> bool:
-        steps = self.trainer.step - self._last_checkpoint_step
+        # Finished steps only: the step counter of one still in flight is the step thread's business.
+        steps = self._finished_step - self._last_checkpoint_step
         if steps >= self.policy.every_steps:
             return True
         elapsed = time.monotonic() - self._last_checkpoint_time
@@ -526,7 +569,8 @@ class OnlineLoop:
     def _has_progress(self) -> bool:
         return (
             len(self.batcher) > 0
-            or self.trainer.step != self._last_checkpoint_step
+            or self._inflight is not None
+            or self._finished_step != self._last_checkpoint_step
             or self.state.next_offsets != self._last_checkpoint_offsets
         )
 
@@ -592,7 +636,7 @@ class OnlineLoop:
         self._trusted = info
         self._failures = 0
         self._last_checkpoint_time = time.monotonic()
-        self._last_checkpoint_step = self.trainer.step
+        self._finished_step = self._last_checkpoint_step = self.trainer.step
         self._last_checkpoint_offsets = offsets
         if self.metrics is not None:
             self.metrics.snapshots.inc()
@@ -616,15 +660,25 @@ class OnlineLoop:
         )
 
     # -- fault handling ----------------------------------------------------------------------------
+    def _step_thread(self) -> concurrent.futures.ThreadPoolExecutor:
+        """The one worker thread that runs steps and snapshot writes (TensorFlow releases the GIL,
+        so decoding and publishing on the loop's thread overlap with it)."""
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="streamvi-step")
+        return self._executor
+
     def _guarded(self, operation: Callable[[], T]) -> T:
         """Run a step or snapshot write; if it takes longer than ``keepalive_seconds``, poll the
         source meanwhile (partitions paused, nothing fetched) so the consumer stays in its group."""
-        interval = self.processing.keepalive_seconds
-        if interval is None:
+        if self.processing.keepalive_seconds is None:
             return operation()
-        if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="streamvi-step")
-        future = self._executor.submit(operation)
+        return self._wait(self._step_thread().submit(operation))
+
+    def _wait(self, future: concurrent.futures.Future[T]) -> T:
+        """The result of work on the step thread, keeping the consumer alive while it runs."""
+        interval = self.processing.keepalive_seconds
+        if interval is None or self._in_rebalance:
+            return future.result()
         done, _ = concurrent.futures.wait([future], timeout=interval)
         if not done:
             self._busy = True
@@ -654,6 +708,11 @@ class OnlineLoop:
                 self.sink.abort_transaction()
             except StreamVIError as exc:
                 log.warning("aborting the transaction failed (it will time out on the broker): %s", exc)
+        if self._inflight is not None:  # a step still running belongs to the abandoned interval
+            batch, future = self._inflight
+            self._inflight = None
+            concurrent.futures.wait([future])
+            batch.clear()
         self.batcher.clear()
         info = self._trusted
         if info is not None:
@@ -666,7 +725,7 @@ class OnlineLoop:
         if not self.processing.exactly_once:
             start = self.state.next_offsets
             self._replay_until = {p: o for p, o in self._progress.items() if o > start.get(p, 0)}
-        self._last_checkpoint_step = self.trainer.step
+        self._finished_step = self._last_checkpoint_step = self.trainer.step
         self._last_checkpoint_offsets = dict(self.state.next_offsets)
 
     def _update_lag(self) -> None:

@@ -64,7 +64,7 @@ def make_loop(source, sink, store, *, exactly_once=False, registry=None, likelih
         store=store,
         topics=TOPICS,
         policy=CheckpointPolicy(every_steps=2, every_seconds=3600),
-        max_batch_latency_seconds=0.05,
+        max_batch_latency_seconds=5.0,  # batches close by size: checkpoint positions are deterministic
         metrics=Metrics(registry or CollectorRegistry()),
         health=Health(),
         max_poll_records=5,
@@ -164,7 +164,8 @@ def test_failed_delivery_rewinds_and_loses_nothing(tmp_path):
     loop.run(idle_timeout_seconds=0.5)
     assert latent_offsets(sink.delivered) == list(range(24))
     assert loop.counts.records_trained == 24 == source.committed[("in", 0)]
-    assert registry.get_sample_value("streamvi_replayed_records_total") == 8  # the first interval
+    # the first interval: two finished steps and the one in flight when the checkpoint fell due
+    assert registry.get_sample_value("streamvi_replayed_records_total") == 12
 
 
 def test_at_least_once_restart_counts_the_records_it_outputs_again(tmp_path):
