@@ -26,16 +26,23 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
+import tensorflow as tf
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from streamvi.config import Settings, load_settings
 from streamvi.datasets import encode_record
+from streamvi.estimators import SGVBAnalyticKL
 from streamvi.io.admin import ensure_topics
 from streamvi.io.base import RawRecord
 from streamvi.io.codecs import RecordDecoder
 from streamvi.io.embedded import EmbeddedBroker
+from streamvi.model import VAE
 from streamvi.runtime import build_daemon, build_trainer, versions
+from streamvi.training import Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from handwritten import run_handwritten
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,7 +112,7 @@ def train_step_rate(settings: Settings, x: np.ndarray, seconds: float = 5.0) -> 
     return {"records_per_s": steps * batch / elapsed, "compile_seconds": compile_seconds, "steps": steps}
 
 
-def end_to_end(settings: Settings, count: int) -> dict[str, float]:
+def end_to_end(settings: Settings, count: int) -> tuple[dict[str, float], Trainer]:
     started = time.perf_counter()
     daemon = build_daemon(settings, CollectorRegistry())
     built = time.perf_counter()
@@ -125,13 +132,29 @@ def end_to_end(settings: Settings, count: int) -> dict[str, float]:
     counts = daemon.run(max_records=count)
     finished = time.perf_counter()
     assert counts.records_consumed == count == counts.latents_published, counts
-    return {
+    figures = {
         "records_per_s": (count - first["records"]) / (finished - first["end"]),
         "startup_seconds": built - started,
         "to_first_trained_batch_seconds": first["end"] - started,
         "first_step_seconds_incl_compile": first["step_seconds"],
         "total_seconds": finished - started,
     }
+    return figures, trainer
+
+
+def heldout_elbo(model: VAE, x: np.ndarray, repeats: int = 5) -> float:
+    """Mean ELBO (SGVB estimator B, averaged over draws) of ``model`` on held-out rows."""
+    estimator = SGVBAnalyticKL(samples=8)
+    c = tf.zeros((x.shape[0], 0))
+    values = [
+        float(
+            tf.reduce_mean(
+                estimator.terms(model, tf.constant(x), c, tf.constant([r, 1]), tf.constant(0, tf.int64)).bound
+            )
+        )
+        for r in range(repeats)
+    ]
+    return float(np.mean(values))
 
 
 def main() -> None:
@@ -143,6 +166,12 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=784)
     parser.add_argument("--config", default=str(ROOT / "bench" / "bench.yaml"))
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument(
+        "--baseline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="json only: also run bench/handwritten.py's loop on the same records and compare",
+    )
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="streamvi-bench-"))
@@ -162,7 +191,17 @@ def main() -> None:
         record_bytes = produce(settings, x, args.records, args.format)
         consume = consume_decode_rate(settings, args.records)
         step = train_step_rate(settings, x)
-        e2e = end_to_end(settings, args.records)
+        e2e, daemon_trainer = end_to_end(settings, args.records)
+        baseline = None
+        if args.format == "json" and args.baseline:
+            baseline_rate, baseline_model = run_handwritten(settings, args.records, group="bench-handwritten")
+            held = payload(500, args.dim, seed=1)  # same distribution, records neither run has seen
+            baseline = {
+                "handwritten_records_per_s": round(baseline_rate, 1),
+                "speedup_over_handwritten": round(e2e["records_per_s"] / baseline_rate, 2),
+                "heldout_elbo_daemon": round(heldout_elbo(daemon_trainer.model, held), 3),
+                "heldout_elbo_handwritten": round(heldout_elbo(baseline_model, held), 3),
+            }
     slowest = min(consume, step["records_per_s"])
     print(
         json.dumps(
@@ -179,6 +218,7 @@ def main() -> None:
                 "consume_decode_records_per_s": round(consume, 1),
                 "train_step_records_per_s": round(step["records_per_s"], 1),
                 "ratio_to_slowest_part": round(e2e["records_per_s"] / slowest, 3),
+                **(baseline or {}),
                 "startup_seconds": round(e2e["startup_seconds"], 2),
                 "to_first_trained_batch_seconds": round(e2e["to_first_trained_batch_seconds"], 2),
                 "first_step_seconds_incl_compile": round(e2e["first_step_seconds_incl_compile"], 2),
