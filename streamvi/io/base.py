@@ -9,6 +9,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from streamvi.errors import StreamVIError
+
 #: A partition of a topic, as (topic, partition).
 Partition = tuple[str, int]
 Headers = list[tuple[str, bytes]]
@@ -121,7 +123,9 @@ class OutputSink(ABC):
     def commit_transaction(self, offsets: Mapping[Partition, int], group_metadata: object) -> None:
         """Atomically make every output since the last commit visible and commit ``offsets`` for the
         consumer group identified by ``group_metadata``; a new transaction starts with the next send."""
-        raise NotImplementedError(f"{type(self).__name__} is not transactional")
+        raise StreamVIError(
+            f"{type(self).__name__} is not transactional; processing.guarantee=exactly_once needs one"
+        )
 
     def abort_transaction(self) -> None:  # noqa: B027 -- nothing to drop when not transactional
         """Drop every output since the last commit (they never become visible to read_committed)."""
