@@ -280,7 +280,26 @@ def run_kill_scenario(
     fed = 0
     produce(bootstrap, kafka.input_topic, sequenced_records(0, chunks[1]))
     fed = 1
+    partition = (kafka.input_topic, 0)
+
+    def resume_offset() -> int:
+        """Where the next instance starts: the group's offset (exactly-once) or the newest snapshot's."""
+        latest = SnapshotStore(settings.snapshots.dir).latest()
+        offset = committed_offsets(bootstrap, kafka.group_id).get(partition, 0)
+        if not exactly_once and latest is not None:
+            offset = latest.offsets.get(partition, offset)
+        return offset
+
     for kill in range(kills):
+        if resume_offset() >= chunks[fed]:
+            # A fast instance finished all the input fed so far before its kill: feed the next
+            # slice, or stop killing when there is none (a new instance would have nothing to do).
+            if fed == feed_batches:
+                break
+            produce(
+                bootstrap, kafka.input_topic, sequenced_records(chunks[fed], chunks[fed + 1] - chunks[fed])
+            )
+            fed += 1
         daemon = DaemonProcess(settings, workdir / f"daemon-{kill}.log")
         report.restarts += 1
         try:
@@ -303,11 +322,7 @@ def run_kill_scenario(
         fed += 1
     # The last instance resumes where the group (exactly-once) or the newest snapshot
     # (at-least-once) says, and stops cleanly once it has consumed the rest.
-    partition = (kafka.input_topic, 0)
-    latest = SnapshotStore(settings.snapshots.dir).latest()
-    resume = committed_offsets(bootstrap, kafka.group_id).get(partition, 0)
-    if not exactly_once and latest is not None:
-        resume = latest.offsets.get(partition, resume)
+    resume = resume_offset()
     if resume < records:
         final = DaemonProcess(settings, workdir / "daemon-final.log", "--max-records", str(records - resume))
         report.restarts += 1
@@ -330,7 +345,8 @@ def run_kill_scenario(
     report.lost = len(wanted - set(ids))
     report.duplicates = sum(count - 1 for count in ids.values())
     interval = (settings.snapshots.every_steps + 1) * settings.training.batch_size
-    report.max_duplicates_allowed = 0 if exactly_once else kills * (interval + kafka.max_poll_records)
+    report.kills = len(report.kill_after_records)  # the kills that happened (fewer if input ran out)
+    report.max_duplicates_allowed = 0 if exactly_once else report.kills * (interval + kafka.max_poll_records)
     snapshot = SnapshotStore(settings.snapshots.dir).latest()
     assert snapshot is not None
     report.snapshot_records_trained = int(snapshot.meta["counts"]["records_trained"])

@@ -45,6 +45,7 @@ def test_sigkill_at_random_moments_loses_nothing(settings_factory, tmp_path, gua
     records = 2400
     report = run_kill_scenario(settings, records, kills, seed, tmp_path, feed_batches=2)
     assert report.corrupt_outputs == 0
+    assert report.kills >= 1, report
     assert report.lost == 0, report
     assert report.duplicates <= report.max_duplicates_allowed, report
     if guarantee == "exactly_once":
