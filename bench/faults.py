@@ -65,6 +65,8 @@ def main() -> int:
                     f"kafka.group_id=faults-{index}",
                     f"snapshots.dir={workdir / 'snapshots'}",
                     "metrics.port=0",
+                    # every record is trained, so the snapshot's trained count must equal the offsets
+                    "evaluation.heldout_fraction=0",
                     *fault_overrides(guarantee),
                     # bigger steps than the test set, so the run covers many records per kill
                     "training.batch_size=64",
