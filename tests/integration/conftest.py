@@ -86,7 +86,7 @@ def read_topic(bootstrap: str, topic: str, expected: int, timeout: float = 30.0)
 
 
 def produce_values(bootstrap: str, topic: str, items: list[tuple[bytes | None, bytes]]) -> None:
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, batch_size=262_144)
     try:
         for key, value in items:
             producer.send(topic, key=key, value=value)

@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.admin import KafkaAdminClient
+from kafka import KafkaConsumer, TopicPartition
 
 from streamvi.config import Settings
 from streamvi.datasets import encode_record, load_digits
 from streamvi.snapshots import SnapshotStore
+from tests.integration.conftest import committed_offsets
+from tests.integration.conftest import produce_values as produce
 
 STREAMVI = [sys.executable, "-m", "streamvi.cli.main"]
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,16 +44,6 @@ def sequenced_records(start: int, count: int) -> list[tuple[bytes, bytes]]:
         (seq_id(i).encode(), encode_record(data.x[i % len(data)], seq_id(i), "json"))
         for i in range(start, start + count)
     ]
-
-
-def produce(bootstrap: str, topic: str, items: list[tuple[bytes | None, bytes]]) -> None:
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, batch_size=262_144)
-    try:
-        for key, value in items:
-            producer.send(topic, key=key, value=value)
-        producer.flush()
-    finally:
-        producer.close()
 
 
 def read_all(
@@ -150,15 +141,6 @@ def read_committed_emulated(bootstrap: str, topic: str, expected: int | None = N
         return bool(later) and not later[0]
 
     return [m for m in messages if visible(m.offset)]
-
-
-def committed_offsets(bootstrap: str, group: str) -> dict[tuple[str, int], int]:
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        offsets = admin.list_group_offsets(group)[group]
-    finally:
-        admin.close()
-    return {(tp.topic, tp.partition): meta.offset for tp, meta in offsets.items()}
 
 
 def cli_env(settings: Settings) -> dict[str, str]:

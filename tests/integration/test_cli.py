@@ -7,10 +7,8 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import orjson
@@ -19,25 +17,10 @@ import pytest
 from streamvi.io.admin import ensure_topics
 from streamvi.snapshots import SnapshotStore
 from tests.integration.conftest import committed_offsets, produce_values, read_topic
+from tests.integration.faultkit import ROOT, STREAMVI, cli_env
 from tests.integration.test_daemon import digits_records
 
 pytestmark = pytest.mark.integration
-
-STREAMVI = [sys.executable, "-m", "streamvi.cli.main"]
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def cli_env(settings) -> dict[str, str]:
-    """The settings as STREAMVI_* environment variables, as a container would pass them."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMVI_")}
-    for section, values in settings.public_dict().items():
-        for key, value in values.items():
-            if value is None:
-                continue
-            text = json.dumps(value) if isinstance(value, list | bool) else str(value)
-            env[f"STREAMVI_{section.upper()}__{key.upper()}"] = text
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    return env
 
 
 def test_run_stops_cleanly_on_sigterm_and_restart_replays_nothing(settings_factory):
