@@ -6,6 +6,11 @@ Input formats (``input.format``):
 - ``f32``: the raw little-endian float32 vector of ``input.dim`` values, followed by the
   ``input.context_dim`` context values when there is a context.
 A record that fails any check raises :class:`DecodeError` with a stable ``reason`` label.
+
+``RecordDecoder.decode_many`` decodes a whole fetch into one array: f32 with one ``frombuffer``
+over the joined values, JSON with simdjson straight into the row (no Python object per number).
+Any record the fast JSON path cannot take whole goes through the reference decoder (orjson), which
+also names the reason of every bad record, so both paths accept and reject the same records.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+import simdjson
 
 from streamvi.errors import StreamVIError
 from streamvi.io.base import Headers, OutputMessage, RawRecord
@@ -61,6 +67,20 @@ class DecodedRecord:
     record_id: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class DecodedBatch:
+    """A fetch decoded at once: row i of ``x``/``c`` holds record i unless ``errors[i]`` says why not."""
+
+    x: np.ndarray
+    c: np.ndarray
+    record_ids: list[str | None]
+    errors: list[DecodeError | None]
+
+
+class _NotFast(Exception):
+    """The fast JSON path cannot decode this record whole; the reference decoder decides."""
+
+
 class RecordDecoder:
     """Validates and decodes raw record values of one configured format and dimension."""
 
@@ -72,37 +92,119 @@ class RecordDecoder:
         self.context_dim = context_dim
         self.max_bytes = max_bytes
         self._no_context = np.zeros(0, dtype=np.float32)
+        self._parser = simdjson.Parser()
+        # Brackets in a document the fast path takes: the x array and, with a context, the c array.
+        self._brackets = 2 if context_dim else 1
 
     def decode(self, record: RawRecord) -> DecodedRecord:
-        value = record.value
-        if not value:
-            raise DecodeError("empty_value", "the record has no value")
-        if len(value) > self.max_bytes:
-            raise DecodeError(
-                "oversize", f"{len(value)} bytes exceeds input.max_record_bytes={self.max_bytes}"
-            )
-        if self.format == "f32":
-            x, c = self._decode_f32(value)
-            record_id = None
-        else:
-            x, c, record_id = self._decode_json(value)
-        if not (np.isfinite(x).all() and np.isfinite(c).all()):
-            raise DecodeError("non_finite", "the vector holds NaN or infinite values")
-        if record_id is None and record.key is not None:
-            record_id = record.key.decode("utf-8", errors="replace")
-        return DecodedRecord(x, c, record_id)
+        """Decode one record (raises DecodeError); the same checks as ``decode_many``."""
+        batch = self.decode_many([record])
+        error = batch.errors[0]
+        if error is not None:
+            raise error
+        return DecodedRecord(batch.x[0], batch.c[0], batch.record_ids[0])
 
-    def _decode_f32(self, value: bytes) -> tuple[np.ndarray, np.ndarray]:
+    def decode_many(self, records: Sequence[RawRecord]) -> DecodedBatch:
+        """Decode a fetch into one (n, dim) array; a bad record gets its DecodeError, not a row."""
+        n = len(records)
         width = self.dim + self.context_dim
-        if len(value) != 4 * width:
-            raise DecodeError(
+        errors: list[DecodeError | None] = [self._check_size(r.value) for r in records]
+        record_ids: list[str | None] = [None] * n
+        if self.format == "f32":
+            rows = self._decode_f32_rows(records, errors, width)
+        else:
+            rows = np.zeros((n, width), dtype=np.float32)
+            for i, record in enumerate(records):
+                if errors[i] is None:
+                    try:
+                        record_ids[i] = self._decode_json_into(record.value or b"", rows[i])
+                    except DecodeError as error:
+                        errors[i] = error
+        finite = np.isfinite(rows).all(axis=1)
+        for i, record in enumerate(records):
+            if errors[i] is not None:
+                continue
+            if not finite[i]:
+                errors[i] = DecodeError("non_finite", "the vector holds NaN or infinite values")
+            elif record_ids[i] is None and record.key is not None:
+                record_ids[i] = record.key.decode("utf-8", errors="replace")
+        return DecodedBatch(rows[:, : self.dim], rows[:, self.dim :], record_ids, errors)
+
+    def _check_size(self, value: bytes | None) -> DecodeError | None:
+        if not value:
+            return DecodeError("empty_value", "the record has no value")
+        if len(value) > self.max_bytes:
+            limit = f"input.max_record_bytes={self.max_bytes}"
+            return DecodeError("oversize", f"{len(value)} bytes exceeds {limit}")
+        if self.format == "f32" and len(value) != 4 * (self.dim + self.context_dim):
+            return DecodeError(
                 "wrong_length",
-                f"{len(value)} bytes, expected {4 * width} ({self.dim} + {self.context_dim} context float32)",
+                f"{len(value)} bytes, expected {4 * (self.dim + self.context_dim)} "
+                f"({self.dim} + {self.context_dim} context float32)",
             )
-        values = np.frombuffer(value, dtype="<f4")
-        return values[: self.dim], values[self.dim :]
+        return None
+
+    def _decode_f32_rows(
+        self, records: Sequence[RawRecord], errors: list[DecodeError | None], width: int
+    ) -> np.ndarray:
+        """One frombuffer over the joined values (one copy); rows of bad records stay zero."""
+        good = [i for i, error in enumerate(errors) if error is None]
+        joined = b"".join([records[i].value or b"" for i in good])
+        values = np.frombuffer(joined, dtype="<f4").reshape(len(good), width)
+        if len(good) == len(records):
+            return values.astype(np.float32, copy=False)
+        rows = np.zeros((len(records), width), dtype=np.float32)
+        rows[good] = values
+        return rows
+
+    def _decode_json_into(self, value: bytes, row: np.ndarray) -> str | None:
+        """Fill ``row`` (x then c) from a JSON document and return its id; raise DecodeError if bad."""
+        if value.count(b"[") == self._brackets:  # no nested or extra arrays: simdjson can take it
+            try:
+                return self._decode_json_fast(value, row)
+            except _NotFast:
+                pass
+        x, c, record_id = self._decode_json(value)
+        row[: self.dim] = x
+        row[self.dim :] = c
+        return record_id
+
+    def _decode_json_fast(self, value: bytes, row: np.ndarray) -> str | None:
+        """simdjson into ``row``, or _NotFast; every simdjson proxy is released before returning
+        (the parser refuses to parse again while one is alive)."""
+        document: Any = None
+        array: Any = None
+        arrays: list[simdjson.Array] = []
+        try:
+            try:
+                document = self._parser.parse(value)
+            except (ValueError, RuntimeError):
+                raise _NotFast from None
+            if not isinstance(document, simdjson.Object):
+                raise _NotFast
+            record_id = document.get("id")
+            if record_id is not None and not isinstance(record_id, str | int):
+                raise _NotFast
+            for field, length in (("x", self.dim), ("c", self.context_dim)):
+                if length:
+                    array = document.get(field)
+                    if not isinstance(array, simdjson.Array) or len(array) != length:
+                        raise _NotFast
+                    arrays.append(array)
+            with np.errstate(over="ignore"):  # beyond float32 range becomes inf: non_finite
+                try:
+                    row[: self.dim] = np.frombuffer(arrays[0].as_buffer(of_type="d"), dtype=np.float64)
+                    if self.context_dim:
+                        row[self.dim :] = np.frombuffer(arrays[1].as_buffer(of_type="d"), dtype=np.float64)
+                except (TypeError, ValueError):  # an element that is not a number
+                    raise _NotFast from None
+            return None if record_id is None else str(record_id)
+        finally:
+            arrays.clear()
+            document = array = None  # release the proxies
 
     def _decode_json(self, value: bytes) -> tuple[np.ndarray, np.ndarray, str | None]:
+        """The reference decoder: orjson and explicit checks, naming the reason of any bad record."""
         try:
             document = orjson.loads(value)
         except orjson.JSONDecodeError as exc:

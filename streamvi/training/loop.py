@@ -120,6 +120,15 @@ class ProcessingPolicy:
     retry_max_seconds: float = 10.0
 
 
+@dataclass(frozen=True)
+class _FinishedBatch:
+    """A trained batch waiting to be published: its records, their ids and the step's result."""
+
+    records: list[RawRecord]
+    record_ids: list[str | None]
+    result: StepResult
+
+
 @dataclass
 class LoopState:
     """What the loop has consumed: next offset per partition and the last step's summary."""
@@ -355,21 +364,22 @@ class OnlineLoop:
             self._note_replays(records)
         epoch = self._epoch
         offsets = self.state.next_offsets
-        for record in records:
+        decoded = self.decoder.decode_many(records)
+        for i, record in enumerate(records):
             if self._epoch != epoch:
                 return  # rewound: the rest of this fetch is stale and will be fetched again
             # The record counts as consumed once handed to the batcher or the dead-letter sink; a
             # checkpoint always drains the batcher first, so the offset never runs ahead of training.
             offsets[(record.topic, record.partition)] = record.offset + 1
-            try:
-                decoded = self.decoder.decode(record)
-            except DecodeError as error:
+            error = decoded.errors[i]
+            if error is not None:
                 self._dead_letter(record, error)
                 continue
+            x, c = decoded.x[i], decoded.c[i]
             heldout = self.evaluation is not None and self.evaluation.reservoir.selects(record)
             if heldout and self.evaluation is not None:
-                self.evaluation.reservoir.add(decoded.x, decoded.c)
-            self.batcher.add(record, decoded.x, decoded.record_id, decoded.c, train=not heldout)
+                self.evaluation.reservoir.add(x, c)
+            self.batcher.add(record, x, decoded.record_ids[i], c, train=not heldout)
             if self.batcher.full:
                 self._submit_batch()
                 if self._checkpoint_due():
@@ -411,38 +421,63 @@ class OnlineLoop:
     def _submit_batch(self) -> None:
         """Start the step for the open batch on the step thread and return at once.
 
-        At most one step is in flight: the previous one is finished (its latents and metrics
-        published) first. The next batch fills a second buffer while this one trains, so fetching,
-        decoding and publishing overlap with the step; the two buffers bound what is held in memory.
+        At most one step is in flight: the previous one is collected first, and its latents and
+        metrics are published only after the new step has started, so publishing overlaps training.
+        The next batch fills a second buffer meanwhile; the two buffers bound what is held in memory.
+        Work that touches the model (held-out evaluation, divergence recovery) never overlaps a step.
         """
-        self._finish_batch()
+        finished = self._collect_batch()
+        if finished is not None and self._needs_idle_model(finished.result):
+            self._publish(finished)
+            finished = None
         n = len(self.batcher)
-        if n == 0:
-            return
-        x, c, weights = self.batcher.padded()
-        batch, self.batcher = self.batcher, self._spare_batcher
-        self._spare_batcher = batch
-        self._inflight = (batch, self._step_thread().submit(self.trainer.train, x, n, c, weights))
+        if n > 0 and self._rewind_reason is None:
+            x, c, weights = self.batcher.padded()
+            batch, self.batcher = self.batcher, self._spare_batcher
+            self._spare_batcher = batch
+            self._inflight = (batch, self._step_thread().submit(self.trainer.train, x, n, c, weights))
+        if finished is not None:
+            self._publish(finished)
 
     def _finish_batch(self) -> None:
         """Wait for the step in flight, if any, and publish its latents and metrics."""
+        finished = self._collect_batch()
+        if finished is not None:
+            self._publish(finished)
+
+    def _collect_batch(self) -> _FinishedBatch | None:
+        """Wait for the step in flight and free its buffer; None if there was none or it was rewound."""
         if self._inflight is None:
-            return
+            return None
         batch, future = self._inflight
         self._inflight = None
         result = self._wait(future)
+        records, record_ids = batch.records, batch.record_ids
+        batch.clear()
         if self._rewind_reason is not None:
-            batch.clear()
             self._rewind(self._rewind_reason)
-            return
-        n = len(batch)
+            return None
         self._finished_step = result.step
+        return _FinishedBatch(records, record_ids, result)
+
+    def _needs_idle_model(self, result: StepResult) -> bool:
+        """Whether publishing ``result`` will evaluate or restore the model (not while a step runs)."""
+        if not result.trained:
+            return False
+        if not result.applied and self._nonfinite_run + 1 >= self.processing.max_nonfinite_in_a_row:
+            return True
+        return self.evaluation is not None and result.step % self.evaluation.every_steps == 0
+
+    def _publish(self, finished: _FinishedBatch) -> None:
+        """Send a finished batch's latents and step metrics, and account for its step."""
+        result = finished.result
+        n = len(finished.records)
         scores = result.scores
         self.sink.send_many(
             latent_messages(
                 self.topics.latents,
-                batch.records,
-                batch.record_ids,
+                finished.records,
+                finished.record_ids,
                 scores.z_loc,
                 scores.z_scale,
                 scores.bound,
@@ -450,9 +485,8 @@ class OnlineLoop:
                 self.trainer.estimator.bound_name,
             )
         )
-        for record in batch.records:
+        for record in finished.records:
             self._sent(record)
-        batch.clear()
         self.counts.latents_published += n
         if self.metrics is not None:
             self.metrics.latents_published.inc(n)

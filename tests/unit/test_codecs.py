@@ -191,3 +191,108 @@ def test_f32_carries_the_context_after_x():
     np.testing.assert_array_equal(decoded.x, x)
     np.testing.assert_array_equal(decoded.c, c)
     assert reason_of(decoder, encode_record(x, "a", "f32")) == "wrong_length"
+
+
+def reference(decoder: RecordDecoder, value: bytes) -> tuple[str, np.ndarray | None, str | None]:
+    """What the orjson reference decoder makes of a JSON value: (reason or "ok", x, id)."""
+    try:
+        x, _, record_id = decoder._decode_json(value)
+    except DecodeError as error:
+        return error.reason, None, None
+    if not np.isfinite(x).all():
+        return "non_finite", None, None
+    return "ok", x, record_id
+
+
+numbers = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+)
+elements = numbers | st.booleans() | st.none() | st.text(max_size=2) | st.lists(numbers, max_size=2)
+documents = st.fixed_dictionaries(
+    {},
+    optional={
+        "x": st.one_of(
+            st.lists(numbers, min_size=DIM - 1, max_size=DIM + 1),
+            st.lists(st.one_of(numbers, elements), min_size=DIM, max_size=DIM),
+            elements,
+        ),
+        "id": st.one_of(st.text(max_size=3), st.integers(-5, 5), st.booleans(), st.none(), st.floats(0, 1)),
+        "extra": elements,
+    },
+)
+
+
+@given(documents)
+def test_fast_json_path_agrees_with_the_reference_decoder(document):
+    decoder = RecordDecoder("json", DIM, 4096)
+    value = orjson.dumps(document)
+    expected_reason, expected_x, expected_id = reference(decoder, value)
+    batch = decoder.decode_many([record(value, key=None)])
+    error = batch.errors[0]
+    assert (error.reason if error is not None else "ok") == expected_reason
+    if expected_x is not None:
+        np.testing.assert_array_equal(batch.x[0], expected_x)
+        assert batch.record_ids[0] == expected_id
+
+
+def test_nested_arrays_are_wrong_type_even_when_they_flatten_to_the_right_length():
+    decoder = RecordDecoder("json", DIM, 4096)
+    assert reason_of(decoder, b'{"x": [[1], 2, 3, 4]}') == "wrong_type"
+    assert reason_of(decoder, b'{"x": [[1, 2], [3, 4]]}') == "wrong_type"
+    assert reason_of(decoder, b'{"x": [[1], [2], [3], [4]]}') == "wrong_type"
+
+
+def test_decode_many_keeps_good_rows_around_bad_records():
+    for fmt in ("json", "f32"):
+        decoder = RecordDecoder(fmt, DIM, 4096)
+        rows = np.arange(3 * DIM, dtype=np.float32).reshape(3, DIM)
+        values = [
+            encode_record(rows[0], "a", fmt),
+            b"{bad" if fmt == "json" else b"\x00" * 3,
+            encode_record(rows[1], "b", fmt),
+            encode_record(np.full(DIM, np.nan, np.float32), "c", fmt)
+            if fmt == "f32"
+            else b'{"x": [1e39,0,0,0]}',
+            encode_record(rows[2], "d", fmt),
+        ]
+        batch = decoder.decode_many([record(v, key=f"k{i}".encode()) for i, v in enumerate(values)])
+        assert [e.reason if e is not None else None for e in batch.errors] == [
+            None,
+            "invalid_json" if fmt == "json" else "wrong_length",
+            None,
+            "non_finite",
+            None,
+        ]
+        np.testing.assert_array_equal(batch.x[[0, 2, 4]], rows)
+        expected_ids = ["a", "b", "d"] if fmt == "json" else ["k0", "k2", "k4"]
+        assert [batch.record_ids[i] for i in (0, 2, 4)] == expected_ids
+
+
+def test_the_parser_is_reusable_after_every_kind_of_bad_document():
+    decoder = RecordDecoder("json", DIM, 4096)
+    good = b'{"id": "g", "x": [1, 2, 3, 4]}'
+    bad = [
+        b'{"x": [1, null, 3, 4]}',
+        b'{"x": {"a": 1}}',
+        b'{"x": [1, 2, 3, 4], "id": [1]}',
+        b"[1, 2, 3, 4]",
+        b"{",
+    ]
+    for value in bad:
+        with pytest.raises(DecodeError):
+            decoder.decode(record(value))
+        assert decoder.decode(record(good)).record_id == "g"
+
+
+def test_valid_documents_take_the_fast_path(monkeypatch):
+    decoder = RecordDecoder("json", DIM, 4096, context_dim=1)
+
+    def refuse(value: bytes) -> None:
+        raise AssertionError(f"the reference decoder was called for {value!r}")
+
+    monkeypatch.setattr(decoder, "_decode_json", refuse)
+    decoded = decoder.decode(record(b'{"x": [1, 2.5, -3, 4e2], "c": [7], "id": 12}'))
+    np.testing.assert_array_equal(decoded.x, np.array([1, 2.5, -3, 400], np.float32))
+    np.testing.assert_array_equal(decoded.c, np.array([7], np.float32))
+    assert decoded.record_id == "12"
