@@ -62,6 +62,11 @@ class KafkaSettings(_Section):
     max_poll_interval_ms: int = Field(300_000, ge=1_000)
     max_poll_records: int = Field(1_000, ge=1)
     fetch_max_bytes: int = Field(52_428_800, ge=1_024)
+    #: Per-partition bytes per fetch (kafka-python's default of 1 MiB holds only ~300 MNIST-sized records).
+    max_partition_fetch_bytes: int = Field(8_388_608, ge=1_024)
+    #: How long the broker may hold a fetch waiting for data; bounds input latency on brokers that do
+    #: not answer a waiting fetch as soon as data arrives.
+    fetch_max_wait_ms: int = Field(20, ge=0, le=10_000)
     request_timeout_ms: int = Field(30_000, ge=1_000)
     producer_linger_ms: int = Field(5, ge=0)
     producer_batch_bytes: int = Field(262_144, ge=1_024)

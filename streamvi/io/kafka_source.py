@@ -51,6 +51,8 @@ class KafkaRecordSource(RecordSource):
             max_poll_interval_ms=settings.max_poll_interval_ms,
             max_poll_records=settings.max_poll_records,
             fetch_max_bytes=settings.fetch_max_bytes,
+            max_partition_fetch_bytes=settings.max_partition_fetch_bytes,
+            fetch_max_wait_ms=settings.fetch_max_wait_ms,
             isolation_level=isolation_level,
         )
         self._consumer.subscribe([settings.input_topic], listener=_Listener(self))
