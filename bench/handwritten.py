@@ -20,6 +20,9 @@ from streamvi.config import Settings
 from streamvi.estimators import SGVBAnalyticKL
 from streamvi.model import VAE, build_vae
 
+#: Records per poll, and so per training step.
+BASELINE_BATCH = 100
+
 
 def run_handwritten(settings: Settings, count: int, group: str) -> tuple[float, VAE]:
     """Consume ``count`` records of ``kafka.input_topic``; return records/s and the trained model."""
@@ -51,7 +54,7 @@ def run_handwritten(settings: Settings, count: int, group: str) -> tuple[float, 
     started = None
     number = 0
     while seen < count:
-        polled = consumer.poll(timeout_ms=500, max_records=min(100, count - seen))
+        polled = consumer.poll(timeout_ms=500, max_records=min(BASELINE_BATCH, count - seen))
         messages = [m for batch in polled.values() for m in batch]
         if not messages:
             continue

@@ -1,15 +1,22 @@
-"""Throughput of the daemon against its unavoidable parts, in one run, on the embedded broker.
+"""Every throughput figure of the daemon in one JSON object, for the config in ``--config``.
 
-Prints one JSON object with, for the same payload and model:
-- ``end_to_end``: records/s of the daemon (``streamvi run`` in-process: decode, train, publish
+For each input format (json and f32, each on its own embedded broker):
+- ``end_to_end_records_per_s``: the daemon in-process (``streamvi run``: decode, train, publish
   latents and metrics, snapshot, commit), timed from the end of the first training step (so the
-  group join and the XLA compile are excluded; both are reported separately) to the final commit;
-- ``consume_decode``: records/s of a bare kafka-python consumer reading the same topic and
-  decoding every record with the daemon's decoder;
-- ``train_step``: records/s of the isolated training step on a resident batch;
-- ``ratio_to_slowest_part``: end_to_end / min(consume_decode, train_step).
+  group join and the XLA compile are excluded; both are reported under ``startup``) to the final
+  commit, with where its CPU went (``cpu``: the loop thread, the training step, the Kafka clients'
+  threads, the broker, and the cores used in all);
+- ``consume_decode_records_per_s``: a bare kafka-python consumer reading the same topic with the
+  daemon's consumer settings, decoding every fetch with the daemon's decoder;
+- ``train_step_records_per_s``: the compiled training step alone on a resident batch;
+- ``ratio_to_slowest_part``: end to end / min(consume+decode, step).
+Then, on JSON input: bench/handwritten.py's loop on the same records (rate, and held-out ELBO of
+both models after the same records); ``latency`` (bench/latency.py: p99 append-to-latent at a low
+rate against the batch latency bound plus two step times); ``memory`` (bench/memory.py: daemon RSS
+at ``--memory-early`` and ``--memory-total`` records, f32 input).
 
-Usage: python bench/throughput.py [--records N] [--format json|f32] [--dim D] [--config FILE]
+Usage: python bench/throughput.py [--records N] [--format json|f32|both] [--config FILE]
+       [--set SECTION.KEY=VALUE ...] [--no-baseline] [--no-latency] [--memory-total N | 0]
 """
 
 from __future__ import annotations
@@ -22,16 +29,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 import tensorflow as tf
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from streamvi.config import Settings, load_settings
-from streamvi.datasets import encode_record
 from streamvi.estimators import SGVBAnalyticKL
 from streamvi.io.admin import ensure_topics
 from streamvi.io.base import RawRecord
@@ -42,61 +49,42 @@ from streamvi.runtime import build_daemon, build_trainer, versions
 from streamvi.training import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from handwritten import run_handwritten
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def payload(n_distinct: int, dim: int, seed: int = 0) -> np.ndarray:
-    """MNIST-like binary images: thresholded smooth random fields, ~20% of pixels on."""
-    rng = np.random.default_rng(seed)
-    side = int(np.sqrt(dim))
-    if side * side != dim:
-        return (rng.random((n_distinct, dim)) < 0.2).astype(np.float32)
-    coarse = rng.normal(size=(n_distinct, 7, 7))
-    fine = np.kron(coarse, np.ones((side // 7 + 1, side // 7 + 1)))[:, :side, :side]
-    return (fine > 0.85).reshape(n_distinct, dim).astype(np.float32)
+from common import ROOT, CpuSplit, payload, produce
+from handwritten import BASELINE_BATCH, run_handwritten
+from latency import measure_latency
+from memory import measure_memory
 
 
-def produce(settings: Settings, x: np.ndarray, count: int, fmt: str) -> int:
-    producer = KafkaProducer(
-        bootstrap_servers=settings.kafka.bootstrap_servers, acks=1, linger_ms=20, batch_size=1_048_576
+def consume_decode_rate(settings: Settings, count: int) -> dict[str, float]:
+    """A bare consumer with the daemon's fetch settings, decoding each fetch like the daemon does."""
+    kafka = settings.kafka
+    decoder = RecordDecoder(
+        settings.input.format, settings.input.dim, settings.input.max_record_bytes, settings.input.context_dim
     )
-    size = 0
-    encoded = [encode_record(x[i], f"r{i}", fmt) for i in range(len(x))]
-    for i in range(count):
-        value = encoded[i % len(encoded)]
-        size = len(value)
-        producer.send(settings.kafka.input_topic, key=f"r{i}".encode(), value=value)
-    producer.flush()
-    producer.close()
-    return size
-
-
-def consume_decode_rate(settings: Settings, count: int) -> float:
-    decoder = RecordDecoder(settings.input.format, settings.input.dim, settings.input.max_record_bytes)
     consumer = KafkaConsumer(
-        bootstrap_servers=settings.kafka.bootstrap_servers,
+        **kafka.client_options(),
         enable_auto_commit=False,
-        max_poll_records=settings.kafka.max_poll_records,
-        fetch_max_bytes=settings.kafka.fetch_max_bytes,
+        max_poll_records=kafka.max_poll_records,
+        fetch_max_bytes=kafka.fetch_max_bytes,
+        max_partition_fetch_bytes=kafka.max_partition_fetch_bytes,
+        fetch_max_wait_ms=kafka.fetch_max_wait_ms,
     )
-    tp = TopicPartition(settings.kafka.input_topic, 0)
+    tp = TopicPartition(kafka.input_topic, 0)
     consumer.assign([tp])
     consumer.seek_to_beginning(tp)
     seen = 0
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     while seen < count:
-        for messages in consumer.poll(timeout_ms=500, max_records=settings.kafka.max_poll_records).values():
-            for m in messages:
-                decoder.decode(RawRecord(m.topic, m.partition, m.offset, m.key, m.value))
+        for messages in consumer.poll(timeout_ms=500, max_records=kafka.max_poll_records).values():
+            decoder.decode_many([RawRecord(m.topic, m.partition, m.offset, m.key, m.value) for m in messages])
             seen += len(messages)
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     consumer.close()
-    return seen / elapsed
+    return {"records_per_s": seen / elapsed, "cores_used": cpu / elapsed}
 
 
 def train_step_rate(settings: Settings, x: np.ndarray, seconds: float = 5.0) -> dict[str, float]:
+    """The compiled step alone, on one resident batch (the first call, with the compile, is timed apart)."""
     trainer = build_trainer(settings)
     batch = settings.training.batch_size
     buffer = np.ascontiguousarray(np.resize(x, (batch, x.shape[1])), dtype=np.float32)
@@ -104,19 +92,26 @@ def train_step_rate(settings: Settings, x: np.ndarray, seconds: float = 5.0) -> 
     trainer.train(buffer, batch)
     compile_seconds = time.perf_counter() - started
     steps = 0
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     while time.perf_counter() - started < seconds:
         trainer.train(buffer, batch)
         steps += 1
-    elapsed = time.perf_counter() - started
-    return {"records_per_s": steps * batch / elapsed, "compile_seconds": compile_seconds, "steps": steps}
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    return {
+        "records_per_s": steps * batch / elapsed,
+        "compile_seconds": compile_seconds,
+        "steps": steps,
+        "cores_used": cpu / elapsed,
+    }
 
 
-def end_to_end(settings: Settings, count: int) -> tuple[dict[str, float], Trainer]:
+def end_to_end(settings: Settings, count: int, broker_pid: int) -> tuple[dict[str, Any], Trainer]:
+    """The daemon on ``count`` records, timed (and its CPU split) from the end of its first step."""
     started = time.perf_counter()
     daemon = build_daemon(settings, CollectorRegistry())
     built = time.perf_counter()
     trainer = daemon.loop.trainer
+    cpu = CpuSplit(broker_pid)  # made here: this thread runs the loop
     first: dict[str, float] = {}
     original_train = trainer.train
 
@@ -126,14 +121,17 @@ def end_to_end(settings: Settings, count: int) -> tuple[dict[str, float], Traine
             first["end"] = time.perf_counter()
             first["records"] = result.scores.size
             first["step_seconds"] = result.duration_seconds
+            cpu.start()
         return result
 
     trainer.train = timed_train  # type: ignore[method-assign]
     counts = daemon.run(max_records=count)
     finished = time.perf_counter()
     assert counts.records_consumed == count == counts.latents_published, counts
+    measured = count - first["records"]
     figures = {
-        "records_per_s": (count - first["records"]) / (finished - first["end"]),
+        "records_per_s": measured / (finished - first["end"]),
+        "cpu": cpu.stop(finished - first["end"], int(measured)),
         "startup_seconds": built - started,
         "to_first_trained_batch_seconds": first["end"] - started,
         "first_step_seconds_incl_compile": first["step_seconds"],
@@ -157,12 +155,88 @@ def heldout_elbo(model: VAE, x: np.ndarray, repeats: int = 5) -> float:
     return float(np.mean(values))
 
 
+def bench_settings(
+    args: argparse.Namespace, broker: EmbeddedBroker, workdir: Path, fmt: str, *extra: str
+) -> Settings:
+    settings = load_settings(
+        args.config,
+        [
+            f"kafka.bootstrap_servers={broker.bootstrap_servers}",
+            f"input.format={fmt}",
+            f"input.dim={args.dim}",
+            f"snapshots.dir={workdir / 'snapshots'}",
+            *args.set,
+            *extra,
+        ],
+    )
+    ensure_topics(settings.kafka)
+    return settings
+
+
+def measure_format(args: argparse.Namespace, fmt: str) -> dict[str, Any]:
+    """Throughput figures for one input format on a broker of its own (plus the baseline for json)."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"streamvi-bench-{fmt}-"))
+    with EmbeddedBroker(log_file=workdir / "broker.log") as broker:
+        settings = bench_settings(args, broker, workdir, fmt)
+        x = payload(1000, args.dim)
+        record_bytes = produce(settings, x, args.records, fmt)
+        consume = consume_decode_rate(settings, args.records)
+        step = train_step_rate(settings, x)
+        e2e, daemon_trainer = end_to_end(settings, args.records, broker.pid)
+        slowest = min(consume["records_per_s"], step["records_per_s"])
+        figures: dict[str, Any] = {
+            "record_bytes": record_bytes,
+            "end_to_end_records_per_s": round(e2e["records_per_s"], 1),
+            "consume_decode_records_per_s": round(consume["records_per_s"], 1),
+            "train_step_records_per_s": round(step["records_per_s"], 1),
+            "ratio_to_slowest_part": round(e2e["records_per_s"] / slowest, 3),
+            "cpu": {
+                "end_to_end": e2e["cpu"],
+                "consume_decode_cores_used": round(consume["cores_used"], 2),
+                "train_step_cores_used": round(step["cores_used"], 2),
+            },
+            "startup": {
+                "to_first_trained_batch_seconds": round(e2e["to_first_trained_batch_seconds"], 2),
+                "first_step_seconds_incl_compile": round(e2e["first_step_seconds_incl_compile"], 2),
+                "build_daemon_seconds": round(e2e["startup_seconds"], 2),
+                "isolated_compile_seconds": round(step["compile_seconds"], 2),
+            },
+        }
+        if fmt == "json" and args.baseline:
+            # The baseline steps on polls of BASELINE_BATCH records; the daemon is compared at its own
+            # batch size and, for sample efficiency, at the baseline's (same number of updates).
+            same_batch = bench_settings(
+                args,
+                broker,
+                workdir,
+                fmt,
+                f"training.batch_size={BASELINE_BATCH}",
+                "kafka.group_id=bench-same-batch",
+                f"snapshots.dir={workdir / 'snapshots-same-batch'}",
+            )
+            e2e_same, same_trainer = end_to_end(same_batch, args.records, broker.pid)
+            baseline_rate, baseline_model = run_handwritten(settings, args.records, group="bench-handwritten")
+            held = payload(500, args.dim, seed=1)  # same distribution, records neither run has seen
+            figures["handwritten"] = {
+                "records_per_s": round(baseline_rate, 1),
+                "speedup_of_daemon": round(e2e["records_per_s"] / baseline_rate, 2),
+                "heldout_elbo_handwritten": round(heldout_elbo(baseline_model, held), 3),
+                "heldout_elbo_daemon": round(heldout_elbo(daemon_trainer.model, held), 3),
+                f"daemon_at_batch_{BASELINE_BATCH}": {
+                    "records_per_s": round(e2e_same["records_per_s"], 1),
+                    "speedup": round(e2e_same["records_per_s"] / baseline_rate, 2),
+                    "heldout_elbo": round(heldout_elbo(same_trainer.model, held), 3),
+                },
+            }
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--records", type=int, default=30_000)
-    parser.add_argument("--format", choices=["json", "f32"], default="json")
+    parser.add_argument("--format", choices=["json", "f32", "both"], default="both")
     parser.add_argument("--dim", type=int, default=784)
     parser.add_argument("--config", default=str(ROOT / "bench" / "bench.yaml"))
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -170,64 +244,41 @@ def main() -> None:
         "--baseline",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="json only: also run bench/handwritten.py's loop on the same records and compare",
+        help="json: also run bench/handwritten.py's loop on the same records and compare",
     )
+    parser.add_argument("--latency", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--latency-rate", type=float, default=50.0)
+    parser.add_argument("--latency-records", type=int, default=1000)
+    parser.add_argument("--memory-total", type=int, default=1_000_000, help="0 skips the memory run")
+    parser.add_argument("--memory-early", type=int, default=100_000)
     args = parser.parse_args()
 
-    workdir = Path(tempfile.mkdtemp(prefix="streamvi-bench-"))
-    with EmbeddedBroker(log_file=workdir / "broker.log") as broker:
-        settings = load_settings(
-            args.config,
-            [
-                f"kafka.bootstrap_servers={broker.bootstrap_servers}",
-                f"input.format={args.format}",
-                f"input.dim={args.dim}",
-                f"snapshots.dir={workdir / 'snapshots'}",
-                *args.set,
-            ],
-        )
-        ensure_topics(settings.kafka)
-        x = payload(1000, args.dim)
-        record_bytes = produce(settings, x, args.records, args.format)
-        consume = consume_decode_rate(settings, args.records)
-        step = train_step_rate(settings, x)
-        e2e, daemon_trainer = end_to_end(settings, args.records)
-        baseline = None
-        if args.format == "json" and args.baseline:
-            baseline_rate, baseline_model = run_handwritten(settings, args.records, group="bench-handwritten")
-            held = payload(500, args.dim, seed=1)  # same distribution, records neither run has seen
-            baseline = {
-                "handwritten_records_per_s": round(baseline_rate, 1),
-                "speedup_over_handwritten": round(e2e["records_per_s"] / baseline_rate, 2),
-                "heldout_elbo_daemon": round(heldout_elbo(daemon_trainer.model, held), 3),
-                "heldout_elbo_handwritten": round(heldout_elbo(baseline_model, held), 3),
-            }
-    slowest = min(consume, step["records_per_s"])
-    print(
-        json.dumps(
-            {
-                "benchmark": "throughput",
-                "records": args.records,
-                "format": args.format,
-                "record_bytes": record_bytes,
-                "model": "-".join(
-                    map(str, [args.dim, *settings.model.encoder_hidden, settings.model.latent_dim])
-                ),
-                "batch_size": settings.training.batch_size,
-                "end_to_end_records_per_s": round(e2e["records_per_s"], 1),
-                "consume_decode_records_per_s": round(consume, 1),
-                "train_step_records_per_s": round(step["records_per_s"], 1),
-                "ratio_to_slowest_part": round(e2e["records_per_s"] / slowest, 3),
-                **(baseline or {}),
-                "startup_seconds": round(e2e["startup_seconds"], 2),
-                "to_first_trained_batch_seconds": round(e2e["to_first_trained_batch_seconds"], 2),
-                "first_step_seconds_incl_compile": round(e2e["first_step_seconds_incl_compile"], 2),
-                "isolated_compile_seconds": round(step["compile_seconds"], 2),
-                "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), **versions()},
-            },
-            indent=2,
-        )
+    formats = ["json", "f32"] if args.format == "both" else [args.format]
+    results: dict[str, Any] = {
+        "benchmark": "throughput",
+        "config": os.path.relpath(Path(args.config).resolve(), ROOT),
+        "overrides": args.set,
+        "records": args.records,
+    }
+    results["formats"] = {fmt: measure_format(args, fmt) for fmt in formats}
+    if args.latency:
+        workdir = Path(tempfile.mkdtemp(prefix="streamvi-bench-latency-"))
+        with EmbeddedBroker(log_file=workdir / "broker.log") as broker:
+            settings = bench_settings(args, broker, workdir, formats[0])
+            results["latency"] = measure_latency(settings, args.latency_rate, args.latency_records)
+    if args.memory_total:
+        workdir = Path(tempfile.mkdtemp(prefix="streamvi-bench-memory-"))
+        with EmbeddedBroker(log_file=workdir / "broker.log") as broker:
+            settings = bench_settings(args, broker, workdir, "f32")
+            results["memory"] = measure_memory(
+                settings, args.memory_total, args.memory_early, workdir=workdir
+            )
+    results["model"] = "-".join(
+        map(str, [args.dim, *settings.model.encoder_hidden, settings.model.latent_dim])
     )
+    results["batch_size"] = settings.training.batch_size
+    results["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), **versions()}
+    print(json.dumps(results, indent=2))
     sys.stdout.flush()
 
 
