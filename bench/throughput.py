@@ -273,10 +273,11 @@ def main() -> None:
             results["memory"] = measure_memory(
                 settings, args.memory_total, args.memory_early, workdir=workdir
             )
+    model_settings = load_settings(args.config, list(args.set))
     results["model"] = "-".join(
-        map(str, [args.dim, *settings.model.encoder_hidden, settings.model.latent_dim])
+        map(str, [args.dim, *model_settings.model.encoder_hidden, model_settings.model.latent_dim])
     )
-    results["batch_size"] = settings.training.batch_size
+    results["batch_size"] = model_settings.training.batch_size
     results["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), **versions()}
     print(json.dumps(results, indent=2))
     sys.stdout.flush()

@@ -193,6 +193,9 @@ class TrainingSettings(_Section):
     baseline_hidden: int = Field(64, ge=1)
     batch_size: int = Field(128, ge=1)
     max_batch_latency_ms: int = Field(250, ge=1)
+    #: Micro-batches that may wait for or run in the training step while the next one fills; the
+    #: bounded queue between fetching/decoding and training (each holds batch_size x dim float32).
+    pipeline_depth: int = Field(3, ge=1, le=64)
     optimizer: Literal["adam", "adamw", "rmsprop", "sgd"] = "adam"
     learning_rate: float = Field(1e-3, gt=0.0)
     clip_grad_norm: float | None = Field(10.0, gt=0.0)

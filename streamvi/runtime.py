@@ -197,6 +197,7 @@ def build_daemon(settings: Settings, registry: CollectorRegistry | None = None) 
             ),
             policy=CheckpointPolicy(settings.snapshots.every_steps, settings.snapshots.every_seconds),
             max_batch_latency_seconds=settings.training.max_batch_latency_ms / 1000.0,
+            pipeline_depth=settings.training.pipeline_depth,
             metrics=metrics,
             health=health,
             snapshot_meta=snapshot_meta(settings),

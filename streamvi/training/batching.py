@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -33,6 +34,11 @@ class MicroBatcher:
     def full(self) -> bool:
         return len(self.records) >= self.batch_size
 
+    @property
+    def room(self) -> int:
+        """Rows still free in the open batch."""
+        return self.batch_size - len(self.records)
+
     def add(
         self,
         record: RawRecord,
@@ -54,6 +60,31 @@ class MicroBatcher:
         self.weights[index] = 1.0 if train else 0.0
         self.records.append(record)
         self.record_ids.append(record_id)
+
+    def add_rows(
+        self,
+        records: Sequence[RawRecord],
+        x: np.ndarray,
+        record_ids: Sequence[str | None],
+        c: np.ndarray,
+        train: np.ndarray,
+        now: float | None = None,
+    ) -> None:
+        """Place a block of rows with one array copy each (x, c, weights); at most ``room`` rows."""
+        count = len(records)
+        if count == 0:
+            return
+        if count > self.room:
+            raise RuntimeError(f"micro-batch has room for {self.room} rows, not {count}")
+        index = len(self.records)
+        if index == 0:
+            self.opened_at = time.monotonic() if now is None else now
+        self.x[index : index + count] = x
+        if c.size:
+            self.c[index : index + count] = c
+        self.weights[index : index + count] = train
+        self.records.extend(records)
+        self.record_ids.extend(record_ids)
 
     def time_left(self, now: float | None = None) -> float | None:
         """Seconds until the open batch must close; None when it is empty."""

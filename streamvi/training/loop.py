@@ -31,6 +31,7 @@ consumer sees each input's outputs once while the model is trained on each input
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import logging
 import shutil
@@ -121,12 +122,13 @@ class ProcessingPolicy:
 
 
 @dataclass(frozen=True)
-class _FinishedBatch:
-    """A trained batch waiting to be published: its records, their ids and the step's result."""
+class _InFlight:
+    """A submitted micro-batch: its buffer, its step on the step thread and, when one is due right
+    after that step, the held-out evaluation queued behind it on the same thread."""
 
-    records: list[RawRecord]
-    record_ids: list[str | None]
-    result: StepResult
+    batch: MicroBatcher
+    step: concurrent.futures.Future[StepResult]
+    heldout: concurrent.futures.Future[dict[str, Any] | None] | None = None
 
 
 @dataclass
@@ -159,7 +161,10 @@ class OnlineLoop:
         lag_interval_seconds: float = 5.0,
         evaluation: EvaluationPolicy | None = None,
         processing: ProcessingPolicy | None = None,
+        pipeline_depth: int = 2,
     ) -> None:
+        if pipeline_depth < 1:
+            raise ValueError("pipeline_depth must be at least 1")
         self.source = source
         self.sink = sink
         self.decoder = decoder
@@ -173,9 +178,17 @@ class OnlineLoop:
         self.max_poll_records = max_poll_records
         self.lag_interval_seconds = lag_interval_seconds
         self.evaluation = evaluation
-        self.batcher = MicroBatcher(
-            trainer.batch_size, decoder.dim, max_batch_latency_seconds, context_dim=decoder.context_dim
-        )
+        self.pipeline_depth = pipeline_depth
+        # Preallocated batch buffers: one filling, up to ``pipeline_depth`` queued for or in the step.
+        self._free_batchers = [
+            MicroBatcher(
+                trainer.batch_size, decoder.dim, max_batch_latency_seconds, context_dim=decoder.context_dim
+            )
+            for _ in range(pipeline_depth + 1)
+        ]
+        self.batcher = self._free_batchers.pop()
+        self._pipeline: collections.deque[_InFlight] = collections.deque()
+        self._submitted_step = trainer.step  # the step counter once every submitted step has run
         self.checkpoint = tf.train.Checkpoint(**trainer.checkpoint_objects())
         self.counts = LoopCounts()
         self.state = LoopState()
@@ -196,11 +209,6 @@ class OnlineLoop:
         self._busy = False
         self._in_rebalance = False
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        # Double buffering: one batch may train on the step thread while the next one fills.
-        self._spare_batcher = MicroBatcher(
-            trainer.batch_size, decoder.dim, max_batch_latency_seconds, context_dim=decoder.context_dim
-        )
-        self._inflight: tuple[MicroBatcher, concurrent.futures.Future[StepResult]] | None = None
         self._progress: dict[Partition, int] = {}  # at-least-once: offsets whose outputs were sent
         self._replay_until: dict[Partition, int] = {}
         self._initial_state: Path | None = None
@@ -215,7 +223,7 @@ class OnlineLoop:
             log.info("restored snapshot %s at step %d, offsets %s", info.path.name, info.step, info.offsets)
         if not self.processing.exactly_once:
             self._count_replays(info)
-        self._finished_step = self._last_checkpoint_step = self.trainer.step
+        self._finished_step = self._last_checkpoint_step = self._submitted_step = self.trainer.step
         self._last_checkpoint_offsets = dict(self.state.next_offsets)
         self._trusted = info
         if info is None:
@@ -319,11 +327,10 @@ class OnlineLoop:
         while not stop.is_set():
             if max_records is not None and consumed_here >= max_records:
                 break
-            if self._inflight is not None and self._inflight[1].done():
-                self._finish_batch()  # publish as soon as the step is done, even if input is idle
+            self._publish_finished()  # as soon as steps are done, even if input is idle
             wait = self.batcher.time_left()
             timeout = 0.2 if wait is None else min(0.2, wait)
-            if self._inflight is not None:
+            if self._pipeline:
                 timeout = min(timeout, 0.005)
             budget = self.max_poll_records
             if max_records is not None:
@@ -337,9 +344,9 @@ class OnlineLoop:
             elif idle_timeout_seconds is not None and now - last_record_time >= idle_timeout_seconds:
                 log.info("no input for %.1fs; stopping", idle_timeout_seconds)
                 break
-            # A partial batch past its latency bound goes as soon as the step thread is free; while
-            # a step is in flight it keeps filling, since it could not start any sooner.
-            if self.batcher.due() and self._inflight is None:
+            # A partial batch past its latency bound goes as soon as the step thread is idle; while
+            # steps are queued it keeps filling, since it could not start any sooner.
+            if self.batcher.due() and not self._pipeline:
                 self._submit_batch()
             if self._checkpoint_due():
                 self.run_checkpoint(reason="interval")
@@ -357,29 +364,53 @@ class OnlineLoop:
         return self.counts
 
     def _handle(self, records: list[RawRecord]) -> None:
+        """Decode a fetch at once and move it into micro-batches, a block of rows at a time.
+
+        A record counts as consumed once it is in a micro-batch or on its way to the dead-letter
+        topic; a checkpoint always drains the batches first, so the offset never runs ahead of training.
+        """
         if self.metrics is not None:
             self.metrics.records_consumed.inc(len(records))
         self.counts.records_consumed += len(records)
         if self._replay_until:
             self._note_replays(records)
         epoch = self._epoch
-        offsets = self.state.next_offsets
         decoded = self.decoder.decode_many(records)
-        for i, record in enumerate(records):
+        errors = decoded.errors
+        train = np.ones(len(records), dtype=np.float32)
+        if self.evaluation is not None:
+            reservoir = self.evaluation.reservoir
+            for i, record in enumerate(records):
+                if errors[i] is None and reservoir.selects(record):
+                    train[i] = 0.0
+                    reservoir.add(decoded.x[i], decoded.c[i])
+        start, n = 0, len(records)
+        while start < n:
             if self._epoch != epoch:
                 return  # rewound: the rest of this fetch is stale and will be fetched again
-            # The record counts as consumed once handed to the batcher or the dead-letter sink; a
-            # checkpoint always drains the batcher first, so the offset never runs ahead of training.
-            offsets[(record.topic, record.partition)] = record.offset + 1
-            error = decoded.errors[i]
-            if error is not None:
-                self._dead_letter(record, error)
-                continue
-            x, c = decoded.x[i], decoded.c[i]
-            heldout = self.evaluation is not None and self.evaluation.reservoir.selects(record)
-            if heldout and self.evaluation is not None:
-                self.evaluation.reservoir.add(x, c)
-            self.batcher.add(record, x, decoded.record_ids[i], c, train=not heldout)
+            # The next block: as many records as fill the open batch with valid rows.
+            good: list[int] = []
+            room = self.batcher.room
+            end = start
+            while end < n and len(good) < room:
+                if errors[end] is None:
+                    good.append(end)
+                end += 1
+            for i in range(start, end):
+                error = errors[i]
+                if error is not None:
+                    self._dead_letter(records[i], error)
+            self._advance(records[start:end])
+            if len(good) == end - start:
+                rows: slice | list[int] = slice(start, end)
+                block = records[start:end]
+                ids = decoded.record_ids[start:end]
+            else:
+                rows = good
+                block = [records[i] for i in good]
+                ids = [decoded.record_ids[i] for i in good]
+            self.batcher.add_rows(block, decoded.x[rows], ids, decoded.c[rows], train[rows])
+            start = end
             if self.batcher.full:
                 self._submit_batch()
                 if self._checkpoint_due():
@@ -387,11 +418,17 @@ class OnlineLoop:
         if not self.processing.exactly_once and self._epoch == epoch:
             self.store.write_progress(self._progress)
 
-    def _sent(self, record: RawRecord) -> None:
-        """At-least-once bookkeeping: ``record``'s output is on its way (it may be published)."""
-        partition = (record.topic, record.partition)
-        if record.offset >= self._progress.get(partition, 0):
-            self._progress[partition] = record.offset + 1
+    def _advance(self, records: Sequence[RawRecord]) -> None:
+        """Move the next offsets past ``records`` (a fetch is in offset order per partition)."""
+        self.state.next_offsets.update({(r.topic, r.partition): r.offset + 1 for r in records})
+
+    def _sent(self, records: Sequence[RawRecord]) -> None:
+        """At-least-once bookkeeping: the outputs of ``records`` are on their way (may be published)."""
+        progress = self._progress
+        for record in records:
+            partition = (record.topic, record.partition)
+            if record.offset >= progress.get(partition, 0):
+                progress[partition] = record.offset + 1
 
     def _note_replays(self, records: list[RawRecord]) -> None:
         replayed = 0
@@ -408,76 +445,103 @@ class OnlineLoop:
     def _dead_letter(self, record: RawRecord, error: DecodeError) -> None:
         log.debug("dead letter %s:%d@%d: %s", record.topic, record.partition, record.offset, error)
         self.sink.send(dead_letter_message(record, self.topics.dead_letter, error))
-        self._sent(record)
+        self._sent((record,))
         self.counts.dead_letters += 1
         if self.metrics is not None:
             self.metrics.dead_letters.labels(reason=error.reason).inc()
 
+    # -- the step pipeline -------------------------------------------------------------------------
+    # The loop's thread fetches, decodes, assembles micro-batches and publishes; one step thread
+    # trains. Between them, up to ``pipeline_depth`` submitted batches wait for or run in the step
+    # (a bounded queue: the executor's). When it is full, the loop waits for the oldest step and
+    # stops fetching, so the client's own bounded prefetch fills and the broker holds the rest; if
+    # the wait outlasts ``keepalive_seconds``, partitions are paused and the consumer polled so it
+    # stays in its group. Outputs are published in submission order, as each step finishes.
+
     def _train_batch(self) -> None:
-        """Train the open batch and finish it before returning (checkpoints drain this way)."""
+        """Train the open batch and publish every submitted step before returning (checkpoints
+        drain this way)."""
         self._submit_batch()
-        self._finish_batch()
+        self._drain()
 
     def _submit_batch(self) -> None:
-        """Start the step for the open batch on the step thread and return at once.
+        """Queue the open batch for the step thread and return at once (after waiting for room).
 
-        At most one step is in flight: the previous one is collected first, and its latents and
-        metrics are published only after the new step has started, so publishing overlaps training.
-        The next batch fills a second buffer meanwhile; the two buffers bound what is held in memory.
-        Work that touches the model (held-out evaluation, divergence recovery) never overlaps a step.
+        A held-out evaluation due after this step is queued right behind it on the step thread, so
+        it sees exactly the parameters of that step and never overlaps one.
         """
-        finished = self._collect_batch()
-        if finished is not None and self._needs_idle_model(finished.result):
-            self._publish(finished)
-            finished = None
-        n = len(self.batcher)
-        if n > 0 and self._rewind_reason is None:
-            x, c, weights = self.batcher.padded()
-            batch, self.batcher = self.batcher, self._spare_batcher
-            self._spare_batcher = batch
-            self._inflight = (batch, self._step_thread().submit(self.trainer.train, x, n, c, weights))
-        if finished is not None:
-            self._publish(finished)
+        if len(self.batcher) == 0 or self._rewind_reason is not None:
+            return
+        epoch = self._epoch
+        while len(self._pipeline) >= self.pipeline_depth:
+            self._complete_oldest()
+            if self._epoch != epoch:
+                return  # rewound while waiting: the open batch was dropped
+        batch = self.batcher
+        n = len(batch)
+        x, c, weights = batch.padded()
+        executor = self._step_thread()
+        step = executor.submit(self.trainer.train, x, n, c, weights)
+        heldout = None
+        if weights[:n].any():  # a step that trains advances the step counter by one
+            self._submitted_step += 1
+            evaluation = self.evaluation
+            if evaluation is not None and self._submitted_step % evaluation.every_steps == 0:
+                held_x, held_c = (a.copy() for a in evaluation.reservoir.contents())
+                heldout = executor.submit(self._heldout_payload, self._submitted_step, held_x, held_c)
+        self._pipeline.append(_InFlight(batch, step, heldout))
+        self.batcher = self._free_batchers.pop()
 
-    def _finish_batch(self) -> None:
-        """Wait for the step in flight, if any, and publish its latents and metrics."""
-        finished = self._collect_batch()
-        if finished is not None:
-            self._publish(finished)
+    def _publish_finished(self) -> None:
+        """Publish every step at the head of the pipeline that has finished (never waits)."""
+        while self._pipeline and self._pipeline[0].step.done():
+            heldout = self._pipeline[0].heldout
+            if heldout is not None and not heldout.done():
+                return
+            self._complete_oldest()
 
-    def _collect_batch(self) -> _FinishedBatch | None:
-        """Wait for the step in flight and free its buffer; None if there was none or it was rewound."""
-        if self._inflight is None:
-            return None
-        batch, future = self._inflight
-        self._inflight = None
-        result = self._wait(future)
+    def _drain(self) -> None:
+        """Wait for every submitted step and publish it."""
+        epoch = self._epoch
+        while self._pipeline and self._epoch == epoch:
+            self._complete_oldest()
+
+    def _complete_oldest(self) -> None:
+        """Wait for the oldest submitted step (keeping the consumer alive), free its buffer and
+        publish its outputs; a pending rewind is carried out instead."""
+        entry = self._pipeline.popleft()
+        result = self._wait(entry.step)
+        heldout = self._wait(entry.heldout) if entry.heldout is not None else None
+        batch = entry.batch
         records, record_ids = batch.records, batch.record_ids
         batch.clear()
+        self._free_batchers.append(batch)
         if self._rewind_reason is not None:
             self._rewind(self._rewind_reason)
-            return None
+            return
         self._finished_step = result.step
-        return _FinishedBatch(records, record_ids, result)
+        self._publish(records, record_ids, result, heldout)
+        if self._nonfinite_run >= self.processing.max_nonfinite_in_a_row:
+            self._drain()  # the steps queued behind it ran on the diverged parameters
+            if self._nonfinite_run >= self.processing.max_nonfinite_in_a_row:
+                self._recover_from_divergence()
 
-    def _needs_idle_model(self, result: StepResult) -> bool:
-        """Whether publishing ``result`` will evaluate or restore the model (not while a step runs)."""
-        if not result.trained:
-            return False
-        if not result.applied and self._nonfinite_run + 1 >= self.processing.max_nonfinite_in_a_row:
-            return True
-        return self.evaluation is not None and result.step % self.evaluation.every_steps == 0
-
-    def _publish(self, finished: _FinishedBatch) -> None:
-        """Send a finished batch's latents and step metrics, and account for its step."""
-        result = finished.result
-        n = len(finished.records)
+    def _publish(
+        self,
+        records: list[RawRecord],
+        record_ids: list[str | None],
+        result: StepResult,
+        heldout: dict[str, Any] | None,
+    ) -> None:
+        """Send a finished batch's latents and step metrics (and a held-out evaluation run right
+        after its step), and account for its step."""
+        n = len(records)
         scores = result.scores
         self.sink.send_many(
             latent_messages(
                 self.topics.latents,
-                finished.records,
-                finished.record_ids,
+                records,
+                record_ids,
                 scores.z_loc,
                 scores.z_scale,
                 scores.bound,
@@ -485,8 +549,7 @@ class OnlineLoop:
                 self.trainer.estimator.bound_name,
             )
         )
-        for record in finished.records:
-            self._sent(record)
+        self._sent(records)
         self.counts.latents_published += n
         if self.metrics is not None:
             self.metrics.latents_published.inc(n)
@@ -506,36 +569,34 @@ class OnlineLoop:
         self.history.add(result.step, summary)
         self.sink.send(metrics_message(self.topics.metrics, self._step_payload(result, summary)))
         self._record_step_metrics(result, summary)
-        if self._nonfinite_run >= self.processing.max_nonfinite_in_a_row:
-            self._recover_from_divergence()
-        if self.evaluation is not None and result.step % self.evaluation.every_steps == 0:
-            self._evaluate_heldout(result.step)
+        if heldout is not None:
+            self._publish_heldout(heldout)
 
-    def _evaluate_heldout(self, step: int) -> None:
-        """Held-out ELBO and importance-weighted log-likelihood on the reservoir (no update)."""
+    def _heldout_payload(self, step: int, x: np.ndarray, c: np.ndarray) -> dict[str, Any] | None:
+        """Held-out ELBO and importance-weighted log-likelihood on the reservoir's rows (no update);
+        runs on the step thread, right after step ``step``."""
         assert self.evaluation is not None
-        x, c = self.evaluation.reservoir.contents()
         if x.shape[0] == 0:
-            return
-        elbo = float(np.mean(self.trainer.evaluate(x, c).bound))
+            return None
         k = self.evaluation.importance_samples
-        log_likelihood = float(np.mean(self.trainer.log_likelihood(x, c, k)))
-        payload = {
+        return {
             "kind": "heldout",
             "step": step,
             "records": int(x.shape[0]),
             "bound": self.trainer.estimator.bound_name,
-            "elbo": elbo,
-            "log_likelihood": log_likelihood,
+            "elbo": float(np.mean(self.trainer.evaluate(x, c).bound)),
+            "log_likelihood": float(np.mean(self.trainer.log_likelihood(x, c, k))),
             "importance_samples": k,
             "wall_time": time.time(),
         }
+
+    def _publish_heldout(self, payload: dict[str, Any]) -> None:
         self.state.last_heldout = payload
         self.sink.send(metrics_message(self.topics.metrics, payload))
         if self.metrics is not None:
-            self.metrics.heldout_elbo.set(elbo)
-            self.metrics.heldout_log_likelihood.set(log_likelihood)
-            self.metrics.heldout_records.set(x.shape[0])
+            self.metrics.heldout_elbo.set(payload["elbo"])
+            self.metrics.heldout_log_likelihood.set(payload["log_likelihood"])
+            self.metrics.heldout_records.set(payload["records"])
 
     def _recover_from_divergence(self) -> None:
         """Too many non-finite updates in a row: reload the parameters and optimizer state of the
@@ -603,7 +664,7 @@ class OnlineLoop:
     def _has_progress(self) -> bool:
         return (
             len(self.batcher) > 0
-            or self._inflight is not None
+            or bool(self._pipeline)
             or self._finished_step != self._last_checkpoint_step
             or self.state.next_offsets != self._last_checkpoint_offsets
         )
@@ -742,11 +803,14 @@ class OnlineLoop:
                 self.sink.abort_transaction()
             except StreamVIError as exc:
                 log.warning("aborting the transaction failed (it will time out on the broker): %s", exc)
-        if self._inflight is not None:  # a step still running belongs to the abandoned interval
-            batch, future = self._inflight
-            self._inflight = None
-            concurrent.futures.wait([future])
-            batch.clear()
+        while self._pipeline:  # steps still queued or running belong to the abandoned interval
+            entry = self._pipeline.popleft()
+            futures: list[concurrent.futures.Future[Any]] = [entry.step]
+            if entry.heldout is not None:
+                futures.append(entry.heldout)
+            concurrent.futures.wait([f for f in futures if not f.cancel()])
+            entry.batch.clear()
+            self._free_batchers.append(entry.batch)
         self.batcher.clear()
         info = self._trusted
         if info is not None:
@@ -759,7 +823,7 @@ class OnlineLoop:
         if not self.processing.exactly_once:
             start = self.state.next_offsets
             self._replay_until = {p: o for p, o in self._progress.items() if o > start.get(p, 0)}
-        self._finished_step = self._last_checkpoint_step = self.trainer.step
+        self._finished_step = self._last_checkpoint_step = self._submitted_step = self.trainer.step
         self._last_checkpoint_offsets = dict(self.state.next_offsets)
 
     def _update_lag(self) -> None:

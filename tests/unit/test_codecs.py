@@ -119,6 +119,59 @@ def test_latent_messages_follow_the_contract():
     assert second["elbo"] is None  # a non-finite score never produces invalid JSON
 
 
+def _reference_latent(record, record_id, z_loc, z_scale, bound, step, name):
+    """The contract written out field by field: what each latents value must parse to (numbers as
+    the float32 they were; the JSON holds the shortest text that reads back as that float32)."""
+
+    def number(v):
+        return float(v) if math.isfinite(v) else None
+
+    return {
+        "id": record_id,
+        "topic": record.topic,
+        "partition": record.partition,
+        "offset": record.offset,
+        "model_step": step,
+        "bound": name,
+        "z_mean": [number(v) for v in z_loc],
+        "z_scale": [number(v) for v in z_scale],
+        "elbo": number(bound),
+    }
+
+
+any_float32 = st.floats(width=32, allow_nan=True, allow_infinity=True)
+
+
+@given(
+    st.integers(1, 9),
+    st.integers(1, 5),
+    st.data(),
+)
+def test_batch_encoded_latents_equal_the_per_record_contract(n, width, data):
+    ids = data.draw(st.lists(st.one_of(st.none(), st.text(max_size=8)), min_size=n, max_size=n))
+    topics = st.sampled_from(["in", 'we"ird/tópic'])
+    offsets = data.draw(st.lists(st.integers(0, 2**40), min_size=n, max_size=n))
+    records = [RawRecord(data.draw(topics), data.draw(st.integers(0, 3)), o, b"k", b"") for o in offsets]
+    values = data.draw(st.lists(any_float32, min_size=n * (2 * width + 1), max_size=n * (2 * width + 1)))
+    array = np.asarray(values, dtype=np.float32)
+    z_loc = array[: n * width].reshape(n, width)
+    z_scale = array[n * width : 2 * n * width].reshape(n, width)
+    bound = array[2 * n * width :]
+    messages = latent_messages("lat", records, ids, z_loc, z_scale, bound, 3, "iwae")
+
+    def as_float32(value):
+        if isinstance(value, list):
+            return [as_float32(v) for v in value]
+        return float(np.float32(value)) if isinstance(value, float) else value
+
+    parsed = [{k: as_float32(v) for k, v in orjson.loads(m.value).items()} for m in messages]
+    assert parsed == [
+        _reference_latent(r, i, z_loc[k], z_scale[k], bound[k], 3, "iwae")
+        for k, (r, i) in enumerate(zip(records, ids, strict=True))
+    ]
+    assert all(m.topic == "lat" and m.key == b"k" for m in messages)
+
+
 def test_metrics_message_is_valid_json_with_non_finite_values():
     message = metrics_message("met", {"step": 3, "elbo": math.inf, "kl": 1.5})
     payload = orjson.loads(message.value)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+
+import numpy as np
 import orjson
 import pytest
 from prometheus_client import CollectorRegistry
@@ -31,7 +34,7 @@ def records(n: int, start: int = 0, bad_every: int = 0) -> list[RawRecord]:
     return out
 
 
-def make_loop(source, sink, store, every_steps=3, registry=None, latency=5.0):
+def make_loop(source, sink, store, every_steps=3, registry=None, latency=5.0, pipeline_depth=2):
     settings = load_settings(
         overrides=["input.dim=6", "model.latent_dim=2", "model.encoder_hidden=[8]", "training.batch_size=4"],
         environ={},
@@ -49,6 +52,7 @@ def make_loop(source, sink, store, every_steps=3, registry=None, latency=5.0):
         metrics=metrics,
         health=Health(),
         max_poll_records=5,
+        pipeline_depth=pipeline_depth,
     )
     loop.restore()
     return loop
@@ -175,3 +179,60 @@ def test_prometheus_counters_follow_the_loop(tmp_path):
     assert value("streamvi_step_duration_seconds_count") == loop.counts.steps
     assert value("streamvi_consumer_lag_records", topic="in", partition="0") == 0
     assert value("streamvi_last_snapshot_timestamp_seconds") > 0
+
+
+def test_pipeline_depth_changes_timing_not_results(tmp_path):
+    """Steps run one at a time in submission order whatever the depth, so the same stream gives the
+    same latents, the same metrics and the same parameters bit for bit. (A checkpoint trains the
+    open partial batch, so only the final one is allowed here: its position does not depend on timing.)"""
+    runs = []
+    for depth in (1, 4):
+        source, sink = MemorySource(records(61, bad_every=7)), MemorySink()
+        store = SnapshotStore(tmp_path / f"depth-{depth}")
+        loop = make_loop(source, sink, store, every_steps=1000, pipeline_depth=depth)
+        counts = loop.run(max_records=61)
+        latents = [orjson.loads(m.value) for m in sink.on_topic("lat")]
+        steps = [orjson.loads(m.value) for m in sink.on_topic("met")]
+        weights = [v.numpy() for v in loop.trainer.model.trainable_variables]
+        runs.append((counts, latents, steps, weights, source.committed))
+    (counts1, latents1, steps1, weights1, committed1), (counts4, latents4, steps4, weights4, committed4) = (
+        runs
+    )
+    assert counts1 == counts4 and committed1 == committed4 == {("in", 0): 61}
+    assert [m["offset"] for m in latents1] == [m["offset"] for m in latents4]  # published in order
+    assert latents1 == latents4
+    strip = ("wall_time", "timestamp", "step_seconds")
+    assert [{k: v for k, v in m.items() if k not in strip} for m in steps1] == [
+        {k: v for k, v in m.items() if k not in strip} for m in steps4
+    ]
+    assert all(np.array_equal(a, b) for a, b in zip(weights1, weights4, strict=True))
+
+
+def test_a_full_pipeline_holds_back_fetching(tmp_path):
+    """Backpressure: with the step slower than the input, the loop never holds more than
+    pipeline_depth submitted batches plus the one filling."""
+    depth, seen = 2, []
+
+    source, sink = MemorySource(records(48)), MemorySink()
+    loop = make_loop(source, sink, SnapshotStore(tmp_path), every_steps=100, pipeline_depth=depth)
+    train = loop.trainer.train
+
+    def slow_train(*args, **kwargs):
+        seen.append(len(loop._pipeline))
+        time.sleep(0.05)
+        return train(*args, **kwargs)
+
+    loop.trainer.train = slow_train
+    polled = []
+    original_poll = source.poll
+
+    def poll(timeout_seconds, max_records):
+        out = original_poll(timeout_seconds, max_records)
+        polled.append((len(loop._pipeline), len(out)))
+        return out
+
+    source.poll = poll
+    counts = loop.run(max_records=48)
+    assert counts.records_trained == 48
+    assert max(seen) <= depth
+    assert max(p for p, _ in polled) <= depth  # never fetched with more queued than the bound

@@ -45,7 +45,17 @@ def records(n: int, poison: set[int] | None = None) -> list[RawRecord]:
     return out
 
 
-def make_loop(source, sink, store, *, exactly_once=False, registry=None, likelihood="bernoulli", **policy):
+def make_loop(
+    source,
+    sink,
+    store,
+    *,
+    exactly_once=False,
+    registry=None,
+    likelihood="bernoulli",
+    pipeline_depth=1,
+    **policy,
+):
     settings = load_settings(
         overrides=[
             f"input.dim={DIM}",
@@ -69,6 +79,7 @@ def make_loop(source, sink, store, *, exactly_once=False, registry=None, likelih
         health=Health(),
         max_poll_records=5,
         processing=ProcessingPolicy(exactly_once=exactly_once, retry_initial_seconds=0.01, **policy),
+        pipeline_depth=pipeline_depth,  # 1: checkpoint positions do not depend on the steps' timing
     )
     loop.restore()
     return loop
