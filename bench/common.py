@@ -58,6 +58,15 @@ def thread_cpu_seconds(pid: int | str = "self") -> dict[int, float]:
     return seconds
 
 
+def _native_name(tid: int) -> str:
+    """The kernel's name of a thread of this process (librdkafka names its threads ``rdk:*``)."""
+    try:
+        with open(f"/proc/self/task/{tid}/comm") as comm:
+            return comm.read().strip()
+    except OSError:
+        return ""
+
+
 def process_cpu_seconds(pid: int | str = "self") -> float:
     """User + system CPU seconds of a whole process."""
     with open(f"/proc/{pid}/stat") as stat:
@@ -67,8 +76,9 @@ def process_cpu_seconds(pid: int | str = "self") -> float:
 
 class CpuSplit:
     """CPU used between ``start()`` and ``stop()``: the loop thread (the caller's), the training step
-    (its thread and the threads Python does not know: TensorFlow's pools), the other Python threads
-    (Kafka clients' I/O, metrics server) and, if given, the broker process."""
+    (its thread and the native threads of TensorFlow's pools), the Kafka clients (kafka-python's I/O
+    thread or librdkafka's ``rdk:`` threads) with the other Python threads (metrics server) and, if
+    given, the broker process."""
 
     def __init__(self, broker_pid: int | None = None) -> None:
         self.broker_pid = broker_pid
@@ -94,6 +104,8 @@ class CpuSplit:
             name = self._names.get(tid)
             if tid == self.loop_tid:
                 groups["loop_thread"] += used
+            elif name is None and _native_name(tid).startswith("rdk:"):
+                groups["kafka_clients_and_other"] += used  # librdkafka's own threads
             elif name is None or name.startswith("streamvi-step"):
                 groups["training"] += used
             else:

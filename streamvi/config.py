@@ -248,6 +248,10 @@ class ProcessingSettings(_Section):
     #: Back-off between attempts while the broker is unreachable, doubling up to ``retry_max_seconds``.
     retry_initial_seconds: float = Field(0.5, gt=0.0)
     retry_max_seconds: float = Field(10.0, gt=0.0)
+    #: How long a Python thread may hold the GIL while another waits for it (``sys.setswitchinterval``).
+    #: The step thread needs the GIL back after every TensorFlow call; at Python's default of 5 ms,
+    #: a busy loop thread makes each of those returns wait and the step runs at a fraction of its speed.
+    gil_switch_interval_ms: float = Field(0.2, gt=0.0, le=100.0)
 
     def transactional_id_for(self, group_id: str) -> str:
         return self.transactional_id or f"{group_id}-streamvi"

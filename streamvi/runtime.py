@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from dataclasses import dataclass
 from importlib import metadata
@@ -91,9 +92,12 @@ class Daemon:
         idle_timeout_seconds: float | None = None,
     ) -> LoopCounts:
         self._watch_broker()
+        previous_interval = sys.getswitchinterval()
+        sys.setswitchinterval(self.settings.processing.gil_switch_interval_ms / 1000.0)
         try:
             return self.loop.run(stop, max_records=max_records, idle_timeout_seconds=idle_timeout_seconds)
         finally:
+            sys.setswitchinterval(previous_interval)
             self.close()
 
     def _watch_broker(self, interval_seconds: float = 0.5) -> None:

@@ -209,9 +209,11 @@ class Trainer:
                 return tf.constant(True)
 
             tf.cond(finite, apply, lambda: tf.constant(False))
-        self.step_counter.assign_add(1)
-        learning_rate = tf.cast(self.optimizer.learning_rate, tf.float32)
-        return self._pack(terms), tf.stack([loss, grad_norm, learning_rate, tf.cast(finite, tf.float32)])
+        step = self.step_counter.assign_add(1)
+        learning_rate = self.optimizer.learning_rate
+        scalars = [loss, grad_norm, learning_rate, tf.cast(finite, tf.float32), step]
+        # float64 holds every step count exactly (up to 2**53) next to the float32 figures.
+        return self._pack(terms), tf.stack([tf.cast(v, tf.float64) for v in scalars])
 
     def _eval_step(self, x: tf.Tensor, c: tf.Tensor) -> tf.Tensor:
         return self._pack(self.estimator.terms(self.model, x, c, self._seed(), self.step_counter))
@@ -240,18 +242,20 @@ class Trainer:
             weights = (np.arange(self.batch_size) < n).astype(np.float32)
         trained = int(np.count_nonzero(weights[:n]))
         started = time.perf_counter()
+        # Every call into TensorFlow releases the GIL and must win it back from the loop's thread,
+        # so the step makes as few as it can: one per input, the step, one copy out per output.
         with self._placement():
             if trained == 0:
                 packed = self._eval_fn(tf.constant(x), tf.constant(c))
-                scalars = np.array([np.nan, 0.0, np.nan, 1.0], dtype=np.float32)
+                scalars = np.array([np.nan, 0.0, np.nan, 1.0, self.step], dtype=np.float64)
             else:
                 packed, scalar_tensor = self._train_fn(tf.constant(x), tf.constant(c), tf.constant(weights))
                 scalars = scalar_tensor.numpy()
         packed_np = packed.numpy()
-        loss, grad_norm, learning_rate, finite = (float(v) for v in scalars)
+        loss, grad_norm, learning_rate, finite, step = (float(v) for v in scalars)
         return StepResult(
             scores=BatchScores.unpack(packed_np, n, self.summary_size),
-            step=self.step,
+            step=int(step),
             loss=loss,
             grad_norm=grad_norm,
             learning_rate=learning_rate,
