@@ -51,6 +51,8 @@ def test_bootstrap_servers_accepts_comma_string():
     ("overrides", "named"),
     [
         (["training.batch_size=0"], "training.batch_size"),
+        (["training.pipeline_depth=0"], "training.pipeline_depth"),
+        (["processing.gil_switch_interval_ms=0"], "processing.gil_switch_interval_ms"),
         (["training.bacth_size=3"], "training.bacth_size"),
         (["nosuch.key=1"], "nosuch"),
         (["input.format=xml"], "input.format"),
