@@ -76,6 +76,10 @@ class DecodedBatch:
     record_ids: list[str | None]
     errors: list[DecodeError | None]
 
+    @property
+    def all_valid(self) -> bool:
+        return not any(self.errors)
+
 
 class _NotFast(Exception):
     """The fast JSON path cannot decode this record whole; the reference decoder decides."""

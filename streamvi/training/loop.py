@@ -389,24 +389,29 @@ class OnlineLoop:
             if self._epoch != epoch:
                 return  # rewound: the rest of this fetch is stale and will be fetched again
             # The next block: as many records as fill the open batch with valid rows.
-            good: list[int] = []
             room = self.batcher.room
-            end = start
-            while end < n and len(good) < room:
-                if errors[end] is None:
-                    good.append(end)
-                end += 1
-            for i in range(start, end):
-                error = errors[i]
-                if error is not None:
-                    self._dead_letter(records[i], error)
+            good: Sequence[int]
+            if decoded.all_valid:
+                end = min(n, start + room)
+                good = range(start, end)
+            else:
+                good_list: list[int] = []
+                end = start
+                while end < n and len(good_list) < room:
+                    error = errors[end]
+                    if error is None:
+                        good_list.append(end)
+                    else:
+                        self._dead_letter(records[end], error)
+                    end += 1
+                good = good_list
             self._advance(records[start:end])
             if len(good) == end - start:
                 rows: slice | list[int] = slice(start, end)
                 block = records[start:end]
                 ids = decoded.record_ids[start:end]
             else:
-                rows = good
+                rows = list(good)
                 block = [records[i] for i in good]
                 ids = [decoded.record_ids[i] for i in good]
             self.batcher.add_rows(block, decoded.x[rows], ids, decoded.c[rows], train[rows])
@@ -425,10 +430,10 @@ class OnlineLoop:
     def _sent(self, records: Sequence[RawRecord]) -> None:
         """At-least-once bookkeeping: the outputs of ``records`` are on their way (may be published)."""
         progress = self._progress
-        for record in records:
-            partition = (record.topic, record.partition)
-            if record.offset >= progress.get(partition, 0):
-                progress[partition] = record.offset + 1
+        # Records are in offset order per partition, so the last one of each partition is its furthest.
+        for partition, end in {(r.topic, r.partition): r.offset + 1 for r in records}.items():
+            if end > progress.get(partition, 0):
+                progress[partition] = end
 
     def _note_replays(self, records: list[RawRecord]) -> None:
         replayed = 0
