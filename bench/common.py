@@ -84,6 +84,7 @@ class CpuSplit:
         self.broker_pid = broker_pid
         self.loop_tid = threading.get_native_id()
         self._start: dict[int, float] = {}
+        self._process_start = 0.0
         self._broker_start = 0.0
         self._names: dict[int, str] = {}
 
@@ -93,6 +94,7 @@ class CpuSplit:
     def start(self) -> None:
         self._remember_names()
         self._start = thread_cpu_seconds()
+        self._process_start = process_cpu_seconds()
         self._broker_start = process_cpu_seconds(self.broker_pid) if self.broker_pid else 0.0
 
     def stop(self, wall_seconds: float, records: int) -> dict[str, float]:
@@ -116,4 +118,7 @@ class CpuSplit:
         for group, used in groups.items():
             split[f"{group}_us_per_record"] = round(used / records * 1e6, 1)
         split["cores_used"] = round(sum(groups.values()) / wall_seconds, 2)
+        # Threads that ended in between are missing from the split; the process total has them.
+        process = process_cpu_seconds() - self._process_start + groups.get("broker", 0.0)
+        split["cores_used_all_threads"] = round(process / wall_seconds, 2)
         return split

@@ -6,17 +6,20 @@ For each input format (json and f32, each on its own embedded broker):
   group join and the XLA compile are excluded; both are reported under ``startup``) to the final
   commit, with where its CPU went (``cpu``: the loop thread, the training step, the Kafka clients'
   threads, the broker, and the cores used in all);
-- ``consume_decode_records_per_s``: a bare kafka-python consumer reading the same topic with the
-  daemon's consumer settings, decoding every fetch with the daemon's decoder;
+- ``consume_decode_records_per_s``: the daemon's record source alone (same client library and
+  fetch settings) reading the same topic, decoding every fetch with the daemon's decoder;
 - ``train_step_records_per_s``: the compiled training step alone on a resident batch;
 - ``ratio_to_slowest_part``: end to end / min(consume+decode, step).
-Then, on JSON input: bench/handwritten.py's loop on the same records (rate, and held-out ELBO of
-both models after the same records); ``latency`` (bench/latency.py: p99 append-to-latent at a low
-rate against the batch latency bound plus two step times); ``memory`` (bench/memory.py: daemon RSS
-at ``--memory-early`` and ``--memory-total`` records, f32 input).
+Then ``startup_of_streamvi_run`` (bench/startup.py: a ``streamvi run`` subprocess from launch to
+its first reported trained batch, the XLA compile apart); on JSON input, bench/handwritten.py's
+loop on the same records (rate, and held-out ELBO of both models after the same records);
+``latency`` (bench/latency.py: p99 append-to-latent at a low rate against the batch latency bound
+plus two step times); ``memory`` (bench/memory.py: daemon RSS at ``--memory-early`` and
+``--memory-total`` records, f32 input).
 
 Usage: python bench/throughput.py [--records N] [--format json|f32|both] [--config FILE]
-       [--set SECTION.KEY=VALUE ...] [--no-baseline] [--no-latency] [--memory-total N | 0]
+       [--set SECTION.KEY=VALUE ...] [--no-baseline] [--no-startup] [--no-latency]
+       [--memory-total N | 0]
 """
 
 from __future__ import annotations
@@ -35,17 +38,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 import tensorflow as tf
-from kafka import KafkaConsumer, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from streamvi.config import Settings, load_settings
 from streamvi.estimators import SGVBAnalyticKL
 from streamvi.io.admin import ensure_topics
-from streamvi.io.base import RawRecord
 from streamvi.io.codecs import RecordDecoder
 from streamvi.io.embedded import EmbeddedBroker
 from streamvi.model import VAE
-from streamvi.runtime import build_daemon, build_trainer, versions
+from streamvi.runtime import build_daemon, build_trainer, record_source, versions
 from streamvi.training import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -53,33 +54,27 @@ from common import ROOT, CpuSplit, payload, produce
 from handwritten import BASELINE_BATCH, run_handwritten
 from latency import measure_latency
 from memory import measure_memory
+from startup import measure_startup
 
 
 def consume_decode_rate(settings: Settings, count: int) -> dict[str, float]:
-    """A bare consumer with the daemon's fetch settings, decoding each fetch like the daemon does."""
-    kafka = settings.kafka
+    """The daemon's own record source (same client library and fetch settings, a group of its own)
+    decoding every fetch with the daemon's decoder, and nothing else; timed from the first record."""
+    kafka = settings.kafka.model_copy(update={"group_id": f"{settings.kafka.group_id}-consume-decode"})
     decoder = RecordDecoder(
         settings.input.format, settings.input.dim, settings.input.max_record_bytes, settings.input.context_dim
     )
-    consumer = KafkaConsumer(
-        **kafka.client_options(),
-        enable_auto_commit=False,
-        max_poll_records=kafka.max_poll_records,
-        fetch_max_bytes=kafka.fetch_max_bytes,
-        max_partition_fetch_bytes=kafka.max_partition_fetch_bytes,
-        fetch_max_wait_ms=kafka.fetch_max_wait_ms,
-    )
-    tp = TopicPartition(kafka.input_topic, 0)
-    consumer.assign([tp])
-    consumer.seek_to_beginning(tp)
+    source = record_source(kafka)
     seen = 0
-    started, cpu_started = time.perf_counter(), time.process_time()
+    started = cpu_started = 0.0
     while seen < count:
-        for messages in consumer.poll(timeout_ms=500, max_records=kafka.max_poll_records).values():
-            decoder.decode_many([RawRecord(m.topic, m.partition, m.offset, m.key, m.value) for m in messages])
-            seen += len(messages)
+        records = source.poll(0.5, kafka.max_poll_records)
+        if records and not seen:
+            started, cpu_started = time.perf_counter(), time.process_time()
+        decoder.decode_many(records)
+        seen += len(records)
     elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-    consumer.close()
+    source.close()
     return {"records_per_s": seen / elapsed, "cores_used": cpu / elapsed}
 
 
@@ -246,6 +241,7 @@ def main() -> None:
         default=True,
         help="json: also run bench/handwritten.py's loop on the same records and compare",
     )
+    parser.add_argument("--startup", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--latency", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--latency-rate", type=float, default=50.0)
     parser.add_argument("--latency-records", type=int, default=1000)
@@ -261,6 +257,13 @@ def main() -> None:
         "records": args.records,
     }
     results["formats"] = {fmt: measure_format(args, fmt) for fmt in formats}
+    if args.startup:
+        workdir = Path(tempfile.mkdtemp(prefix="streamvi-bench-startup-"))
+        with EmbeddedBroker(log_file=workdir / "broker.log") as broker:
+            settings = bench_settings(args, broker, workdir, formats[0])
+            batch = settings.training.batch_size
+            produce(settings, payload(1000, args.dim), 30 * batch, formats[0])
+            results["startup_of_streamvi_run"] = measure_startup(settings, workdir)
     if args.latency:
         workdir = Path(tempfile.mkdtemp(prefix="streamvi-bench-latency-"))
         with EmbeddedBroker(log_file=workdir / "broker.log") as broker:

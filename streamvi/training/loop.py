@@ -414,7 +414,8 @@ class OnlineLoop:
                 rows = list(good)
                 block = [records[i] for i in good]
                 ids = [decoded.record_ids[i] for i in good]
-            self.batcher.add_rows(block, decoded.x[rows], ids, decoded.c[rows], train[rows])
+            opened = self._appended_at(block[0]) if block and not len(self.batcher) else None
+            self.batcher.add_rows(block, decoded.x[rows], ids, decoded.c[rows], train[rows], now=opened)
             start = end
             if self.batcher.full:
                 self._submit_batch()
@@ -422,6 +423,17 @@ class OnlineLoop:
                     self.run_checkpoint(reason="interval")
         if not self.processing.exactly_once and self._epoch == epoch:
             self.store.write_progress(self._progress)
+
+    def _appended_at(self, record: RawRecord) -> float:
+        """When ``record`` was appended, on the monotonic clock: a batch's latency bound counts from
+        its first record's append, so time spent reaching the daemon is inside the bound. The age
+        from the record's timestamp is clamped to [0, bound]: a skewed clock or an old record can
+        only make a batch close sooner, never later than the bound after it arrived."""
+        now = time.monotonic()
+        if record.timestamp_ms < 0:
+            return now
+        age = time.time() - record.timestamp_ms / 1000.0
+        return now - min(max(age, 0.0), self.batcher.max_latency_seconds)
 
     def _advance(self, records: Sequence[RawRecord]) -> None:
         """Move the next offsets past ``records`` (a fetch is in offset order per partition)."""

@@ -236,3 +236,23 @@ def test_a_full_pipeline_holds_back_fetching(tmp_path):
     assert counts.records_trained == 48
     assert max(seen) <= depth
     assert max(p for p, _ in polled) <= depth  # never fetched with more queued than the bound
+
+
+def test_the_latency_bound_counts_from_a_records_append(tmp_path):
+    """A batch closes at most max_batch_latency after its first record was appended (its timestamp),
+    so time spent reaching the daemon is inside the bound; skew can only make it close sooner."""
+    loop = make_loop(MemorySource([]), MemorySink(), SnapshotStore(tmp_path), latency=0.2)
+    now_ms = int(time.time() * 1000)
+
+    def left_after_adding(timestamp_ms: int) -> float:
+        record = RawRecord("in", 0, 0, b"k", encode_record(data(1, dim=6)[0], "r", "json"), [], timestamp_ms)
+        loop.batcher.clear()
+        loop._handle([record])
+        left = loop.batcher.time_left()
+        assert left is not None
+        return left
+
+    assert 0.12 < left_after_adding(now_ms - 50) <= 0.15  # appended 50 ms ago: ~150 ms left
+    assert left_after_adding(now_ms - 10_000) == 0.0  # an old record: due now, not 10 s ago
+    assert 0.19 < left_after_adding(now_ms + 10_000) <= 0.2  # a clock ahead never extends the bound
+    assert 0.19 < left_after_adding(-1) <= 0.2  # no timestamp: from arrival
