@@ -3,8 +3,8 @@
 For each input format (json and f32, each on its own embedded broker):
 - ``end_to_end_records_per_s``: the daemon in-process (``streamvi run``: decode, train, publish
   latents and metrics, snapshot, commit), timed from the end of the first training step (so the
-  group join and the XLA compile are excluded; both are reported under ``startup``) to the final
-  commit, with where its CPU went (``cpu``: the loop thread, the training step, the Kafka clients'
+  group join and the XLA compile, which overlap, are excluded; both are under ``startup``) to the
+  final commit, with where its CPU went (``cpu``: the loop thread, the training step, the Kafka clients'
   threads, the broker, and the cores used in all);
 - ``consume_decode_records_per_s``: the daemon's record source alone (same client library and
   fetch settings) reading the same topic, decoding every fetch with the daemon's decoder;
@@ -103,7 +103,8 @@ def train_step_rate(settings: Settings, x: np.ndarray, seconds: float = 5.0) -> 
 def end_to_end(settings: Settings, count: int, broker_pid: int) -> tuple[dict[str, Any], Trainer]:
     """The daemon on ``count`` records, timed (and its CPU split) from the end of its first step."""
     started = time.perf_counter()
-    daemon = build_daemon(settings, CollectorRegistry())
+    registry = CollectorRegistry()
+    daemon = build_daemon(settings, registry)
     built = time.perf_counter()
     trainer = daemon.loop.trainer
     cpu = CpuSplit(broker_pid)  # made here: this thread runs the loop
@@ -129,7 +130,8 @@ def end_to_end(settings: Settings, count: int, broker_pid: int) -> tuple[dict[st
         "cpu": cpu.stop(finished - first["end"], int(measured)),
         "startup_seconds": built - started,
         "to_first_trained_batch_seconds": first["end"] - started,
-        "first_step_seconds_incl_compile": first["step_seconds"],
+        "first_step_seconds": first["step_seconds"],
+        "compile_seconds": registry.get_sample_value("streamvi_step_compile_seconds") or 0.0,
         "total_seconds": finished - started,
     }
     return figures, trainer
@@ -192,7 +194,8 @@ def measure_format(args: argparse.Namespace, fmt: str) -> dict[str, Any]:
             },
             "startup": {
                 "to_first_trained_batch_seconds": round(e2e["to_first_trained_batch_seconds"], 2),
-                "first_step_seconds_incl_compile": round(e2e["first_step_seconds_incl_compile"], 2),
+                "first_step_seconds": round(e2e["first_step_seconds"], 3),
+                "compile_seconds_overlapping_the_join": round(e2e["compile_seconds"], 2),
                 "build_daemon_seconds": round(e2e["startup_seconds"], 2),
                 "isolated_compile_seconds": round(step["compile_seconds"], 2),
             },

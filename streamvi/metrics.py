@@ -68,6 +68,11 @@ class Metrics:
             buckets=_STEP_BUCKETS,
             registry=registry,
         )
+        self.step_compile = Gauge(
+            "streamvi_step_compile_seconds",
+            "Time to trace and XLA-compile the training step at start-up (overlapped with the group join)",
+            registry=registry,
+        )
         self.batch_size = Histogram(
             "streamvi_batch_size_records",
             "Records per trained micro-batch",

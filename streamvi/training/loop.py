@@ -212,6 +212,7 @@ class OnlineLoop:
         self._progress: dict[Partition, int] = {}  # at-least-once: offsets whose outputs were sent
         self._replay_until: dict[Partition, int] = {}
         self._initial_state: Path | None = None
+        self._warmed_up = False
         source.set_rebalance_callbacks(self._on_assigned, self._on_revoked)
 
     # -- start-up ----------------------------------------------------------------------------------
@@ -324,6 +325,10 @@ class OnlineLoop:
         stop = stop or threading.Event()
         consumed_here = 0
         last_record_time = time.monotonic()
+        if not self._warmed_up:
+            # Compile the step on the step thread while the first polls join the group.
+            self._warmed_up = True
+            self._step_thread().submit(self._warm_up)
         while not stop.is_set():
             if max_records is not None and consumed_here >= max_records:
                 break
@@ -588,6 +593,18 @@ class OnlineLoop:
         self._record_step_metrics(result, summary)
         if heldout is not None:
             self._publish_heldout(heldout)
+
+    def _warm_up(self) -> None:
+        """Trace and compile the step ahead of the first batch (runs on the step thread). A failure
+        is only logged: the first real step meets the same error and reports it."""
+        try:
+            seconds = self.trainer.warm_up()
+        except Exception:
+            log.exception("compiling the training step ahead of the first batch failed")
+            return
+        log.info("training step compiled in %.2fs", seconds)
+        if self.metrics is not None:
+            self.metrics.step_compile.set(seconds)
 
     def _heldout_payload(self, step: int, x: np.ndarray, c: np.ndarray) -> dict[str, Any] | None:
         """Held-out ELBO and importance-weighted log-likelihood on the reservoir's rows (no update);

@@ -198,18 +198,19 @@ class Trainer:
         # A non-finite loss or gradient (the global norm is non-finite iff any entry is) skips the
         # update on the device, with no host round-trip. Under loss scaling, overflowing gradients
         # are the LossScaleOptimizer's to skip (it lowers the scale), so only the loss is checked.
+        # A batch with no trainable row (the warm-up's) changes no state at all.
+        trains = tf.reduce_any(weights > 0)
         finite = tf.math.is_finite(loss)
-        if self._loss_scaled:
-            self.optimizer.apply_gradients(zip(grads, variables, strict=True))
-        else:
+        if not self._loss_scaled:
             finite = tf.logical_and(finite, tf.math.is_finite(grad_norm))
 
-            def apply() -> tf.Tensor:
-                self.optimizer.apply_gradients(zip(grads, variables, strict=True))
-                return tf.constant(True)
+        def apply() -> tf.Tensor:
+            self.optimizer.apply_gradients(zip(grads, variables, strict=True))
+            return tf.constant(True)
 
-            tf.cond(finite, apply, lambda: tf.constant(False))
-        step = self.step_counter.assign_add(1)
+        gate = trains if self._loss_scaled else tf.logical_and(trains, finite)
+        tf.cond(gate, apply, lambda: tf.constant(False))
+        step = self.step_counter.assign_add(tf.cast(trains, tf.int64))
         learning_rate = self.optimizer.learning_rate
         scalars = [loss, grad_norm, learning_rate, tf.cast(finite, tf.float32), step]
         # float64 holds every step count exactly (up to 2**53) next to the float32 figures.
@@ -263,6 +264,24 @@ class Trainer:
             trained_records=trained,
             applied=finite > 0.5,
         )
+
+    def warm_up(self) -> float:
+        """Trace and compile the training step on an all-padding batch; return the seconds it took.
+
+        With no trainable row the step updates nothing and does not count, and the RNG is put back,
+        so a warmed-up trainer continues exactly as a cold one would. The daemon runs this while its
+        consumer joins the group, so the compile is off the path to the first trained batch.
+        """
+        x = np.zeros((self.batch_size, self.model.input_dim), dtype=np.float32)
+        c = np.zeros((self.batch_size, self.context_dim), dtype=np.float32)
+        weights = np.zeros(self.batch_size, dtype=np.float32)
+        started = time.perf_counter()
+        with self._placement():
+            rng_state = tf.identity(self.rng.state)
+            _, scalars = self._train_fn(tf.constant(x), tf.constant(c), tf.constant(weights))
+            scalars.numpy()  # waits for the step to have run
+            self.rng.reset(rng_state)
+        return time.perf_counter() - started
 
     def _chunks(self, x: np.ndarray, c: np.ndarray | None) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
         """Fixed-shape padded chunks of any number of rows, so evaluation never retraces."""

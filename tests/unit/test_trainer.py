@@ -115,3 +115,27 @@ def test_rng_state_drives_sampling():
     b.rng.reset_from_seed(99)
     assert not np.array_equal(a.train(x.copy(), 8).scores.bound, b.train(x.copy(), 8).scores.bound)
     assert isinstance(a.rng, tf.random.Generator)
+
+
+@pytest.mark.parametrize("trained_before", [0, 1])
+def test_warm_up_compiles_the_step_and_changes_nothing(trained_before):
+    """The warm-up step on an all-padding batch leaves weights, optimizer, step and RNG as they were,
+    so a warmed-up trainer gives bit-identical results to a cold one, without tracing again."""
+    x = data(8)
+    cold, warm = make(), make()
+    for _ in range(trained_before):  # then both optimizers hold state, so a stray update would show
+        cold.train(x, 8)
+        warm.train(x, 8)
+    before = [v.numpy().copy() for v in warm.optimizer.variables]
+    weights = variables(warm)
+    rng = warm.rng.state.numpy().copy()
+    assert warm.warm_up() > 0.0
+    assert warm.step == trained_before
+    assert np.array_equal(warm.rng.state.numpy(), rng)
+    assert all(np.array_equal(a, b) for a, b in zip(weights, variables(warm), strict=True))
+    assert all(np.array_equal(a, v.numpy()) for a, v in zip(before, warm.optimizer.variables, strict=True))
+    for _ in range(3):
+        a, b = cold.train(x, 8), warm.train(x, 8)
+        assert a.step == b.step and a.loss == b.loss
+        assert np.array_equal(a.scores.bound, b.scores.bound)
+    assert warm._train_fn.experimental_get_tracing_count() == 1
