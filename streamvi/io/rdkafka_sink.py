@@ -165,11 +165,11 @@ class RdKafkaOutputSink(OutputSink):
 
     @staticmethod
     def _discard(producer: Producer) -> None:
-        """Drop a producer that will not be used again, without waiting for what it still holds."""
+        """Empty a producer that will not be used again. It is not closed: ``close`` would abort its
+        transaction and flush, waiting on a broker that fenced it or cannot be reached; librdkafka
+        destroys it without waiting once the last reference to it goes."""
         with contextlib.suppress(KafkaException, RuntimeError):
             producer.purge(in_queue=True, in_flight=True, blocking=False)
-        with contextlib.suppress(KafkaException, RuntimeError):
-            producer.close()
 
     @property
     def producer(self) -> Producer:
