@@ -96,6 +96,9 @@ def test_sigkill_at_random_moments_loses_nothing(rdkafka_settings, tmp_path, gua
     test_faults.test_sigkill_at_random_moments_loses_nothing(
         rdkafka_settings, tmp_path, guarantee, kills, seed
     )
+    # the daemon subprocesses (configured through STREAMVI_* variables) consumed with librdkafka
+    logs = "".join(path.read_text(errors="replace") for path in tmp_path.glob("daemon-*.log"))
+    assert "streamvi.io.rdkafka_source:" in logs and "streamvi.io.kafka_source:" not in logs
 
 
 def test_an_unreachable_broker_fails_the_start_naming_the_setting(rdkafka_settings):

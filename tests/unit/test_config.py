@@ -235,4 +235,4 @@ def test_a_librdkafka_error_is_reported_with_the_settings_to_check():
     )
     message = str(settings.kafka.failure(error))
     assert "kafka.bootstrap_servers=k1:9092,k2:9092" in message
-    assert "Failed to get metadata: transport failure (_TRANSPORT)" in message
+    assert "Failed to get metadata: Broker transport failure (_TRANSPORT)" in message
