@@ -160,6 +160,10 @@ class RdKafkaOutputSink(OutputSink):
     def close(self) -> None:
         try:
             self.flush()
+        except BaseException:
+            # Undeliverable now; a restart outputs them again. Closing must not wait for them.
+            self._discard(self._producer)
+            raise
         finally:
             self._producer.close()
 

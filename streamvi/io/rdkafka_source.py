@@ -35,6 +35,9 @@ CLIENT_LOG = logging.getLogger("rdkafka")
 #: How often librdkafka reports its statistics; ``connected`` reads broker liveness from them.
 STATS_INTERVAL_MS = 1_000
 
+#: The most records one ``consume`` call may return.
+_MAX_CONSUME = 1_000_000
+
 #: Errors in a fetched message that the loop cannot work around: consuming stops with an error.
 _FATAL_FETCH_ERRORS = frozenset(
     {
@@ -177,6 +180,7 @@ class RdKafkaRecordSource(RecordSource):
         """Return what librdkafka has prefetched (up to ``max_records``) at once; wait up to
         ``timeout_seconds`` only when it has nothing."""
         consumer = self._consumer
+        max_records = min(max_records, _MAX_CONSUME)
         messages = consumer.consume(max_records, 0)
         if not messages and timeout_seconds > 0:
             first = consumer.poll(timeout_seconds)
