@@ -9,13 +9,19 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
+from confluent_kafka import KafkaException
 from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
 from streamvi import __version__
 from streamvi.config import Settings
 from streamvi.estimators import build_estimator
+from streamvi.io.base import OutputSink, RecordSource
 from streamvi.io.codecs import RecordDecoder
+from streamvi.io.kafka_sink import KafkaOutputSink, KafkaTransactionalSink
+from streamvi.io.kafka_source import KafkaRecordSource
+from streamvi.io.rdkafka_sink import RdKafkaOutputSink, RdKafkaTransactionalSink
+from streamvi.io.rdkafka_source import RdKafkaRecordSource
 from streamvi.metrics import Health, Metrics, MetricsServer
 from streamvi.model.vae import build_vae
 from streamvi.snapshots.store import SnapshotInfo, SnapshotLock, SnapshotStore
@@ -36,7 +42,7 @@ log = logging.getLogger(__name__)
 def versions() -> dict[str, str]:
     """Versions of streamvi and the libraries whose behaviour a snapshot depends on."""
     found = {"streamvi": __version__}
-    for package in ("tensorflow", "tensorflow-probability", "tf-keras", "kafka-python"):
+    for package in ("tensorflow", "tensorflow-probability", "tf-keras", "kafka-python", "confluent-kafka"):
         try:
             found[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -143,12 +149,41 @@ class Daemon:
                     self.lock.release()
 
 
+def kafka_clients(settings: Settings) -> tuple[OutputSink, RecordSource]:
+    """The daemon's output sink and record source, on the client library ``kafka.client`` names.
+
+    The sink comes first: under exactly-once its ``init_transactions`` fences an earlier instance
+    before this one starts consuming.
+    """
+    processing = settings.processing
+    exactly_once = processing.guarantee == "exactly_once"
+    plain: type[KafkaOutputSink] | type[RdKafkaOutputSink]
+    transactional: type[KafkaTransactionalSink] | type[RdKafkaTransactionalSink]
+    consumer: type[KafkaRecordSource] | type[RdKafkaRecordSource]
+    if settings.kafka.client == "librdkafka":
+        plain, transactional, consumer = RdKafkaOutputSink, RdKafkaTransactionalSink, RdKafkaRecordSource
+    else:
+        plain, transactional, consumer = KafkaOutputSink, KafkaTransactionalSink, KafkaRecordSource
+    sink: OutputSink
+    if exactly_once:
+        transactional_id = processing.transactional_id_for(settings.kafka.group_id)
+        sink = transactional(settings.kafka, transactional_id, processing.transaction_timeout_ms)
+    else:
+        sink = plain(settings.kafka)
+    try:
+        source = consumer(settings.kafka, "read_committed" if exactly_once else "read_uncommitted")
+    except BaseException:
+        try:
+            sink.close()
+        except Exception:  # already failing; the original error is what matters
+            log.debug("closing the sink after a failed start", exc_info=True)
+        raise
+    return sink, source
+
+
 def build_daemon(settings: Settings, registry: CollectorRegistry | None = None) -> Daemon:
     """Create topics if allowed, connect to Kafka, restore the newest snapshot and start /metrics."""
     from streamvi.io.admin import ensure_topics
-    from streamvi.io.base import OutputSink
-    from streamvi.io.kafka_sink import KafkaOutputSink, KafkaTransactionalSink
-    from streamvi.io.kafka_source import KafkaRecordSource
 
     registry = registry if registry is not None else CollectorRegistry()
     metrics = Metrics(registry)
@@ -160,7 +195,7 @@ def build_daemon(settings: Settings, registry: CollectorRegistry | None = None) 
     lock = SnapshotStore(settings.snapshots.dir).lock()
     server = None
     sink: OutputSink | None = None
-    source: KafkaRecordSource | None = None
+    source: RecordSource | None = None
     try:
         if settings.metrics.enabled:
             server = MetricsServer(registry, health, settings.metrics.host, settings.metrics.port).start()
@@ -172,17 +207,7 @@ def build_daemon(settings: Settings, registry: CollectorRegistry | None = None) 
             keep=settings.snapshots.keep,
             on_corrupt=lambda path, reason: metrics.corrupt_snapshots.inc(),
         )
-        if exactly_once:
-            sink = KafkaTransactionalSink(
-                settings.kafka,
-                processing.transactional_id_for(settings.kafka.group_id),
-                processing.transaction_timeout_ms,
-            )
-        else:
-            sink = KafkaOutputSink(settings.kafka)
-        source = KafkaRecordSource(
-            settings.kafka, isolation_level="read_committed" if exactly_once else "read_uncommitted"
-        )
+        sink, source = kafka_clients(settings)
         loop = OnlineLoop(
             source=source,
             sink=sink,
@@ -227,7 +252,7 @@ def build_daemon(settings: Settings, registry: CollectorRegistry | None = None) 
         if server is not None:
             server.stop()
         lock.release()
-        if isinstance(exc, KafkaError):
+        if isinstance(exc, KafkaError | KafkaException):
             raise settings.kafka.failure(exc) from exc
         raise
     return Daemon(settings, loop, server, restored, lock)
