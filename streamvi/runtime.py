@@ -14,7 +14,7 @@ from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
 from streamvi import __version__
-from streamvi.config import Settings
+from streamvi.config import KafkaSettings, Settings
 from streamvi.estimators import build_estimator
 from streamvi.io.base import OutputSink, RecordSource
 from streamvi.io.codecs import RecordDecoder
@@ -149,6 +149,13 @@ class Daemon:
                     self.lock.release()
 
 
+def record_source(kafka: KafkaSettings, isolation_level: str = "read_uncommitted") -> RecordSource:
+    """The record source on the client library ``kafka.client`` names, subscribed to the input topic."""
+    if kafka.client == "librdkafka":
+        return RdKafkaRecordSource(kafka, isolation_level)
+    return KafkaRecordSource(kafka, isolation_level)
+
+
 def kafka_clients(settings: Settings) -> tuple[OutputSink, RecordSource]:
     """The daemon's output sink and record source, on the client library ``kafka.client`` names.
 
@@ -159,11 +166,10 @@ def kafka_clients(settings: Settings) -> tuple[OutputSink, RecordSource]:
     exactly_once = processing.guarantee == "exactly_once"
     plain: type[KafkaOutputSink] | type[RdKafkaOutputSink]
     transactional: type[KafkaTransactionalSink] | type[RdKafkaTransactionalSink]
-    consumer: type[KafkaRecordSource] | type[RdKafkaRecordSource]
     if settings.kafka.client == "librdkafka":
-        plain, transactional, consumer = RdKafkaOutputSink, RdKafkaTransactionalSink, RdKafkaRecordSource
+        plain, transactional = RdKafkaOutputSink, RdKafkaTransactionalSink
     else:
-        plain, transactional, consumer = KafkaOutputSink, KafkaTransactionalSink, KafkaRecordSource
+        plain, transactional = KafkaOutputSink, KafkaTransactionalSink
     sink: OutputSink
     if exactly_once:
         transactional_id = processing.transactional_id_for(settings.kafka.group_id)
@@ -171,7 +177,7 @@ def kafka_clients(settings: Settings) -> tuple[OutputSink, RecordSource]:
     else:
         sink = plain(settings.kafka)
     try:
-        source = consumer(settings.kafka, "read_committed" if exactly_once else "read_uncommitted")
+        source = record_source(settings.kafka, "read_committed" if exactly_once else "read_uncommitted")
     except BaseException:
         try:
             sink.close()
