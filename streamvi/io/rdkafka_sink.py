@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 _QUEUE_FULL_WAIT_SECONDS = 0.05
 
 #: Errors after which a transactional producer can no longer be used: another instance with the
-#: same transactional id took over (or the broker says this producer's epoch is stale).
+#: same transactional id took over (or the broker says this producer's epoch is stale). Apache
+#: Kafka's fencing reaches librdkafka as a fatal error; the embedded broker's as an abortable one.
 _FENCED = frozenset({KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH})
 
 

@@ -71,6 +71,8 @@ class RdKafkaRecordSource(RecordSource):
     def __init__(self, settings: KafkaSettings, isolation_level: str = "read_uncommitted") -> None:
         self.settings = settings
         self._start_offsets: dict[Partition, int] = {}
+        # Positions the loop made durable (its snapshot) that the group refused to commit.
+        self._uncommitted: dict[Partition, int] = {}
         self._on_assigned: Callable[[Sequence[Partition]], None] = _noop
         self._on_revoked: Callable[[Sequence[Partition]], None] = _noop
         self._in_rebalance = False
@@ -130,6 +132,11 @@ class RdKafkaRecordSource(RecordSource):
             self._in_rebalance = False
             for partition in revoked:
                 self._start_offsets.pop(partition, None)
+                # The revocation's commit failed (e.g. the session expired while the broker was
+                # away): should this consumer get the partition back, it resumes after what its
+                # snapshot holds instead of training again on records since the group's offset.
+                if partition in self._uncommitted:
+                    self._start_offsets[partition] = self._uncommitted[partition]
             consumer.unassign()
 
     # -- librdkafka callbacks: broker liveness and errors ------------------------------------------
@@ -231,18 +238,23 @@ class RdKafkaRecordSource(RecordSource):
             return
         try:
             results = self._consumer.commit(offsets=to_topic_partitions(offsets), asynchronous=False)
+            failed = [tp for tp in results or () if tp.error is not None]
+            if failed:
+                detail = ", ".join(f"{tp.topic}:{tp.partition}: {tp.error}" for tp in failed)
+                raise CommitError(f"committing offsets for group {self.settings.group_id} failed: {detail}")
         except KafkaException as exc:
+            self._uncommitted.update(offsets)
             raise CommitError(f"committing offsets for group {self.settings.group_id} failed: {exc}") from exc
-        failed = [tp for tp in results or () if tp.error is not None]
-        if failed:
-            detail = ", ".join(f"{tp.topic}:{tp.partition}: {tp.error}" for tp in failed)
-            raise CommitError(f"committing offsets for group {self.settings.group_id} failed: {detail}")
+        except CommitError:
+            self._uncommitted.update(offsets)
+            raise
         self.committed_to_group(offsets)
 
     def committed_to_group(self, offsets: Mapping[Partition, int]) -> None:
         """Called once ``offsets`` are committed (directly or by a transaction)."""
         # Later rebalances resume from the committed position; snapshot offsets are now redundant.
         for partition, offset in offsets.items():
+            self._uncommitted.pop(partition, None)
             if self._start_offsets.get(partition) == offset:
                 del self._start_offsets[partition]
 

@@ -101,6 +101,10 @@ def test_sigkill_at_random_moments_loses_nothing(rdkafka_settings, tmp_path, gua
     assert "streamvi.io.rdkafka_source:" in logs and "streamvi.io.kafka_source:" not in logs
 
 
+def test_broker_outage_readiness_and_nothing_lost(rdkafka_settings, broker):
+    test_faults.test_broker_outage_readiness_and_nothing_lost(rdkafka_settings, broker)
+
+
 def test_an_unreachable_broker_fails_the_start_naming_the_setting(rdkafka_settings):
     address = f"127.0.0.1:{free_port()}"
     settings = rdkafka_settings(
