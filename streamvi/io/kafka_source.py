@@ -39,6 +39,7 @@ class KafkaRecordSource(RecordSource):
     def __init__(self, settings: KafkaSettings, isolation_level: str = "read_uncommitted") -> None:
         self.settings = settings
         self._start_offsets: dict[Partition, int] = {}
+        self._uncommitted: dict[Partition, int] = {}  # offsets whose commit failed
         self._on_assigned: Callable[[Sequence[Partition]], None] = _noop
         self._on_revoked: Callable[[Sequence[Partition]], None] = _noop
         self._consumer = KafkaConsumer(
@@ -72,6 +73,11 @@ class KafkaRecordSource(RecordSource):
         self._on_revoked(partitions)
         for partition in partitions:
             self._start_offsets.pop(partition, None)
+            # The revocation's commit failed (e.g. the session expired while the broker was away):
+            # should this consumer get the partition back, it resumes after what its snapshot holds
+            # instead of training again on the records since the group's offset.
+            if partition in self._uncommitted:
+                self._start_offsets[partition] = self._uncommitted[partition]
 
     def set_start_offsets(self, offsets: Mapping[Partition, int]) -> None:
         self._start_offsets = dict(offsets)
@@ -109,6 +115,7 @@ class KafkaRecordSource(RecordSource):
         try:
             self._consumer.commit(to_kafka_offsets(offsets))
         except KafkaError as exc:
+            self._uncommitted.update(offsets)
             raise CommitError(f"committing offsets for group {self.settings.group_id} failed: {exc}") from exc
         self.committed_to_group(offsets)
 
@@ -116,6 +123,7 @@ class KafkaRecordSource(RecordSource):
         """Called once ``offsets`` are committed (directly or by a transaction)."""
         # Later rebalances resume from the committed position; snapshot offsets are now redundant.
         for partition, offset in offsets.items():
+            self._uncommitted.pop(partition, None)
             if self._start_offsets.get(partition) == offset:
                 del self._start_offsets[partition]
 
