@@ -66,11 +66,12 @@ def test_records_in_latents_out_then_resume(settings_factory):
     ensure_topics(kafka)
     n = 300
     good = digits_records(0, n)
-    produce_values(bootstrap, kafka.input_topic, good[:150] + [(None, v) for v in BAD] + good[150:])
+    produce_values(bootstrap, kafka.input_topic, good[:150] + [(None, v) for v in BAD])
 
     daemon = build_daemon(settings, CollectorRegistry())
     thread, result = run_in_thread(daemon, n + len(BAD))
-    # /readyz turns ready once the partition is assigned; /metrics is live during the run
+    # /readyz turns ready once the partition is assigned; /metrics is live during the run (which
+    # cannot end before the rest of the input is produced)
     base = daemon.metrics_url.rsplit("/", 1)[0]
     deadline = time.monotonic() + 30
     ready = False
@@ -80,6 +81,7 @@ def test_records_in_latents_out_then_resume(settings_factory):
         except OSError:
             time.sleep(0.1)
     live_metrics = scrape(daemon.metrics_url) if thread.is_alive() else None
+    produce_values(bootstrap, kafka.input_topic, good[150:])
     thread.join(120)
     assert not thread.is_alive()
     counts = result["counts"]
