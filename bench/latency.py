@@ -182,7 +182,7 @@ def measure_latency(
         started = time.perf_counter()
         registry = CollectorRegistry()
         daemon = build_daemon(settings, registry)
-        original_train = daemon.loop.trainer.train
+        original_train = daemon.loop.trainer.train_rows
         source = daemon.loop.source
         original_poll = source.poll
 
@@ -198,7 +198,7 @@ def measure_latency(
                 fetched.setdefault(record.key, now)
             return polled
 
-        daemon.loop.trainer.train = timed_train  # type: ignore[method-assign]
+        daemon.loop.trainer.train_rows = timed_train  # type: ignore[method-assign]
         source.poll = timed_poll  # type: ignore[method-assign]
         stop = threading.Event()
         thread, outcome = start_in_background(daemon, stop)

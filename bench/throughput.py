@@ -82,14 +82,15 @@ def train_step_rate(settings: Settings, x: np.ndarray, seconds: float = 5.0) -> 
     """The compiled step alone, on one resident batch (the first call, with the compile, is timed apart)."""
     trainer = build_trainer(settings)
     batch = settings.training.batch_size
-    buffer = np.ascontiguousarray(np.resize(x, (batch, x.shape[1])), dtype=np.float32)
+    rows = np.ones((batch, trainer.row_width), dtype=np.float32)  # [x | c | weight 1]
+    rows[:, : x.shape[1]] = np.resize(x, (batch, x.shape[1]))
     started = time.perf_counter()
-    trainer.train(buffer, batch)
+    trainer.train_rows(rows, batch)
     compile_seconds = time.perf_counter() - started
     steps = 0
     started, cpu_started = time.perf_counter(), time.process_time()
     while time.perf_counter() - started < seconds:
-        trainer.train(buffer, batch)
+        trainer.train_rows(rows, batch)
         steps += 1
     elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     return {
@@ -109,7 +110,7 @@ def end_to_end(settings: Settings, count: int, broker_pid: int) -> tuple[dict[st
     trainer = daemon.loop.trainer
     cpu = CpuSplit(broker_pid)  # made here: this thread runs the loop
     first: dict[str, float] = {}
-    original_train = trainer.train
+    original_train = trainer.train_rows
 
     def timed_train(*args, **kwargs):  # type: ignore[no-untyped-def]
         result = original_train(*args, **kwargs)
@@ -120,7 +121,7 @@ def end_to_end(settings: Settings, count: int, broker_pid: int) -> tuple[dict[st
             cpu.start()
         return result
 
-    trainer.train = timed_train  # type: ignore[method-assign]
+    trainer.train_rows = timed_train  # type: ignore[method-assign]
     counts = daemon.run(max_records=count)
     finished = time.perf_counter()
     assert counts.records_consumed == count == counts.latents_published, counts

@@ -14,15 +14,17 @@ class MicroBatcher:
     """Gathers decoded rows until ``batch_size`` records or ``max_latency_seconds`` after the first one.
 
     Besides x and the context c, each row has a training weight: 1 to train on it, 0 to only score
-    it (a held-out record); padding rows past the real ones always weigh 0.
+    it (a held-out record); padding rows past the real ones always weigh 0. All three live in one
+    array ``rows`` = [x | c | weight], so a batch goes to the device in one transfer.
     """
 
     def __init__(self, batch_size: int, dim: int, max_latency_seconds: float, context_dim: int = 0) -> None:
         self.batch_size = batch_size
         self.max_latency_seconds = max_latency_seconds
-        self.x = np.zeros((batch_size, dim), dtype=np.float32)
-        self.c = np.zeros((batch_size, context_dim), dtype=np.float32)
-        self.weights = np.zeros(batch_size, dtype=np.float32)
+        self.rows = np.zeros((batch_size, dim + context_dim + 1), dtype=np.float32)
+        self.x = self.rows[:, :dim]
+        self.c = self.rows[:, dim : dim + context_dim]
+        self.weights = self.rows[:, dim + context_dim]
         self.records: list[RawRecord] = []
         self.record_ids: list[str | None] = []
         self.opened_at: float | None = None
@@ -97,13 +99,10 @@ class MicroBatcher:
         left = self.time_left(now)
         return self.full or (left is not None and left <= 0.0)
 
-    def padded(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """x, c and weights with rows past the real records zeroed (masked out of the loss)."""
-        n = len(self.records)
-        self.x[n:] = 0.0
-        self.c[n:] = 0.0
-        self.weights[n:] = 0.0
-        return self.x, self.c, self.weights
+    def padded(self) -> np.ndarray:
+        """The [x | c | weight] rows with those past the real records zeroed (masked out of the loss)."""
+        self.rows[len(self.records) :] = 0.0
+        return self.rows
 
     def clear(self) -> None:
         self.records = []

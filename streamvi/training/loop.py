@@ -501,11 +501,11 @@ class OnlineLoop:
                 return  # rewound while waiting: the open batch was dropped
         batch = self.batcher
         n = len(batch)
-        x, c, weights = batch.padded()
+        rows = batch.padded()
         executor = self._step_thread()
-        step = executor.submit(self.trainer.train, x, n, c, weights)
+        step = executor.submit(self.trainer.train_rows, rows, n)
         heldout = None
-        if weights[:n].any():  # a step that trains advances the step counter by one
+        if batch.weights[:n].any():  # a step that trains advances the step counter by one
             self._submitted_step += 1
             evaluation = self.evaluation
             if evaluation is not None and self._submitted_step % evaluation.every_steps == 0:

@@ -92,6 +92,11 @@ def build_optimizer(settings: TrainingSettings) -> tf_keras.optimizers.Optimizer
     return optimizer
 
 
+#: Figures of a step that follow its scores, in one extra row: loss, gradient norm, learning rate,
+#: whether the update was finite, and the step count's low and high 24 bits.
+_FIGURES = 6
+
+
 class Trainer:
     """Owns the model's update: optimizer, step counter and RNG, all of which a snapshot saves."""
 
@@ -181,7 +186,11 @@ class Trainer:
     def _seed(self) -> tf.Tensor:
         return tf.cast(self.rng.make_seeds(1)[:, 0], tf.int32)
 
-    def _train_step(self, x: tf.Tensor, c: tf.Tensor, weights: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def _train_step(self, rows: tf.Tensor) -> tf.Tensor:
+        """One update from the [x | c | weight] rows; returns the per-record scores with one more
+        row for the step's figures, so one copy goes in and one comes out."""
+        dim, context = self.model.input_dim, self.context_dim
+        x, c, weights = rows[:, :dim], rows[:, dim : dim + context], rows[:, dim + context]
         variables = self.trainable_variables
         with tf.GradientTape() as tape:
             terms = self.estimator.terms(self.model, x, c, self._seed(), self.step_counter)
@@ -211,10 +220,18 @@ class Trainer:
         gate = trains if self._loss_scaled else tf.logical_and(trains, finite)
         tf.cond(gate, apply, lambda: tf.constant(False))
         step = self.step_counter.assign_add(tf.cast(trains, tf.int64))
-        learning_rate = self.optimizer.learning_rate
-        scalars = [loss, grad_norm, learning_rate, tf.cast(finite, tf.float32), step]
-        # float64 holds every step count exactly (up to 2**53) next to the float32 figures.
-        return self._pack(terms), tf.stack([tf.cast(v, tf.float64) for v in scalars])
+        # The step count travels as two float32 halves of 24 bits each, exact up to 2**48 steps.
+        figures = [loss, grad_norm, self.optimizer.learning_rate, finite, step % 2**24, step // 2**24]
+        figures_row = tf.stack([tf.cast(v, tf.float32) for v in figures])[None, :]
+        packed = self._pack(terms)
+        width = max(int(packed.shape[1]), _FIGURES)
+        return tf.concat(
+            [
+                tf.pad(packed, [[0, 0], [0, width - int(packed.shape[1])]]),
+                tf.pad(figures_row, [[0, 0], [0, width - _FIGURES]]),
+            ],
+            axis=0,
+        )
 
     def _eval_step(self, x: tf.Tensor, c: tf.Tensor) -> tf.Tensor:
         return self._pack(self.estimator.terms(self.model, x, c, self._seed(), self.step_counter))
@@ -238,25 +255,44 @@ class Trainer:
         (score-then-train) evaluation. A batch with no trainable row is scored without an update.
         """
         self._check_shape(x, n)
-        c = self._context(c, x.shape[0])
-        if weights is None:
-            weights = (np.arange(self.batch_size) < n).astype(np.float32)
-        trained = int(np.count_nonzero(weights[:n]))
+        rows = np.empty((self.batch_size, self.row_width), dtype=np.float32)
+        rows[:, : x.shape[1]] = x
+        rows[:, x.shape[1] : -1] = self._context(c, x.shape[0])
+        rows[:, -1] = (np.arange(self.batch_size) < n) if weights is None else weights
+        return self.train_rows(rows, n)
+
+    @property
+    def row_width(self) -> int:
+        """Columns of a batch as ``train_rows`` takes it: x, then the context, then the weight."""
+        return self.model.input_dim + self.context_dim + 1
+
+    def train_rows(self, rows: np.ndarray, n: int) -> StepResult:
+        """``train`` on a batch already laid out as [x | c | weight] rows (the micro-batcher's
+        buffer): one host-to-device copy in, one device-to-host copy out."""
+        if rows.shape != (self.batch_size, self.row_width) or rows.dtype != np.float32:
+            raise ValueError(
+                f"batch rows must be float32 of shape {(self.batch_size, self.row_width)}, "
+                f"got {rows.dtype} {rows.shape}"
+            )
+        if not 0 < n <= self.batch_size:
+            raise ValueError(f"batch must hold 1..{self.batch_size} real records, got {n}")
+        trained = int(np.count_nonzero(rows[:n, -1]))
         started = time.perf_counter()
         # Every call into TensorFlow releases the GIL and must win it back from the loop's thread,
-        # so the step makes as few as it can: one per input, the step, one copy out per output.
+        # so the step makes as few as it can: one copy in, the step, one copy out.
         with self._placement():
             if trained == 0:
-                packed = self._eval_fn(tf.constant(x), tf.constant(c))
-                scalars = np.array([np.nan, 0.0, np.nan, 1.0, self.step], dtype=np.float64)
+                x, c = rows[:, : self.model.input_dim], rows[:, self.model.input_dim : -1]
+                packed = self._eval_fn(tf.constant(x), tf.constant(c)).numpy()
+                loss, grad_norm, learning_rate, finite, step = np.nan, 0.0, np.nan, 1.0, self.step
             else:
-                packed, scalar_tensor = self._train_fn(tf.constant(x), tf.constant(c), tf.constant(weights))
-                scalars = scalar_tensor.numpy()
-        packed_np = packed.numpy()
-        loss, grad_norm, learning_rate, finite, step = (float(v) for v in scalars)
+                out = self._train_fn(tf.constant(rows)).numpy()
+                packed, figures = out[: self.batch_size], out[self.batch_size]
+                loss, grad_norm, learning_rate, finite = (float(v) for v in figures[:4])
+                step = int(figures[4]) + (int(figures[5]) << 24)
         return StepResult(
-            scores=BatchScores.unpack(packed_np, n, self.summary_size),
-            step=int(step),
+            scores=BatchScores.unpack(packed, n, self.summary_size),
+            step=step,
             loss=loss,
             grad_norm=grad_norm,
             learning_rate=learning_rate,
@@ -272,14 +308,11 @@ class Trainer:
         so a warmed-up trainer continues exactly as a cold one would. The daemon runs this while its
         consumer joins the group, so the compile is off the path to the first trained batch.
         """
-        x = np.zeros((self.batch_size, self.model.input_dim), dtype=np.float32)
-        c = np.zeros((self.batch_size, self.context_dim), dtype=np.float32)
-        weights = np.zeros(self.batch_size, dtype=np.float32)
+        rows = np.zeros((self.batch_size, self.row_width), dtype=np.float32)
         started = time.perf_counter()
         with self._placement():
             rng_state = tf.identity(self.rng.state)
-            _, scalars = self._train_fn(tf.constant(x), tf.constant(c), tf.constant(weights))
-            scalars.numpy()  # waits for the step to have run
+            self._train_fn(tf.constant(rows)).numpy()
             self.rng.reset(rng_state)
         return time.perf_counter() - started
 

@@ -188,7 +188,7 @@ def test_slow_steps_keep_the_consumer_in_its_group(settings_factory):
     produce(kafka.bootstrap_servers[0], kafka.input_topic, sequenced_records(0, 96))
     daemon = build_daemon(settings, CollectorRegistry())
     loop = daemon.loop
-    train, write = loop.trainer.train, loop.store.write
+    train, write = loop.trainer.train_rows, loop.store.write
 
     def slow_train(*args, **kwargs):
         time.sleep(2.5)  # longer than max_poll_interval_ms
@@ -198,7 +198,7 @@ def test_slow_steps_keep_the_consumer_in_its_group(settings_factory):
         time.sleep(2.5)
         return write(*args, **kwargs)
 
-    loop.trainer.train = slow_train
+    loop.trainer.train_rows = slow_train
     loop.store.write = slow_write
     assignments = []
     on_assigned = loop._on_assigned

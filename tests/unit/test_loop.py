@@ -215,14 +215,14 @@ def test_a_full_pipeline_holds_back_fetching(tmp_path):
 
     source, sink = MemorySource(records(48)), MemorySink()
     loop = make_loop(source, sink, SnapshotStore(tmp_path), every_steps=100, pipeline_depth=depth)
-    train = loop.trainer.train
+    train = loop.trainer.train_rows
 
     def slow_train(*args, **kwargs):
         seen.append(len(loop._pipeline))
         time.sleep(0.05)
         return train(*args, **kwargs)
 
-    loop.trainer.train = slow_train
+    loop.trainer.train_rows = slow_train
     polled = []
     original_poll = source.poll
 

@@ -115,7 +115,7 @@ def test_exactly_once_survives_a_crash_in_every_window(tmp_path, window):
         return wrapped
 
     if window == "mid_batch":
-        loop.trainer.train = crash_on_third(loop.trainer.train)
+        loop.trainer.train_rows = crash_on_third(loop.trainer.train_rows)
     elif window == "mid_snapshot":
         loop.store.write = crash_on_third(loop.store.write)
     else:  # before the transaction commits, or right after it (before pruning)
