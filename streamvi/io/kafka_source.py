@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from kafka import KafkaConsumer
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
@@ -13,13 +13,10 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from streamvi.config import KafkaSettings
 from streamvi.errors import CommitError
-from streamvi.io.base import Partition, RawRecord, RecordSource
+from streamvi.io.base import Partition, RawRecord
+from streamvi.io.group import GroupRecordSource
 
 log = logging.getLogger(__name__)
-
-
-def _noop(partitions: Sequence[Partition]) -> None:
-    return None
 
 
 class _Listener(ConsumerRebalanceListener):
@@ -33,15 +30,12 @@ class _Listener(ConsumerRebalanceListener):
         self.source._assigned([(tp.topic, tp.partition) for tp in assigned])
 
 
-class KafkaRecordSource(RecordSource):
+class KafkaRecordSource(GroupRecordSource):
     """Consumes ``kafka.input_topic``; offsets are committed only when the loop says so."""
 
     def __init__(self, settings: KafkaSettings, isolation_level: str = "read_uncommitted") -> None:
         self.settings = settings
-        self._start_offsets: dict[Partition, int] = {}
-        self._uncommitted: dict[Partition, int] = {}  # offsets whose commit failed
-        self._on_assigned: Callable[[Sequence[Partition]], None] = _noop
-        self._on_revoked: Callable[[Sequence[Partition]], None] = _noop
+        super().__init__()
         self._consumer = KafkaConsumer(
             **settings.client_options(),
             group_id=settings.group_id,
@@ -61,34 +55,14 @@ class KafkaRecordSource(RecordSource):
     # rebalance hooks, called from inside poll() on the loop's thread
     def _assigned(self, partitions: list[Partition]) -> None:
         for partition in partitions:
-            offset = self._start_offsets.get(partition)
+            offset = self.start_offset(partition, log)
             if offset is not None:
-                log.info("partition %s:%d assigned, resuming at snapshot offset %d", *partition, offset)
                 self._consumer.seek(TopicPartition(*partition), offset)
-            else:
-                log.info("partition %s:%d assigned, resuming at the group's committed offset", *partition)
         self._on_assigned(partitions)
 
     def _revoked(self, partitions: list[Partition]) -> None:
         self._on_revoked(partitions)
-        for partition in partitions:
-            self._start_offsets.pop(partition, None)
-            # The revocation's commit failed (e.g. the session expired while the broker was away):
-            # should this consumer get the partition back, it resumes after what its snapshot holds
-            # instead of training again on the records since the group's offset.
-            if partition in self._uncommitted:
-                self._start_offsets[partition] = self._uncommitted[partition]
-
-    def set_start_offsets(self, offsets: Mapping[Partition, int]) -> None:
-        self._start_offsets = dict(offsets)
-
-    def set_rebalance_callbacks(
-        self,
-        on_assigned: Callable[[Sequence[Partition]], None],
-        on_revoked: Callable[[Sequence[Partition]], None],
-    ) -> None:
-        self._on_assigned = on_assigned
-        self._on_revoked = on_revoked
+        self.forget_revoked(partitions)
 
     def poll(self, timeout_seconds: float, max_records: int) -> list[RawRecord]:
         batches = self._consumer.poll(timeout_ms=int(timeout_seconds * 1000), max_records=max_records)
@@ -115,17 +89,9 @@ class KafkaRecordSource(RecordSource):
         try:
             self._consumer.commit(to_kafka_offsets(offsets))
         except KafkaError as exc:
-            self._uncommitted.update(offsets)
+            self.commit_failed(offsets)
             raise CommitError(f"committing offsets for group {self.settings.group_id} failed: {exc}") from exc
         self.committed_to_group(offsets)
-
-    def committed_to_group(self, offsets: Mapping[Partition, int]) -> None:
-        """Called once ``offsets`` are committed (directly or by a transaction)."""
-        # Later rebalances resume from the committed position; snapshot offsets are now redundant.
-        for partition, offset in offsets.items():
-            self._uncommitted.pop(partition, None)
-            if self._start_offsets.get(partition) == offset:
-                del self._start_offsets[partition]
 
     def committed_offsets(self, partitions: Sequence[Partition]) -> dict[Partition, int]:
         found: dict[Partition, int] = {}
@@ -139,7 +105,7 @@ class KafkaRecordSource(RecordSource):
         return self._consumer.group_metadata()
 
     def seek(self, offsets: Mapping[Partition, int]) -> None:
-        self._start_offsets.update(offsets)
+        self.rewind_to(offsets)
         assigned = self._consumer.assignment()
         unlisted = [tp for tp in assigned if (tp.topic, tp.partition) not in offsets]
         committed = self.committed_offsets([(tp.topic, tp.partition) for tp in unlisted])

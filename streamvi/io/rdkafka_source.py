@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import orjson
 from confluent_kafka import (
@@ -25,7 +25,8 @@ from confluent_kafka import (
 
 from streamvi.config import KafkaSettings
 from streamvi.errors import CommitError
-from streamvi.io.base import Partition, RawRecord, RecordSource
+from streamvi.io.base import Partition, RawRecord
+from streamvi.io.group import GroupRecordSource
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +51,13 @@ _FATAL_FETCH_ERRORS = frozenset(
 )
 
 
-def _noop(partitions: Sequence[Partition]) -> None:
-    return None
-
-
 def kafka_error(exc: KafkaException) -> KafkaError | None:
     """The ``KafkaError`` a librdkafka exception carries, if any."""
     error = exc.args[0] if exc.args else None
     return error if isinstance(error, KafkaError) else None
 
 
-class RdKafkaRecordSource(RecordSource):
+class RdKafkaRecordSource(GroupRecordSource):
     """Consumes ``kafka.input_topic`` through librdkafka; offsets are committed only when told to.
 
     Rebalances are eager (range/round-robin assignors): every partition is revoked, then the new
@@ -69,12 +66,8 @@ class RdKafkaRecordSource(RecordSource):
     """
 
     def __init__(self, settings: KafkaSettings, isolation_level: str = "read_uncommitted") -> None:
+        super().__init__()
         self.settings = settings
-        self._start_offsets: dict[Partition, int] = {}
-        # Positions the loop made durable (its snapshot) that the group refused to commit.
-        self._uncommitted: dict[Partition, int] = {}
-        self._on_assigned: Callable[[Sequence[Partition]], None] = _noop
-        self._on_revoked: Callable[[Sequence[Partition]], None] = _noop
         self._in_rebalance = False
         self._closed = False
         # connected(): the monotonic time the broker was last known to answer, written by the
@@ -109,13 +102,9 @@ class RdKafkaRecordSource(RecordSource):
         for tp in partitions:
             partition = (tp.topic, tp.partition)
             assigned.append(partition)
-            offset = self._start_offsets.get(partition)
-            if offset is not None:
-                log.info("partition %s:%d assigned, resuming at snapshot offset %d", *partition, offset)
-                tp.offset = offset
-            else:
-                log.info("partition %s:%d assigned, resuming at the group's committed offset", *partition)
-                tp.offset = OFFSET_INVALID  # the committed offset, or the beginning without one
+            offset = self.start_offset(partition, log)
+            # OFFSET_INVALID: the committed offset, or the beginning without one
+            tp.offset = OFFSET_INVALID if offset is None else offset
         consumer.assign(partitions)
         self._in_rebalance = True
         try:
@@ -130,13 +119,7 @@ class RdKafkaRecordSource(RecordSource):
             self._on_revoked(revoked)
         finally:
             self._in_rebalance = False
-            for partition in revoked:
-                self._start_offsets.pop(partition, None)
-                # The revocation's commit failed (e.g. the session expired while the broker was
-                # away): should this consumer get the partition back, it resumes after what its
-                # snapshot holds instead of training again on records since the group's offset.
-                if partition in self._uncommitted:
-                    self._start_offsets[partition] = self._uncommitted[partition]
+            self.forget_revoked(revoked)
             consumer.unassign()
 
     # -- librdkafka callbacks: broker liveness and errors ------------------------------------------
@@ -172,17 +155,6 @@ class RdKafkaRecordSource(RecordSource):
             log.warning("Kafka consumer: %s (%s)", error.str(), error.name())
 
     # -- the interface -----------------------------------------------------------------------------
-    def set_start_offsets(self, offsets: Mapping[Partition, int]) -> None:
-        self._start_offsets = dict(offsets)
-
-    def set_rebalance_callbacks(
-        self,
-        on_assigned: Callable[[Sequence[Partition]], None],
-        on_revoked: Callable[[Sequence[Partition]], None],
-    ) -> None:
-        self._on_assigned = on_assigned
-        self._on_revoked = on_revoked
-
     def poll(self, timeout_seconds: float, max_records: int) -> list[RawRecord]:
         """Return what librdkafka has prefetched (up to ``max_records``) at once; wait up to
         ``timeout_seconds`` only when it has nothing."""
@@ -243,20 +215,12 @@ class RdKafkaRecordSource(RecordSource):
                 detail = ", ".join(f"{tp.topic}:{tp.partition}: {tp.error}" for tp in failed)
                 raise CommitError(f"committing offsets for group {self.settings.group_id} failed: {detail}")
         except KafkaException as exc:
-            self._uncommitted.update(offsets)
+            self.commit_failed(offsets)
             raise CommitError(f"committing offsets for group {self.settings.group_id} failed: {exc}") from exc
         except CommitError:
-            self._uncommitted.update(offsets)
+            self.commit_failed(offsets)
             raise
         self.committed_to_group(offsets)
-
-    def committed_to_group(self, offsets: Mapping[Partition, int]) -> None:
-        """Called once ``offsets`` are committed (directly or by a transaction)."""
-        # Later rebalances resume from the committed position; snapshot offsets are now redundant.
-        for partition, offset in offsets.items():
-            self._uncommitted.pop(partition, None)
-            if self._start_offsets.get(partition) == offset:
-                del self._start_offsets[partition]
 
     def committed_offsets(self, partitions: Sequence[Partition]) -> dict[Partition, int]:
         if not partitions:
@@ -273,7 +237,7 @@ class RdKafkaRecordSource(RecordSource):
         return self._consumer.consumer_group_metadata()
 
     def seek(self, offsets: Mapping[Partition, int]) -> None:
-        self._start_offsets.update(offsets)
+        self.rewind_to(offsets)
         assigned = self._consumer.assignment()
         if not assigned:
             return
