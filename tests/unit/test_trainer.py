@@ -139,3 +139,11 @@ def test_warm_up_compiles_the_step_and_changes_nothing(trained_before):
         assert a.step == b.step and a.loss == b.loss
         assert np.array_equal(a.scores.bound, b.scores.bound)
     assert warm._train_fn.experimental_get_tracing_count() == 1
+
+
+def test_step_counts_beyond_float32_precision_come_back_exact():
+    """The step count rides in the step's single float32 output as two 24-bit halves."""
+    trainer = make()
+    start = 2**24 + 2**30 + 1  # not representable in float32
+    trainer.step_counter.assign(start)
+    assert trainer.train(data(8), 8).step == start + 1 == trainer.step
