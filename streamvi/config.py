@@ -303,6 +303,12 @@ class TrainingSettings(_Section):
     device: str | None = None
     mixed_precision: Literal["off", "mixed_float16", "mixed_bfloat16"] = "off"
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        """YAML reads a bare ``off`` (in a file or a ``--set``) as false: it means ``"off"``."""
+        return "off" if value is False else value
+
 
 class EvaluationSettings(_Section):
     """Honest evaluation while streaming: a hash-selected held-out reservoir that is never trained on."""

@@ -42,6 +42,18 @@ def test_set_parses_yaml_values():
     }
 
 
+def test_mixed_precision_off_survives_yaml(tmp_path):
+    # YAML 1.1 reads a bare `off` as false, in a file and in --set alike.
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  mixed_precision: off\n")
+    assert load_settings(path, environ={}).training.mixed_precision == "off"
+    overrides = ["training.mixed_precision=mixed_bfloat16", "training.mixed_precision=off"]
+    from_set = load_settings(None, overrides)
+    assert from_set.training.mixed_precision == "off"
+    with pytest.raises(ConfigError, match=r"training\.mixed_precision"):
+        load_settings(None, ["training.mixed_precision=on"])
+
+
 def test_bootstrap_servers_accepts_comma_string():
     settings = load_settings(environ={"STREAMVI_KAFKA__BOOTSTRAP_SERVERS": "a:1, b:2"})
     assert settings.kafka.bootstrap_servers == ["a:1", "b:2"]
