@@ -94,6 +94,30 @@ def test_mixed_precision_policy_trains_with_float32_outputs():
     assert np.isfinite(result.scores.bound).all() and np.isfinite(result.loss)
 
 
+@pytest.mark.parametrize("jit", ["true", "false"])
+@pytest.mark.parametrize(
+    ("policy", "unit_roundoff"), [("mixed_float16", 2.0**-11), ("mixed_bfloat16", 2.0**-8)]
+)
+def test_mixed_precision_bound_is_the_float32_bound_up_to_rounding(policy, unit_roundoff, jit):
+    """Same weights, same noise: the reduced-precision hidden layers (one in the encoder, one in the
+    decoder) each round their inputs, weights and outputs (relative error <= u each), so to first
+    order a record's bound moves by at most ~6u of the magnitude of its terms (|bound| = |log p| + KL
+    for a Bernoulli VAE); 8u leaves room for the rounding inside the matrix products."""
+    full = make(f"training.jit_compile={jit}")
+    mixed = make(f"training.mixed_precision={policy}", f"training.jit_compile={jit}")
+    assert mixed.model.encoder.layers[0].compute_dtype == policy.removeprefix("mixed_")
+    for target, source in zip(mixed.model.trainable_variables, full.model.trainable_variables, strict=True):
+        target.assign(source)
+    x = data(64)
+    expected, got = full.evaluate(x), mixed.evaluate(x)
+    difference = np.abs(got.bound - expected.bound)
+    assert difference.max() > 0  # the policy really computes in reduced precision
+    np.testing.assert_array_less(difference, 8 * unit_roundoff * np.abs(expected.bound))
+    np.testing.assert_array_less(
+        np.abs(got.z_loc - expected.z_loc), 8 * unit_roundoff * (np.abs(expected.z_loc) + 1.0)
+    )
+
+
 def test_step_is_compiled_once_for_partial_batches():
     trainer = make()
     x = data(8)
