@@ -187,7 +187,7 @@ class RecordDecoder:
             if not isinstance(document, simdjson.Object):
                 raise _NotFast
             record_id = document.get("id")
-            if record_id is not None and not isinstance(record_id, str | int):
+            if not _valid_id(record_id):
                 raise _NotFast
             for field, length in (("x", self.dim), ("c", self.context_dim)):
                 if length:
@@ -225,8 +225,9 @@ class RecordDecoder:
         if x.shape[0] != self.dim:
             raise DecodeError("wrong_length", f"'x' has {x.shape[0]} values, expected input.dim={self.dim}")
         record_id = document.get("id")
-        if record_id is not None and not isinstance(record_id, str | int):
-            raise DecodeError("wrong_type", f"'id' must be a string, got {type(record_id).__name__}")
+        if not _valid_id(record_id):
+            kind = type(record_id).__name__
+            raise DecodeError("wrong_type", f"'id' must be a string or an integer, got {kind}")
         c = self._no_context
         if self.context_dim:
             if "c" not in document:
@@ -241,6 +242,11 @@ class RecordDecoder:
 
 
 _NUMBER_TYPES = frozenset({int, float})
+
+
+def _valid_id(record_id: Any) -> bool:
+    """A record id is a string (or an integer, taken as its decimal string); true/false are not ids."""
+    return record_id is None or isinstance(record_id, str) or type(record_id) is int
 
 
 def _as_vector(values: Any, field: str) -> np.ndarray:

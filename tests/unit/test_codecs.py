@@ -70,6 +70,8 @@ def test_f32_round_trip():
         ("json", b'{"x": [1, "2", 3, 4]}', "wrong_type"),
         ("json", b'{"x": [1, true, 3, 4]}', "wrong_type"),
         ("json", b'{"x": [1, 2, 3, 4], "id": {"a": 1}}', "wrong_type"),
+        ("json", b'{"x": [1, 2, 3, 4], "id": true}', "wrong_type"),
+        ("json", b'{"x": [1, 2, 3, 4], "id": 1.5}', "wrong_type"),
         ("json", b'{"x": [1, 2, 3]}', "wrong_length"),
         ("json", b'{"x": [1, 2, 3, 1e39]}', "non_finite"),
         ("json", b'{"x": [1, 2, 3, NaN]}', "invalid_json"),
