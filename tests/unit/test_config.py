@@ -48,10 +48,10 @@ def test_mixed_precision_off_survives_yaml(tmp_path):
     path.write_text("training:\n  mixed_precision: off\n")
     assert load_settings(path, environ={}).training.mixed_precision == "off"
     overrides = ["training.mixed_precision=mixed_bfloat16", "training.mixed_precision=off"]
-    from_set = load_settings(None, overrides)
+    from_set = load_settings(None, overrides, environ={})
     assert from_set.training.mixed_precision == "off"
     with pytest.raises(ConfigError, match=r"training\.mixed_precision"):
-        load_settings(None, ["training.mixed_precision=on"])
+        load_settings(None, ["training.mixed_precision=on"], environ={})
 
 
 def test_bootstrap_servers_accepts_comma_string():

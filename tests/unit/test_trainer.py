@@ -102,7 +102,9 @@ def test_mixed_precision_bound_is_the_float32_bound_up_to_rounding(policy, unit_
     """Same weights, same noise: the reduced-precision hidden layers (one in the encoder, one in the
     decoder) each round their inputs, weights and outputs (relative error <= u each), so to first
     order a record's bound moves by at most ~6u of the magnitude of its terms (|bound| = |log p| + KL
-    for a Bernoulli VAE); 8u leaves room for the rounding inside the matrix products."""
+    for a Bernoulli VAE); 8u leaves room for the rounding inside the matrix products. z_loc comes
+    from a float32 layer on the rounded hidden units: the same bound relative to its magnitude,
+    floored at 1, the prior's scale."""
     full = make(f"training.jit_compile={jit}")
     mixed = make(f"training.mixed_precision={policy}", f"training.jit_compile={jit}")
     assert mixed.model.encoder.layers[0].compute_dtype == policy.removeprefix("mixed_")
