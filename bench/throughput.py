@@ -192,14 +192,19 @@ def measure_format(args: argparse.Namespace, fmt: str) -> dict[str, Any]:
         x = payload(1000, args.dim)
         record_bytes = produce(settings, x, args.records, fmt)
         consume = consume_decode_rate(settings, args.records)
-        step = train_step_rate(settings, x)
+        # The step alone is timed before and after the end-to-end run, and the faster of the two is
+        # the machine's step rate: on a shared machine one window can run slow and flatter the ratio.
+        step_windows = [train_step_rate(settings, x)]
         e2e, daemon_trainer = end_to_end(settings, args.records, broker.pid)
+        step_windows.append(train_step_rate(settings, x))
+        step = max(step_windows, key=lambda window: window["records_per_s"])
         slowest = min(consume["records_per_s"], step["records_per_s"])
         figures: dict[str, Any] = {
             "record_bytes": record_bytes,
             "end_to_end_records_per_s": round(e2e["records_per_s"], 1),
             "consume_decode_records_per_s": round(consume["records_per_s"], 1),
             "train_step_records_per_s": round(step["records_per_s"], 1),
+            "train_step_records_per_s_before_and_after": [round(w["records_per_s"], 1) for w in step_windows],
             "ratio_to_slowest_part": round(e2e["records_per_s"] / slowest, 3),
             "cpu": {
                 "end_to_end": e2e["cpu"],
