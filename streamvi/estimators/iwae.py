@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from streamvi.estimators.base import BoundTerms, Estimator, draw, elbo_parts, log_mean_exp
+from streamvi.estimators.base import BoundTerms, Estimator, draw, elbo_parts, exact_draws, log_mean_exp
 from streamvi.model.vae import VAE
 
 
 class ImportanceWeighted(Estimator):
-    """log (1/k) sum_i p(x, z_i) / q(z_i|x) with k reparameterised draws: a tighter bound than the ELBO."""
+    """log (1/k) sum_i p(x, z_i) / q(z_i|x) with k reparameterised draws: a tighter bound than the ELBO.
+
+    With relaxed (Gumbel-softmax) draws the gradient is the relaxed model's; the reported bound is
+    the discrete model's IWAE-k, on k exact draws.
+    """
 
     name = "iwae"
 
@@ -19,10 +23,12 @@ class ImportanceWeighted(Estimator):
 
     def terms(self, model: VAE, x: tf.Tensor, c: tf.Tensor, seed: tf.Tensor, step: tf.Tensor) -> BoundTerms:
         draws = draw(model, x, c, self.samples, seed, step)
-        bound = log_mean_exp(draws.log_weight)
-        kl, reconstruction = elbo_parts(draws)
+        exact = exact_draws(model, x, c, draws, seed, step)
+        bound = log_mean_exp(exact.exact_log_weight)
+        surrogate = bound if exact is draws else log_mean_exp(draws.log_weight)
+        kl, reconstruction = elbo_parts(exact)
         z_loc, z_scale = draws.summary(model, step)
-        return BoundTerms(bound, kl, reconstruction, bound, z_loc, z_scale)
+        return BoundTerms(bound, kl, reconstruction, surrogate, z_loc, z_scale)
 
 
 class DoublyReparameterized(ImportanceWeighted):
@@ -45,7 +51,8 @@ class DoublyReparameterized(ImportanceWeighted):
         surrogate = tf.reduce_sum(
             weights**2 * log_weight_path + (weights - weights**2) * decoder_only, axis=0
         )
-        bound = log_mean_exp(draws.log_weight)
-        kl, reconstruction = elbo_parts(draws)
+        exact = exact_draws(model, x, c, draws, seed, step)
+        bound = log_mean_exp(exact.exact_log_weight)
+        kl, reconstruction = elbo_parts(exact)
         z_loc, z_scale = draws.summary(model, step)
         return BoundTerms(bound, kl, reconstruction, surrogate, z_loc, z_scale)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import tensorflow as tf
 import tf_keras
 
-from streamvi.estimators.base import BoundTerms, Estimator, draw, elbo_parts
+from streamvi.estimators.base import BoundTerms, Estimator, draw, elbo_parts, masked_mean
 from streamvi.model.vae import VAE
 
 
@@ -71,25 +71,35 @@ class ScoreFunction(Estimator):
         signal = tf.stop_gradient(draws.log_weight)  # [S, B], the learning signal per draw
         baseline = self._baseline(x, c)  # [B]
         advantage = signal - tf.stop_gradient(baseline)
+        # A non-finite signal (an outlier's infinite term) gets no gradient: in a held-out or padding
+        # row the loss's zero weight would meet it as 0 x inf = NaN; in a trained row the loss
+        # itself is then non-finite and the step skips its update.
+        advantage = tf.where(tf.math.is_finite(advantage), advantage, tf.zeros_like(advantage))
         surrogate = tf.reduce_mean(advantage * draws.sample.log_q + draws.log_likelihood, axis=0)
         if self.network is not None:
             residual = tf.abs(signal - baseline[None, :])
             huber = tf.where(residual <= 1.0, 0.5 * tf.square(residual), residual - 0.5)
             surrogate = surrogate - tf.reduce_mean(huber, axis=0)  # fits b(x, c); touches no other variable
-        bound = tf.reduce_mean(draws.log_weight, axis=0)
+        bound = tf.reduce_mean(draws.exact_log_weight, axis=0)  # draws without reparameterisation are exact
         kl, reconstruction = elbo_parts(draws)
         z_loc, z_scale = draws.summary(model, step)
         return BoundTerms(
             bound, kl, reconstruction, surrogate, z_loc, z_scale, signal=tf.reduce_mean(signal, 0)
         )
 
-    def loss(self, terms: BoundTerms, weights: tf.Tensor) -> tf.Tensor:
-        """The REINFORCE loss; also folds this batch's mean learning signal into the running baseline."""
-        if self.baseline != "none" and terms.signal is not None:
-            w = tf.cast(weights, tf.float32)
-            total = tf.reduce_sum(w)
-            batch_mean = tf.reduce_sum(terms.signal * w) / tf.maximum(total, 1.0)
-            keep = tf.where(total > 0, self.decay, 1.0)
-            self.running_sum.assign(keep * self.running_sum + (1.0 - keep) * batch_mean)
-            self.running_weight.assign(keep * self.running_weight + (1.0 - keep))
-        return super().loss(terms, weights)
+    def update_state(self, terms: BoundTerms, weights: tf.Tensor) -> None:
+        """Fold this batch's mean learning signal into the running baseline (bias-corrected EMA).
+
+        Called by the trainer only for applied updates; a batch whose mean signal is not finite
+        (a record with an infinite term) leaves the average as it was instead of poisoning it.
+        """
+        if self.baseline == "none" or terms.signal is None:
+            return
+        w = tf.cast(weights, tf.float32)
+        total = tf.reduce_sum(w)
+        batch_mean = masked_mean(terms.signal, w)
+        folds = tf.logical_and(total > 0, tf.math.is_finite(batch_mean))
+        keep = tf.where(folds, self.decay, 1.0)
+        contribution = tf.where(folds, (1.0 - keep) * batch_mean, 0.0)
+        self.running_sum.assign(keep * self.running_sum + contribution)
+        self.running_weight.assign(keep * self.running_weight + (1.0 - keep))

@@ -22,6 +22,16 @@ class LatentSample:
     log_q: tf.Tensor
     log_q_stopped: tf.Tensor
     log_prior: tf.Tensor
+    #: log q(z|x) and log p(z) of the decoder input's forward value under the model's own latent
+    #: distribution, when that value is an exact draw of q(z|x): the reported bounds are built from
+    #: these. None for relaxed (Gumbel-softmax) draws, which are not draws of the model's latent.
+    exact_log_q: tf.Tensor | None = None
+    exact_log_prior: tf.Tensor | None = None
+
+    @property
+    def exact(self) -> bool:
+        """True when the decoder's forward input is an exact draw of q(z|x) with known densities."""
+        return self.exact_log_q is not None and self.exact_log_prior is not None
 
 
 class LatentFamily(tf.Module, ABC):
@@ -43,7 +53,10 @@ class LatentFamily(tf.Module, ABC):
     def sample(
         self, params: tf.Tensor, samples: int, seed: tf.Tensor, step: tf.Tensor, reparameterized: bool = True
     ) -> LatentSample:
-        """``samples`` draws per record; reparameterised (pathwise gradients) unless told otherwise."""
+        """``samples`` draws per record; reparameterised (pathwise gradients) unless told otherwise.
+
+        Draws without reparameterisation are always exact draws of q(z|x) (``LatentSample.exact``).
+        """
 
     @abstractmethod
     def analytic_kl(self, params: tf.Tensor, step: tf.Tensor) -> tf.Tensor:

@@ -47,7 +47,8 @@ class DiagonalGaussian(LatentFamily):
         if not reparameterized:
             z = tf.stop_gradient(z)
         stopped = self._q(tf.stop_gradient(params))
-        return LatentSample(z, q.log_prob(z), stopped.log_prob(z), self._prior(z).log_prob(z))
+        log_q, log_prior = q.log_prob(z), self._prior(z).log_prob(z)
+        return LatentSample(z, log_q, stopped.log_prob(z), log_prior, log_q, log_prior)
 
     def analytic_kl(self, params: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
         q = self._q(params)
@@ -61,12 +62,16 @@ class DiagonalGaussian(LatentFamily):
 class GumbelSoftmax(LatentFamily):
     """M categorical latents with K classes each, relaxed to Gumbel-softmax (Concrete) samples.
 
-    Reparameterised draws are y = softmax((logits + g) / tau) with Gumbel noise g, at a temperature
-    tau(step) = max(floor, start * exp(-rate * step)); densities are evaluated in log space
-    (ExpRelaxedOneHotCategorical) for stability. The prior is the uniform categorical (relaxed at
-    the same temperature for density ratios). With ``straight_through`` the decoder sees the hard
-    one-hot argmax while gradients flow through the soft sample. Without reparameterisation
-    (score function) the draws are exact one-hot categorical samples.
+    The model is the discrete one: z is M one-hot vectors, q(z|x) a product of categoricals and
+    p(z) uniform. Reparameterised draws relax it: y = softmax((logits + g) / tau) with Gumbel noise
+    g, at a temperature tau(step) = max(floor, start * exp(-rate * step)); their densities are the
+    relaxed (Concrete) ones, evaluated in log space (ExpRelaxedOneHotCategorical) for stability, with
+    the prior relaxed at the same temperature. Relaxed draws serve the training gradient only; they
+    are not draws of the model, so they carry no exact densities. With ``straight_through`` the
+    decoder sees the hard one-hot argmax of the relaxed draw, which is an exact categorical draw
+    (the Gumbel-max trick), while gradients flow through the soft sample; its categorical
+    densities are exact. Without reparameterisation (score function) the draws are exact one-hot
+    categorical samples.
     """
 
     name = "gumbel_softmax"
@@ -121,9 +126,14 @@ class GumbelSoftmax(LatentFamily):
             z = tf.stop_gradient(q.sample(samples, seed=seed))  # [S, B, M, K]
             log_q = tf.reduce_sum(q.log_prob(z), axis=-1)
             stopped = tfd.OneHotCategorical(logits=tf.stop_gradient(logits), dtype=tf.float32)
-            log_prior = tf.fill(tf.shape(log_q), -self.count * math.log(self.classes))
+            log_prior = self._uniform_log_prior(log_q)
             return LatentSample(
-                self._flatten_classes(z), log_q, tf.reduce_sum(stopped.log_prob(z), axis=-1), log_prior
+                self._flatten_classes(z),
+                log_q,
+                tf.reduce_sum(stopped.log_prob(z), axis=-1),
+                log_prior,
+                log_q,
+                log_prior,
             )
         tau = self.temperature(step)
         q = tfd.ExpRelaxedOneHotCategorical(tau, logits=logits)
@@ -132,15 +142,26 @@ class GumbelSoftmax(LatentFamily):
         prior = tfd.ExpRelaxedOneHotCategorical(tau, logits=tf.zeros_like(logits))
         soft = tf.exp(log_y)
         z = soft
+        exact_log_q = exact_log_prior = None
         if self.straight_through:
-            hard = tf.one_hot(tf.argmax(soft, axis=-1), self.classes, dtype=soft.dtype)
+            # argmax of the relaxed draw is argmax(logits + g): an exact categorical draw
+            hard = tf.one_hot(tf.argmax(log_y, axis=-1), self.classes, dtype=soft.dtype)
             z = soft + tf.stop_gradient(hard - soft)
+            categorical = tfd.OneHotCategorical(logits=logits, dtype=tf.float32)
+            exact_log_q = tf.reduce_sum(categorical.log_prob(hard), axis=-1)
+            exact_log_prior = self._uniform_log_prior(exact_log_q)
         return LatentSample(
             self._flatten_classes(z),
             tf.reduce_sum(q.log_prob(log_y), axis=-1),
             tf.reduce_sum(stopped.log_prob(log_y), axis=-1),
             tf.reduce_sum(prior.log_prob(log_y), axis=-1),
+            exact_log_q,
+            exact_log_prior,
         )
+
+    def _uniform_log_prior(self, like: tf.Tensor) -> tf.Tensor:
+        """log p(z) of the uniform prior over the K^M one-hot configurations, shaped like ``like``."""
+        return tf.fill(tf.shape(like), tf.constant(-self.count * math.log(self.classes), like.dtype))
 
     def analytic_kl(self, params: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
         """KL of the underlying categoricals to the uniform prior: sum p (log p + log K)."""
