@@ -17,7 +17,7 @@ from streamvi import __version__
 from streamvi.config import KafkaSettings, Settings
 from streamvi.estimators import build_estimator
 from streamvi.io.base import OutputSink, RecordSource
-from streamvi.io.codecs import RecordDecoder
+from streamvi.io.codecs import RecordDecoder, Support
 from streamvi.io.kafka_sink import KafkaOutputSink, KafkaTransactionalSink
 from streamvi.io.kafka_source import KafkaRecordSource
 from streamvi.io.rdkafka_sink import RdKafkaOutputSink, RdKafkaTransactionalSink
@@ -222,6 +222,7 @@ def build_daemon(settings: Settings, registry: CollectorRegistry | None = None) 
                 settings.input.dim,
                 settings.input.max_record_bytes,
                 settings.input.context_dim,
+                support=Support.of_likelihood(settings.model.likelihood),
             ),
             trainer=trainer,
             store=store,

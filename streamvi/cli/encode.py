@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import sys
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import click
 import orjson
 
 from streamvi.cli.common import fail
 from streamvi.errors import StreamVIError
+
+if TYPE_CHECKING:
+    from streamvi.datasets import Dataset
+    from streamvi.io.codecs import Support
 
 
 @click.command("encode")
@@ -29,6 +33,7 @@ from streamvi.errors import StreamVIError
 def encode(snapshot: str, input_path: str, output: BinaryIO, importance_samples: int | None) -> None:
     """Write one JSON line per input row: id, z_mean, z_scale and the bound under the snapshot's model."""
     from streamvi.datasets import load_dataset
+    from streamvi.io.codecs import Support
     from streamvi.snapshots.loading import find_snapshot, load_trainer
 
     try:
@@ -42,6 +47,7 @@ def encode(snapshot: str, input_path: str, output: BinaryIO, importance_samples:
             )
         if data.context is None and settings.input.context_dim:
             raise StreamVIError(f"{input_path}: the snapshot's model needs a context 'c' per record")
+        _check_support(input_path, data, Support.of_likelihood(settings.model.likelihood))
         scores = trainer.evaluate(data.x, data.context)
         log_likelihood = (
             trainer.log_likelihood(data.x, data.context, importance_samples) if importance_samples else None
@@ -63,3 +69,13 @@ def encode(snapshot: str, input_path: str, output: BinaryIO, importance_samples:
             row["log_likelihood"] = float(log_likelihood[i])
             row["importance_samples"] = importance_samples
         out.write(orjson.dumps(row, option=option))
+
+
+def _check_support(input_path: str, data: Dataset, support: Support) -> None:
+    """Refuse rows the snapshot's likelihood has no density for: their bound would mean nothing."""
+    violation = support.first_violation(data.x)
+    if violation is not None:
+        row, index, value = violation
+        raise StreamVIError(
+            f"{input_path}: row {row + 1} (id {data.ids[row]!r}): {support.violation_detail(index, value)}"
+        )

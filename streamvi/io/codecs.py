@@ -5,7 +5,8 @@ Input formats (``input.format``):
   ``c`` (the conditioning context, ``input.context_dim`` values) is required when context_dim > 0;
 - ``f32``: the raw little-endian float32 vector of ``input.dim`` values, followed by the
   ``input.context_dim`` context values when there is a context.
-A record that fails any check raises :class:`DecodeError` with a stable ``reason`` label.
+A record that fails any check raises :class:`DecodeError` with a stable ``reason`` label; that
+includes x values outside the support of ``model.likelihood`` (see :class:`Support`).
 
 ``RecordDecoder.decode_many`` decodes a whole fetch into one array: f32 with one ``frombuffer``
 over the joined values, JSON with simdjson straight into the row (no Python object per number).
@@ -19,7 +20,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import orjson
@@ -40,6 +41,7 @@ DEAD_LETTER_REASONS = (
     "wrong_length",
     "non_finite",
     "missing_context",
+    "out_of_range",
 )
 
 HEADER_REASON = "streamvi.error.reason"
@@ -60,7 +62,7 @@ class DecodeError(StreamVIError):
 
 @dataclass(frozen=True, slots=True)
 class DecodedRecord:
-    """A valid input: x and context c (float32, finite, right lengths) and the record's id if any."""
+    """A valid input: x (in the support) and context c (float32, finite, right lengths) and its id."""
 
     x: np.ndarray
     c: np.ndarray
@@ -81,19 +83,92 @@ class DecodedBatch:
         return not any(self.errors)
 
 
+SupportKind = Literal["real", "unit_interval", "count"]
+
+#: The values x may take under each ``model.likelihood``: the one place this mapping lives.
+_LIKELIHOOD_SUPPORT: dict[str, SupportKind] = {
+    "bernoulli": "unit_interval",
+    "continuous_bernoulli": "unit_interval",
+    "gaussian": "real",
+    "poisson": "count",
+}
+_SUPPORT_NEEDS: dict[SupportKind, str] = {
+    "real": "finite values",
+    "unit_interval": "values in [0, 1]",
+    "count": "non-negative integer counts",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Support:
+    """The set x values must lie in for the likelihood to be a density there; ``origin`` names the
+    setting that chose it, for error messages."""
+
+    kind: SupportKind = "real"
+    origin: str = "the input"
+
+    @classmethod
+    def of_likelihood(cls, likelihood: str) -> Support:
+        """The support of a ``model.likelihood`` value."""
+        try:
+            kind = _LIKELIHOOD_SUPPORT[likelihood]
+        except KeyError:
+            raise ValueError(f"unknown model.likelihood {likelihood!r}") from None
+        return cls(kind, f"model.likelihood={likelihood}")
+
+    @property
+    def requirement(self) -> str:
+        """The constraint in words, e.g. "model.likelihood=poisson needs non-negative integer counts"."""
+        return f"{self.origin} needs {_SUPPORT_NEEDS[self.kind]}"
+
+    def outside(self, x: np.ndarray) -> np.ndarray | None:
+        """Element mask of the values of ``x`` outside the support, for finite ``x`` (callers check
+        finiteness first); None when no finite value can be outside."""
+        if self.kind == "real":
+            return None
+        with np.errstate(invalid="ignore"):
+            if self.kind == "unit_interval":
+                return (x < 0) | (x > 1)
+            return (x < 0) | (np.floor(x) != x)
+
+    def first_violation(self, x: np.ndarray) -> tuple[int, int, float] | None:
+        """(row, index, value) of the first value of the 2-D ``x`` that is not finite or lies
+        outside the support, or None when every value is fine."""
+        bad = ~np.isfinite(x)
+        outside = self.outside(x)
+        if outside is not None:
+            bad |= outside
+        if not bad.any():
+            return None
+        row, index = (int(i) for i in np.argwhere(bad)[0])
+        return row, index, float(x[row, index])
+
+    def violation_detail(self, index: int, value: float) -> str:
+        """What an out-of-range value breaks, e.g. "x[3] = 2.5: model.likelihood=poisson needs ..."."""
+        return f"x[{index}] = {np.float32(value)!s}: {self.requirement}"
+
+
+#: Every x value is accepted as long as it is finite (the Gaussian likelihood).
+REAL_LINE = Support()
+
+
 class _NotFast(Exception):
     """The fast JSON path cannot decode this record whole; the reference decoder decides."""
 
 
 class RecordDecoder:
-    """Validates and decodes raw record values of one configured format and dimension."""
+    """Validates and decodes raw record values of one configured format and dimension, with x
+    inside ``support`` (the real line unless the likelihood needs less)."""
 
-    def __init__(self, fmt: str, dim: int, max_bytes: int, context_dim: int = 0) -> None:
+    def __init__(
+        self, fmt: str, dim: int, max_bytes: int, context_dim: int = 0, support: Support = REAL_LINE
+    ) -> None:
         if fmt not in ("json", "f32"):
             raise ValueError(f"unknown input format {fmt!r}")
         self.format = fmt
         self.dim = dim
         self.context_dim = context_dim
+        self.support = support
         self.max_bytes = max_bytes
         self._no_context = np.zeros(0, dtype=np.float32)
         self._parser = simdjson.Parser()
@@ -125,11 +200,17 @@ class RecordDecoder:
                     except DecodeError as error:
                         errors[i] = error
         finite = np.isfinite(rows).all(axis=1)
+        outside = self.support.outside(rows[:, : self.dim])  # only x: the context has no support
+        out_of_range = np.zeros(n, dtype=bool) if outside is None else np.asarray(outside.any(axis=1))
         for i, record in enumerate(records):
             if errors[i] is not None:
                 continue
             if not finite[i]:
                 errors[i] = DecodeError("non_finite", "the vector holds NaN or infinite values")
+            elif outside is not None and out_of_range[i]:
+                index = int(np.argmax(outside[i]))
+                detail = self.support.violation_detail(index, float(rows[i, index]))
+                errors[i] = DecodeError("out_of_range", detail)
             elif record_ids[i] is None and record.key is not None:
                 record_ids[i] = record.key.decode("utf-8", errors="replace")
         return DecodedBatch(rows[:, : self.dim], rows[:, self.dim :], record_ids, errors)

@@ -9,13 +9,15 @@ import urllib.request
 import numpy as np
 import orjson
 import pytest
+from click.testing import CliRunner
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from streamvi.cli.encode import encode
 from streamvi.datasets import encode_record, load_digits
 from streamvi.io.admin import ensure_topics
 from streamvi.io.base import RawRecord
-from streamvi.io.codecs import HEADER_OFFSET, HEADER_REASON, HEADER_TOPIC
+from streamvi.io.codecs import HEADER_DETAIL, HEADER_OFFSET, HEADER_REASON, HEADER_TOPIC
 from streamvi.runtime import build_daemon
 from streamvi.snapshots import SnapshotStore
 from tests.integration.conftest import committed_offsets, produce_values, read_topic
@@ -148,6 +150,47 @@ def test_f32_input(settings_factory):
     assert len(read_topic(bootstrap, kafka.latents_topic, 64)) == 64
     dead = read_topic(bootstrap, kafka.dead_letter_topic, 1)
     assert dict(dead[0].headers)[HEADER_REASON] == b"wrong_length"
+
+
+def test_records_outside_the_likelihood_support_are_dead_lettered(settings_factory, tmp_path):
+    settings = settings_factory()  # model.likelihood=bernoulli: x must lie in [0, 1]
+    kafka = settings.kafka
+    bootstrap = kafka.bootstrap_servers[0]
+    ensure_topics(kafka)
+    pixels = load_digits().x[0].copy()
+    too_big, negative = pixels.copy(), pixels.copy()
+    too_big[5], negative[9] = 3.0, -0.25
+    bad = [
+        (b"too-big", encode_record(too_big, "too-big", "json")),
+        (b"negative", encode_record(negative, "negative", "json")),
+    ]
+    good = digits_records(0, 64)
+    produce_values(bootstrap, kafka.input_topic, good[:32] + bad + good[32:])
+    registry = CollectorRegistry()
+    counts = build_daemon(settings, registry).run(max_records=66)
+
+    assert counts.records_trained == 64 and counts.dead_letters == 2
+    assert registry.get_sample_value("streamvi_dead_letters_total", {"reason": "out_of_range"}) == 2
+    latents = read_topic(bootstrap, kafka.latents_topic, 64)
+    assert sorted(m.key for m in latents) == sorted(k for k, _ in good)
+    dead = sorted(read_topic(bootstrap, kafka.dead_letter_topic, 2), key=lambda m: m.offset)
+    assert [m.key for m in dead] == [b"too-big", b"negative"]
+    assert [m.value for m in dead] == [v for _, v in bad]  # original bytes kept
+    headers = [dict(m.headers) for m in dead]
+    assert [h[HEADER_REASON] for h in headers] == [b"out_of_range", b"out_of_range"]
+    assert [h[HEADER_OFFSET] for h in headers] == [b"32", b"33"]
+    assert headers[0][HEADER_DETAIL] == b"x[5] = 3.0: model.likelihood=bernoulli needs values in [0, 1]"
+    assert headers[1][HEADER_DETAIL] == b"x[9] = -0.25: model.likelihood=bernoulli needs values in [0, 1]"
+
+    # `streamvi encode` refuses the same kind of row from a file, naming it and the constraint
+    rows = tmp_path / "rows.jsonl"
+    rows.write_bytes(b"\n".join([good[0][1], bad[0][1], good[1][1]]) + b"\n")
+    result = CliRunner().invoke(encode, ["--snapshot", str(settings.snapshots.dir), "--input", str(rows)])
+    assert result.exit_code == 2, result.output
+    assert (
+        "row 2 (id 'too-big'): x[5] = 3.0: model.likelihood=bernoulli needs values in [0, 1]" in result.stderr
+    )
+    assert result.stdout == ""
 
 
 def marginal_bernoulli_loglik(x: np.ndarray) -> float:

@@ -1,13 +1,16 @@
 from __future__ import annotations
 
 import math
+import typing
 
 import numpy as np
 import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
 
+from streamvi.config import ModelSettings
 from streamvi.datasets import encode_record
 from streamvi.io.base import RawRecord
 from streamvi.io.codecs import (
@@ -18,10 +21,12 @@ from streamvi.io.codecs import (
     HEADER_TOPIC,
     DecodeError,
     RecordDecoder,
+    Support,
     dead_letter_message,
     latent_messages,
     metrics_message,
 )
+from streamvi.metrics import Metrics
 
 DIM = 4
 
@@ -256,13 +261,30 @@ def reference(decoder: RecordDecoder, value: bytes) -> tuple[str, np.ndarray | N
         return error.reason, None, None
     if not np.isfinite(x).all():
         return "non_finite", None, None
+    if reference_out_of_range(decoder.support.kind, x) is not None:
+        return "out_of_range", None, None
     return "ok", x, record_id
+
+
+def reference_out_of_range(kind: str, x: np.ndarray) -> int | None:
+    """The first index of x outside the support, value by value in plain Python, or None."""
+    for index, value in enumerate(float(v) for v in x):
+        if kind == "unit_interval" and not 0.0 <= value <= 1.0:
+            return index
+        if kind == "count" and not (value >= 0.0 and value.is_integer()):
+            return index
+    return None
 
 
 numbers = st.one_of(
     st.floats(allow_nan=False, allow_infinity=False),
     st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    # values near the edges of the supports: [0, 1] and the non-negative integers
+    st.floats(-1e-6, 1 + 1e-6),
+    st.integers(-2, 20),
+    st.sampled_from([0.0, -0.0, 1.0, 1.0000001, -1e-7, 2.5, 16.0]),
 )
+likelihoods = st.sampled_from(typing.get_args(ModelSettings.model_fields["likelihood"].annotation))
 elements = numbers | st.booleans() | st.none() | st.text(max_size=2) | st.lists(numbers, max_size=2)
 documents = st.fixed_dictionaries(
     {},
@@ -278,14 +300,18 @@ documents = st.fixed_dictionaries(
 )
 
 
-@given(documents)
-def test_fast_json_path_agrees_with_the_reference_decoder(document):
-    decoder = RecordDecoder("json", DIM, 4096)
+@given(documents, likelihoods)
+def test_fast_json_path_agrees_with_the_reference_decoder(document, likelihood):
+    decoder = RecordDecoder("json", DIM, 4096, support=Support.of_likelihood(likelihood))
     value = orjson.dumps(document)
     expected_reason, expected_x, expected_id = reference(decoder, value)
     batch = decoder.decode_many([record(value, key=None)])
     error = batch.errors[0]
     assert (error.reason if error is not None else "ok") == expected_reason
+    if error is not None and error.reason == "out_of_range":
+        x, _, _ = decoder._decode_json(value)
+        index = reference_out_of_range(decoder.support.kind, x)
+        assert error.detail.startswith(f"x[{index}] = ")
     if expected_x is not None:
         np.testing.assert_array_equal(batch.x[0], expected_x)
         assert batch.record_ids[0] == expected_id
@@ -351,3 +377,144 @@ def test_valid_documents_take_the_fast_path(monkeypatch):
     np.testing.assert_array_equal(decoded.x, np.array([1, 2.5, -3, 400], np.float32))
     np.testing.assert_array_equal(decoded.c, np.array([7], np.float32))
     assert decoded.record_id == "12"
+
+
+# -- the support of the likelihood ---------------------------------------------------------------
+def test_every_configurable_likelihood_has_a_support():
+    for likelihood in typing.get_args(ModelSettings.model_fields["likelihood"].annotation):
+        assert Support.of_likelihood(likelihood).origin == f"model.likelihood={likelihood}"
+    with pytest.raises(ValueError, match=r"model\.likelihood"):
+        Support.of_likelihood("laplace")
+    assert "out_of_range" in DEAD_LETTER_REASONS
+
+
+def vector(*values: float) -> np.ndarray:
+    return np.array(values, dtype=np.float32)
+
+
+BOUNDARIES = [
+    # (likelihood, x, accepted)
+    ("bernoulli", vector(0, 1, 0, 1), True),
+    ("bernoulli", vector(0, 0.5, 1e-7, 0.9999999), True),
+    ("bernoulli", vector(0, 1, -1e-7, 1), False),
+    ("bernoulli", vector(0, 1, 1.0000001, 1), False),
+    ("bernoulli", vector(0, 1, 3.0, 1), False),
+    ("continuous_bernoulli", vector(0, 1, 0.25, 1), True),
+    ("continuous_bernoulli", vector(0, -1e-7, 0.25, 1), False),
+    ("continuous_bernoulli", vector(0, 1.0000001, 0.25, 1), False),
+    ("poisson", vector(0, 3, 16, 0), True),
+    ("poisson", vector(0, 3, 16, 1e9), True),
+    ("poisson", vector(0, 3, 2.5, 0), False),
+    ("poisson", vector(0, 3, -1, 0), False),
+    ("poisson", vector(0, 3, -1.5, 0), False),
+    ("poisson", vector(0, 3, 16, 1e-7), False),
+    ("gaussian", vector(-1.5, 2.5, 3.0, -1e30), True),
+]
+
+
+@pytest.mark.parametrize("fmt", ["json", "f32"])
+@pytest.mark.parametrize(("likelihood", "x", "accepted"), BOUNDARIES)
+def test_x_outside_the_likelihood_support_is_out_of_range(fmt, likelihood, x, accepted):
+    decoder = RecordDecoder(fmt, DIM, 4096, support=Support.of_likelihood(likelihood))
+    value = encode_record(x, "r", fmt)
+    if accepted:
+        np.testing.assert_array_equal(decoder.decode(record(value)).x, x)
+    else:
+        assert reason_of(decoder, value) == "out_of_range"
+
+
+@pytest.mark.parametrize("fmt", ["json", "f32"])
+def test_out_of_range_detail_names_the_first_index_value_and_constraint(fmt):
+    decoder = RecordDecoder(fmt, DIM, 4096, support=Support.of_likelihood("poisson"))
+    with pytest.raises(DecodeError) as info:
+        decoder.decode(record(encode_record(vector(1, 2, 3, 2.5), "r", fmt)))
+    assert info.value.detail == "x[3] = 2.5: model.likelihood=poisson needs non-negative integer counts"
+    bernoulli = RecordDecoder(fmt, DIM, 4096, support=Support.of_likelihood("bernoulli"))
+    with pytest.raises(DecodeError) as info:
+        bernoulli.decode(record(encode_record(vector(0.5, -1e-7, 3.0, 1), "r", fmt)))
+    assert info.value.detail == "x[1] = -1e-07: model.likelihood=bernoulli needs values in [0, 1]"
+
+
+def test_the_default_support_is_the_real_line():
+    x = vector(-1.5, 2.5, 3.0, -7)
+    assert RecordDecoder("json", DIM, 4096).support == Support()
+    np.testing.assert_array_equal(
+        RecordDecoder("f32", DIM, 4096).decode(record(encode_record(x, "r", "f32"))).x, x
+    )
+
+
+@pytest.mark.parametrize("fmt", ["json", "f32"])
+def test_non_finite_takes_precedence_over_out_of_range(fmt):
+    decoder = RecordDecoder(fmt, DIM, 4096, support=Support.of_likelihood("poisson"))
+    value = (
+        encode_record(vector(2.5, np.inf, -1, 0), "r", fmt) if fmt == "f32" else b'{"x": [2.5, 1e39, -1, 0]}'
+    )
+    assert reason_of(decoder, value) == "non_finite"
+
+
+@pytest.mark.parametrize("fmt", ["json", "f32"])
+def test_the_context_is_not_held_to_the_support(fmt):
+    decoder = RecordDecoder(fmt, DIM, 4096, context_dim=2, support=Support.of_likelihood("bernoulli"))
+    decoded = decoder.decode(record(encode_record(vector(0, 1, 0, 1), "r", fmt, context=vector(-3, 2.5))))
+    np.testing.assert_array_equal(decoded.c, vector(-3, 2.5))
+    value = encode_record(vector(0, 2, 0, 1), "r", fmt, context=vector(0.5, 0.5))
+    assert reason_of(decoder, value) == "out_of_range"
+
+
+def test_decode_many_rejects_only_the_out_of_range_rows():
+    for fmt in ("json", "f32"):
+        decoder = RecordDecoder(fmt, DIM, 4096, support=Support.of_likelihood("poisson"))
+        rows = [vector(0, 3, 16, 1), vector(0, 2.5, 0, 0), vector(1, 1, 1, 1), vector(-1, 0, 0, 0)]
+        batch = decoder.decode_many([record(encode_record(x, f"r{i}", fmt)) for i, x in enumerate(rows)])
+        assert [e.reason if e is not None else None for e in batch.errors] == [
+            None,
+            "out_of_range",
+            None,
+            "out_of_range",
+        ]
+        np.testing.assert_array_equal(batch.x[[0, 2]], np.stack([rows[0], rows[2]]))
+
+
+@given(
+    st.lists(
+        st.floats(width=32, allow_nan=True, allow_infinity=True) | st.integers(-2, 20),
+        min_size=DIM,
+        max_size=DIM,
+    ),
+    likelihoods,
+)
+def test_json_and_f32_give_the_same_verdict_on_the_same_vector(values, likelihood):
+    x = np.asarray(values, dtype=np.float32)
+    support = Support.of_likelihood(likelihood)
+    finite = bool(np.isfinite(x).all())
+    verdicts = []
+    for fmt in ("json", "f32"):
+        # JSON has no NaN or infinity: a number beyond float32 range stands in for them
+        value = encode_record(x, "r", fmt) if fmt == "f32" or finite else b'{"x": [1e39, 0, 0, 0]}'
+        error = RecordDecoder(fmt, DIM, 4096, support=support).decode_many([record(value)]).errors[0]
+        verdicts.append(("ok", "") if error is None else (error.reason, error.detail))
+    assert verdicts[0][0] == verdicts[1][0]
+    if verdicts[0][0] == "out_of_range":
+        assert verdicts[0][1] == verdicts[1][1]
+    if not finite:
+        assert verdicts[0][0] == "non_finite"
+    else:
+        outside = reference_out_of_range(support.kind, x) is not None
+        assert verdicts[0][0] == ("out_of_range" if outside else "ok")
+
+
+def test_first_violation_reports_row_index_and_value():
+    support = Support.of_likelihood("bernoulli")
+    x = np.stack([vector(0, 1, 0, 1), vector(0, 0.5, 0.5, 0), vector(0, 1, 1, 3)])
+    assert support.first_violation(x) == (2, 3, 3.0)
+    assert support.first_violation(x[:2]) is None
+    assert Support.of_likelihood("gaussian").first_violation(np.stack([vector(0, 0, np.nan, 0)]))[:2] == (
+        0,
+        2,
+    )
+
+
+def test_the_dead_letter_counter_has_an_out_of_range_series():
+    registry = CollectorRegistry()
+    Metrics(registry)
+    assert registry.get_sample_value("streamvi_dead_letters_total", {"reason": "out_of_range"}) == 0.0
