@@ -56,6 +56,7 @@ from streamvi.io.codecs import (
     metrics_message,
 )
 from streamvi.metrics import Health, Metrics
+from streamvi.snapshots.compatibility import check_snapshot_matches
 from streamvi.snapshots.store import SnapshotInfo, SnapshotStore, encode_offsets
 from streamvi.training.batching import MicroBatcher
 from streamvi.training.heldout import HeldOutReservoir
@@ -250,13 +251,18 @@ class OnlineLoop:
         A snapshot is written before its transaction commits, and the transaction commits the
         snapshot's offsets for the group; so a snapshot whose offsets are ahead of the group's
         committed offsets belongs to a transaction that never committed, and is discarded.
+        Each snapshot is checked against the config in force before it is restored or discarded.
         """
         if not self.processing.exactly_once:
-            return self.store.latest()
+            latest = self.store.latest()
+            if latest is not None:
+                self._check_matches_config(latest)
+            return latest
         valid = list(self.store.valid())
         partitions = sorted({p for info in valid for p in info.offsets})
         committed = self.source.committed_offsets(partitions) if partitions else {}
         for info in valid:
+            self._check_matches_config(info)
             ahead = {p: o for p, o in info.offsets.items() if o > committed.get(p, 0)}
             if ahead:
                 reason = f"its transaction never committed (offsets {ahead}, group {committed})"
@@ -276,6 +282,13 @@ class OnlineLoop:
                 info = SnapshotInfo(info.path, dict(info.meta, offsets=resumed))
             return info
         return None
+
+    def _check_matches_config(self, info: SnapshotInfo) -> None:
+        """Refuse a snapshot written under other structural settings than the ones this loop's
+        snapshots record (its checkpoint would not fit); without a config on either side, allow it."""
+        config, snapshot_config = self.snapshot_meta.get("config"), info.meta.get("config")
+        if isinstance(config, Mapping) and isinstance(snapshot_config, Mapping):
+            check_snapshot_matches(info.path, snapshot_config, config)
 
     def _count_replays(self, info: SnapshotInfo | None) -> None:
         """At-least-once: the records between the snapshot and how far outputs were sent before the
