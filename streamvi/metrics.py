@@ -58,7 +58,12 @@ class Metrics:
         )
         self.gradient_norm = Gauge(
             "streamvi_gradient_norm",
-            "Global gradient norm of the last step, before clipping",
+            "Global norm of the model's gradient in the last step, before clipping",
+            registry=registry,
+        )
+        self.gradient_clipped = Counter(
+            "streamvi_gradient_clipped",
+            "Applied updates whose model gradient was clipped to training.clip_grad_norm (biased updates)",
             registry=registry,
         )
         self.learning_rate = Gauge("streamvi_learning_rate", "Current learning rate", registry=registry)

@@ -32,6 +32,7 @@ def build_estimator(settings: Settings) -> Estimator:
             decay=training.baseline_decay,
             input_width=settings.input.dim + settings.input.context_dim,
             hidden=training.baseline_hidden,
+            seed=training.seed,
         )
     try:
         cls = ESTIMATORS[training.estimator]

@@ -142,6 +142,7 @@ class Estimator(tf.Module, ABC):
     def update_state(self, terms: BoundTerms, weights: tf.Tensor) -> None:
         """Fold a batch into the estimator's own running state (none by default). The trainer calls
         it inside the step, only when the batch's update is applied."""
+        return
 
 
 def masked_mean(values: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:

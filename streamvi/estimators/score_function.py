@@ -32,6 +32,7 @@ class ScoreFunction(Estimator):
         decay: float = 0.99,
         input_width: int = 0,
         hidden: int = 64,
+        seed: int = 0,
     ) -> None:
         super().__init__(samples)
         if baseline not in ("none", "running_mean", "learned"):
@@ -47,7 +48,11 @@ class ScoreFunction(Estimator):
             self.network = tf_keras.Sequential(
                 [
                     tf_keras.Input(shape=(input_width,)),
-                    tf_keras.layers.Dense(hidden, activation="tanh"),
+                    tf_keras.layers.Dense(
+                        hidden,
+                        activation="tanh",
+                        kernel_initializer=tf_keras.initializers.GlorotUniform(seed=seed + 2000),
+                    ),
                     tf_keras.layers.Dense(1, kernel_initializer="zeros"),
                 ],
                 name="score_function_baseline",

@@ -677,6 +677,7 @@ class OnlineLoop:
             "learning_rate": result.learning_rate,
             "step_seconds": result.duration_seconds,
             "update_skipped": not result.applied,
+            "clipped": result.clipped,
             "wall_time": time.time(),
             "records_trained": self.counts.records_trained,
         }
@@ -695,6 +696,8 @@ class OnlineLoop:
         m.kl.set(summary["kl"])
         m.reconstruction.set(summary["reconstruction"])
         m.gradient_norm.set(result.grad_norm)
+        if result.clipped:
+            m.gradient_clipped.inc()
         m.learning_rate.set(result.learning_rate)
         m.step_duration.observe(result.duration_seconds)
         m.batch_size.observe(result.scores.size)

@@ -64,6 +64,9 @@ class StepResult:
     trained_records: int
     #: False when the loss or the gradients were not finite and the update was skipped.
     applied: bool = True
+    #: True when the model's gradient norm exceeded ``training.clip_grad_norm`` and was clipped
+    #: (the update is then a biased estimate of the bound's gradient).
+    clipped: bool = False
 
     @property
     def trained(self) -> bool:
@@ -93,8 +96,8 @@ def build_optimizer(settings: TrainingSettings) -> tf_keras.optimizers.Optimizer
 
 
 #: Figures of a step that follow its scores, in one extra row: loss, gradient norm, learning rate,
-#: whether the update was finite, and the step count's low and high 24 bits.
-_FIGURES = 6
+#: whether the update was finite, the step count's low and high 24 bits, and whether it was clipped.
+_FIGURES = 7
 
 
 class Trainer:
@@ -200,28 +203,35 @@ class Trainer:
         if self._loss_scaled:
             grads = self.optimizer.get_unscaled_gradients(grads)
         grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables, strict=True)]
-        if self.clip_grad_norm is not None:
-            grads, grad_norm = tf.clip_by_global_norm(grads, self.clip_grad_norm)
-        else:
-            grad_norm = tf.linalg.global_norm(grads)
-        # A non-finite loss or gradient (the global norm is non-finite iff any entry is) skips the
+        grads, grad_norm, clipped = self._clip_model_gradients(grads)
+        # A non-finite loss or gradient (a global norm is non-finite iff any entry is) skips the
         # update on the device, with no host round-trip. Under loss scaling, overflowing gradients
         # are the LossScaleOptimizer's to skip (it lowers the scale), so only the loss is checked.
         # A batch with no trainable row (the warm-up's) changes no state at all.
         trains = tf.reduce_any(weights > 0)
         finite = tf.math.is_finite(loss)
         if not self._loss_scaled:
-            finite = tf.logical_and(finite, tf.math.is_finite(grad_norm))
+            finite = tf.logical_and(finite, tf.math.is_finite(tf.linalg.global_norm(grads)))
 
         def apply() -> tf.Tensor:
             self.optimizer.apply_gradients(zip(grads, variables, strict=True))
+            # the estimator's running state (a baseline's average) follows applied updates only
+            self.estimator.update_state(terms, weights)
             return tf.constant(True)
 
         gate = trains if self._loss_scaled else tf.logical_and(trains, finite)
         tf.cond(gate, apply, lambda: tf.constant(False))
         step = self.step_counter.assign_add(tf.cast(trains, tf.int64))
         # The step count travels as two float32 halves of 24 bits each, exact up to 2**48 steps.
-        figures = [loss, grad_norm, self.optimizer.learning_rate, finite, step % 2**24, step // 2**24]
+        figures = [
+            loss,
+            grad_norm,
+            self.optimizer.learning_rate,
+            finite,
+            step % 2**24,
+            step // 2**24,
+            tf.logical_and(clipped, gate),
+        ]
         figures_row = tf.stack([tf.cast(v, tf.float32) for v in figures])[None, :]
         packed = self._pack(terms)
         width = max(int(packed.shape[1]), _FIGURES)
@@ -232,6 +242,18 @@ class Trainer:
             ],
             axis=0,
         )
+
+    def _clip_model_gradients(self, grads: list[tf.Tensor]) -> tuple[list[tf.Tensor], tf.Tensor, tf.Tensor]:
+        """Clip the model's gradients to ``clip_grad_norm`` by their global norm; the estimator's
+        own (a learned baseline's) are left alone. Returns the gradients, the model's norm before
+        clipping and whether clipping changed them."""
+        count = len(self.model.trainable_variables)
+        model_grads, own_grads = grads[:count], grads[count:]
+        grad_norm = tf.linalg.global_norm(model_grads)
+        if self.clip_grad_norm is None:
+            return grads, grad_norm, tf.constant(False)
+        clipped_grads, _ = tf.clip_by_global_norm(model_grads, self.clip_grad_norm, use_norm=grad_norm)
+        return clipped_grads + own_grads, grad_norm, grad_norm > self.clip_grad_norm
 
     def _eval_step(self, x: tf.Tensor, c: tf.Tensor) -> tf.Tensor:
         return self._pack(self.estimator.terms(self.model, x, c, self._seed(), self.step_counter))
@@ -285,11 +307,13 @@ class Trainer:
                 x, c = rows[:, : self.model.input_dim], rows[:, self.model.input_dim : -1]
                 packed = self._eval_fn(tf.constant(x), tf.constant(c)).numpy()
                 loss, grad_norm, learning_rate, finite, step = np.nan, 0.0, np.nan, 1.0, self.step
+                clipped = 0.0
             else:
                 out = self._train_fn(tf.constant(rows)).numpy()
                 packed, figures = out[: self.batch_size], out[self.batch_size]
                 loss, grad_norm, learning_rate, finite = (float(v) for v in figures[:4])
                 step = int(figures[4]) + (int(figures[5]) << 24)
+                clipped = float(figures[6])
         return StepResult(
             scores=BatchScores.unpack(packed, n, self.summary_size),
             step=step,
@@ -299,6 +323,7 @@ class Trainer:
             duration_seconds=time.perf_counter() - started,
             trained_records=trained,
             applied=finite > 0.5,
+            clipped=clipped > 0.5,
         )
 
     def warm_up(self) -> float:
