@@ -258,9 +258,15 @@ class ModelSettings(_Section):
     encoder_hidden: list[int] = Field(default_factory=lambda: [256, 128])
     decoder_hidden: list[int] | None = None
     activation: Literal["relu", "elu", "gelu", "tanh", "softplus", "swish"] = "relu"
-    likelihood: Literal["bernoulli", "gaussian", "poisson"] = "bernoulli"
+    #: p(x|z): ``bernoulli`` for binary x, ``continuous_bernoulli`` for values in [0, 1] (a true
+    #: density there), ``gaussian`` for real values, ``poisson`` for counts.
+    likelihood: Literal["bernoulli", "continuous_bernoulli", "gaussian", "poisson"] = "bernoulli"
     observation_scale: float = Field(0.1, gt=0.0)
     learn_observation_scale: bool = False
+    #: Floor of a learned Gaussian observation scale (in the data's units): it bounds each
+    #: dimension's log-density by -log(floor) - 0.919 nats, so constant input columns cannot drive
+    #: the ELBO to +infinity. The learned scale is floor + exp(log_scale).
+    min_observation_scale: float = Field(1e-3, gt=0.0)
     min_posterior_scale: float = Field(1e-4, gt=0.0)
 
     @field_validator("encoder_hidden", "decoder_hidden")
@@ -274,6 +280,10 @@ class ModelSettings(_Section):
     def _check_temperature(self) -> ModelSettings:
         if self.temperature_floor > self.temperature_start:
             raise ValueError("model.temperature_floor must not exceed model.temperature_start")
+        if self.learn_observation_scale and not self.observation_scale > self.min_observation_scale:
+            raise ValueError(
+                "model.observation_scale (the learned scale's start) must exceed model.min_observation_scale"
+            )
         return self
 
     @property

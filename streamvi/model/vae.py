@@ -13,7 +13,12 @@ from streamvi.config import ModelSettings, TrainingSettings
 from streamvi.errors import ConfigError
 from streamvi.model.base import LatentFamily, Likelihood
 from streamvi.model.latents import DiagonalGaussian, GumbelSoftmax
-from streamvi.model.likelihoods import BernoulliLikelihood, GaussianLikelihood, PoissonLikelihood
+from streamvi.model.likelihoods import (
+    BernoulliLikelihood,
+    ContinuousBernoulliLikelihood,
+    GaussianLikelihood,
+    PoissonLikelihood,
+)
 from streamvi.model.networks import mlp
 
 
@@ -99,8 +104,15 @@ def build_latent(settings: ModelSettings) -> LatentFamily:
 def build_likelihood(settings: ModelSettings, input_dim: int) -> Likelihood:
     if settings.likelihood == "bernoulli":
         return BernoulliLikelihood(input_dim)
+    if settings.likelihood == "continuous_bernoulli":
+        return ContinuousBernoulliLikelihood(input_dim)
     if settings.likelihood == "gaussian":
-        return GaussianLikelihood(input_dim, settings.observation_scale, settings.learn_observation_scale)
+        return GaussianLikelihood(
+            input_dim,
+            settings.observation_scale,
+            settings.learn_observation_scale,
+            settings.min_observation_scale,
+        )
     if settings.likelihood == "poisson":
         return PoissonLikelihood(input_dim)
     raise ConfigError(f"model.likelihood: unsupported value {settings.likelihood!r}")
