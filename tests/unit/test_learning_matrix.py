@@ -40,6 +40,7 @@ CASES = (
             ("model.learn_observation_scale=true", "model.observation_scale=1.0"),
         ),
         ("iwae", "gaussian", "poisson", ()),
+        ("sgvb_b", "gaussian", "continuous_bernoulli", ()),  # grey levels with a true density
         ("sgvb_b", "gaussian", "bernoulli", ("input.context_dim=10",)),  # conditional VAE on the label
     ]
 )
