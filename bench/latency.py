@@ -49,6 +49,7 @@ from streamvi.datasets import encode_record
 from streamvi.io.admin import ensure_topics
 from streamvi.io.base import RawRecord
 from streamvi.io.embedded import EmbeddedBroker
+from streamvi.io.kafka_options import client_options
 from streamvi.runtime import Daemon, build_daemon, versions
 from streamvi.training.trainer import StepResult
 
@@ -66,7 +67,7 @@ class LatentTail:
     def __init__(self, settings: Settings, fetch_max_wait_ms: int = 10) -> None:
         self.topic = settings.kafka.latents_topic
         self.consumer = KafkaConsumer(
-            **{**settings.kafka.client_options(), "client_id": "streamvi-bench-latency-tail"},
+            **{**client_options(settings.kafka), "client_id": "streamvi-bench-latency-tail"},
             enable_auto_commit=False,
             fetch_max_wait_ms=fetch_max_wait_ms,
         )
@@ -171,7 +172,7 @@ def measure_latency(
 
     tail = LatentTail(settings)
     producer = KafkaProducer(
-        **{**kafka.client_options(), "client_id": "streamvi-bench-latency"},
+        **{**client_options(kafka), "client_id": "streamvi-bench-latency"},
         acks=1,
         enable_idempotence=False,  # acks=1 (the leader's append) is what "appended" means here
         linger_ms=0,

@@ -9,6 +9,7 @@ from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
 from streamvi.config import KafkaSettings
+from streamvi.io.kafka_options import client_options
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ def ensure_topics(settings: KafkaSettings, topics: Iterable[str] | None = None) 
             settings.dead_letter_topic,
         )
     )
-    admin = KafkaAdminClient(**settings.client_options())
+    admin = KafkaAdminClient(**client_options(settings))
     try:
         existing = set(admin.list_topics())
         missing = [topic for topic in wanted if topic not in existing]

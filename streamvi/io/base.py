@@ -60,7 +60,10 @@ class RecordSource(ABC):
         on_assigned: Callable[[Sequence[Partition]], None],
         on_revoked: Callable[[Sequence[Partition]], None],
     ) -> None:
-        """Register hooks called (on the polling thread) when partitions are assigned or revoked."""
+        """Register hooks called (on the polling thread) when partitions are assigned or revoked.
+
+        Rebalances are eager: every partition is revoked, then the new assignment made. A hook may
+        be called with no partition (kafka-python revokes nothing before its first join)."""
 
     @abstractmethod
     def assignment(self) -> list[Partition]:

@@ -1,10 +1,11 @@
-"""The Kafka record source: a kafka-python group consumer, auto-commit off, seeking to snapshot offsets."""
+"""The kafka-python record source: a group consumer, auto-commit off, seeking to snapshot offsets.
+The group state, commit bookkeeping and keep-alive are :mod:`streamvi.io.kafka_core`'s."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from kafka import KafkaConsumer
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
@@ -12,9 +13,9 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from streamvi.config import KafkaSettings
-from streamvi.errors import CommitError
 from streamvi.io.base import Partition, RawRecord
-from streamvi.io.group import GroupRecordSource
+from streamvi.io.kafka_core import GroupSource, Liveness
+from streamvi.io.kafka_options import consumer_options
 
 log = logging.getLogger(__name__)
 
@@ -30,38 +31,29 @@ class _Listener(ConsumerRebalanceListener):
         self.source._assigned([(tp.topic, tp.partition) for tp in assigned])
 
 
-class KafkaRecordSource(GroupRecordSource):
+class KafkaRecordSource(GroupSource):
     """Consumes ``kafka.input_topic``; offsets are committed only when the loop says so."""
 
+    _log = log
+
     def __init__(self, settings: KafkaSettings, isolation_level: str = "read_uncommitted") -> None:
-        self.settings = settings
-        super().__init__()
-        self._consumer = KafkaConsumer(
-            **settings.client_options(),
-            group_id=settings.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            session_timeout_ms=settings.session_timeout_ms,
-            heartbeat_interval_ms=settings.heartbeat_interval_ms,
-            max_poll_interval_ms=settings.max_poll_interval_ms,
-            max_poll_records=settings.max_poll_records,
-            fetch_max_bytes=settings.fetch_max_bytes,
-            max_partition_fetch_bytes=settings.max_partition_fetch_bytes,
-            fetch_max_wait_ms=settings.fetch_max_wait_ms,
-            isolation_level=isolation_level,
-        )
+        super().__init__(settings)
+        self._liveness = Liveness(settings.heartbeat_interval_ms)
+        self._consumer = KafkaConsumer(**consumer_options(settings, isolation_level))
         self._consumer.subscribe([settings.input_topic], listener=_Listener(self))
 
     # rebalance hooks, called from inside poll() on the loop's thread
     def _assigned(self, partitions: list[Partition]) -> None:
         for partition in partitions:
-            offset = self.start_offset(partition, log)
+            offset = self.start_offset(partition)
             if offset is not None:
                 self._consumer.seek(TopicPartition(*partition), offset)
-        self._on_assigned(partitions)
+        with self._rebalancing():
+            self._on_assigned(partitions)
 
     def _revoked(self, partitions: list[Partition]) -> None:
-        self._on_revoked(partitions)
+        with self._rebalancing():
+            self._on_revoked(partitions)
         self.forget_revoked(partitions)
 
     def poll(self, timeout_seconds: float, max_records: int) -> list[RawRecord]:
@@ -83,15 +75,11 @@ class KafkaRecordSource(GroupRecordSource):
             )
         return records
 
-    def commit(self, offsets: Mapping[Partition, int]) -> None:
-        if not offsets:
-            return
+    def _commit(self, offsets: Mapping[Partition, int]) -> None:
         try:
             self._consumer.commit(to_kafka_offsets(offsets))
         except KafkaError as exc:
-            self.commit_failed(offsets)
-            raise CommitError(f"committing offsets for group {self.settings.group_id} failed: {exc}") from exc
-        self.committed_to_group(offsets)
+            raise self._commit_error(exc) from exc
 
     def committed_offsets(self, partitions: Sequence[Partition]) -> dict[Partition, int]:
         found: dict[Partition, int] = {}
@@ -117,18 +105,22 @@ class KafkaRecordSource(GroupRecordSource):
             else:
                 self._consumer.seek_to_beginning(tp)
 
-    def keepalive(self) -> None:
-        # Every partition is paused, so this poll fetches nothing: it only tells the group that this
-        # member is alive (max_poll_interval_ms) and serves any rebalance (callbacks included).
-        assigned = self._consumer.assignment()
+    # keep-alive: pause, poll, resume what this call paused
+    @contextlib.contextmanager
+    def _paused(self) -> Iterator[None]:
         already = set(self._consumer.paused())
-        self._consumer.pause(*assigned)
+        self._consumer.pause(*self._consumer.assignment())
         try:
-            stray = self._consumer.poll(timeout_ms=0, max_records=1)
+            yield
         finally:
             self._consumer.resume(*(self._consumer.assignment() - already))
-        for tp, messages in stray.items():  # newly assigned partitions are not paused yet
-            self._consumer.seek(tp, min(m.offset for m in messages))
+
+    def _poll_paused(self) -> list[tuple[Partition, int]]:
+        stray = self._consumer.poll(timeout_ms=0, max_records=1)
+        return [((tp.topic, tp.partition), m.offset) for tp, messages in stray.items() for m in messages]
+
+    def _seek_one(self, partition: Partition, offset: int) -> None:
+        self._consumer.seek(TopicPartition(*partition), offset)
 
     def connected(self) -> bool:
         # Reads two fields the heartbeat thread writes; safe from any thread.
@@ -136,9 +128,7 @@ class KafkaRecordSource(GroupRecordSource):
         if coordinator is None or getattr(coordinator, "coordinator_id", None) is None:
             return False
         heartbeat = coordinator.heartbeat
-        answered = max(heartbeat.last_receive, heartbeat.last_reset)
-        limit = max(3 * self.settings.heartbeat_interval_ms / 1000.0, 2.0)
-        return time.monotonic() - answered < limit
+        return self._liveness.fresh(max(heartbeat.last_receive, heartbeat.last_reset))
 
     def assignment(self) -> list[Partition]:
         return sorted((tp.topic, tp.partition) for tp in self._consumer.assignment())

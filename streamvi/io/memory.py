@@ -1,4 +1,7 @@
-"""In-memory source and sink with the same contracts as the Kafka ones, for unit tests and offline runs."""
+"""In-memory source and sink with the same contracts as the Kafka ones, for unit tests and offline runs.
+
+tests/contract/checks.py holds them to the properties the Kafka adapters have on a real broker.
+"""
 
 from __future__ import annotations
 
@@ -114,8 +117,9 @@ class MemorySink(OutputSink):
         self.transactions += 1
 
     def abort_transaction(self) -> None:
-        self.pending.clear()
-        self.in_transaction.clear()
+        if self.transactional:  # without transactions there is nothing to drop
+            self.pending.clear()
+            self.in_transaction.clear()
         self.aborts += 1
 
     def close(self) -> None:

@@ -10,6 +10,7 @@ from kafka import KafkaProducer
 from streamvi.config import KafkaSettings
 from streamvi.datasets import Dataset, encode_record
 from streamvi.errors import OutputError
+from streamvi.io.kafka_options import client_options
 
 
 def produce_dataset(
@@ -23,7 +24,7 @@ def produce_dataset(
     on_progress: Callable[[int], None] | None = None,
 ) -> int:
     """Send the dataset ``repeat`` times (at most ``limit`` records), keyed by record id; return the count."""
-    producer = KafkaProducer(**settings.client_options(), acks="all", linger_ms=20, batch_size=262_144)
+    producer = KafkaProducer(**client_options(settings), acks="all", linger_ms=20, batch_size=262_144)
     failures: list[BaseException] = []
     total = len(dataset) * repeat if limit is None else min(limit, len(dataset) * repeat)
     started = time.monotonic()

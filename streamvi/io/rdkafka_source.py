@@ -7,10 +7,10 @@ partition assigned with a snapshot offset starts there.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import orjson
 from confluent_kafka import (
@@ -24,9 +24,9 @@ from confluent_kafka import (
 )
 
 from streamvi.config import KafkaSettings
-from streamvi.errors import CommitError
 from streamvi.io.base import Partition, RawRecord
-from streamvi.io.group import GroupRecordSource
+from streamvi.io.kafka_core import GroupSource, Liveness
+from streamvi.io.rdkafka_options import rdkafka_config
 
 log = logging.getLogger(__name__)
 
@@ -57,25 +57,24 @@ def kafka_error(exc: KafkaException) -> KafkaError | None:
     return error if isinstance(error, KafkaError) else None
 
 
-class RdKafkaRecordSource(GroupRecordSource):
+class RdKafkaRecordSource(GroupSource):
     """Consumes ``kafka.input_topic`` through librdkafka; offsets are committed only when told to.
 
     Rebalances are eager (range/round-robin assignors): every partition is revoked, then the new
     assignment is made. The rebalance callbacks run inside ``poll`` and ``keepalive``, on the
-    polling thread, as with kafka-python.
+    polling thread, as with kafka-python. The group state, commit bookkeeping and keep-alive are
+    :mod:`streamvi.io.kafka_core`'s.
     """
 
+    _log = log
+
     def __init__(self, settings: KafkaSettings, isolation_level: str = "read_uncommitted") -> None:
-        super().__init__()
-        self.settings = settings
-        self._in_rebalance = False
+        super().__init__(settings)
         self._closed = False
-        # connected(): the monotonic time the broker was last known to answer, written by the
-        # polling thread (statistics, records, errors) and read from any thread.
-        self._answered_at = -math.inf
-        heartbeats = max(3 * settings.heartbeat_interval_ms / 1000.0, 2.0)
-        self._liveness_limit = heartbeats + STATS_INTERVAL_MS / 1000.0
-        config = settings.rdkafka_config("consumer", isolation_level)
+        # connected(): when the broker was last known to answer, written by the polling thread
+        # (statistics, records, errors); a statistics report may be one interval old.
+        self._liveness = Liveness(settings.heartbeat_interval_ms, STATS_INTERVAL_MS / 1000.0)
+        config = rdkafka_config(settings, "consumer", isolation_level)
         config.update(
             {
                 "statistics.interval.ms": STATS_INTERVAL_MS,
@@ -102,23 +101,19 @@ class RdKafkaRecordSource(GroupRecordSource):
         for tp in partitions:
             partition = (tp.topic, tp.partition)
             assigned.append(partition)
-            offset = self.start_offset(partition, log)
+            offset = self.start_offset(partition)
             # OFFSET_INVALID: the committed offset, or the beginning without one
             tp.offset = OFFSET_INVALID if offset is None else offset
         consumer.assign(partitions)
-        self._in_rebalance = True
-        try:
+        with self._rebalancing():
             self._on_assigned(assigned)
-        finally:
-            self._in_rebalance = False
 
     def _revoke_callback(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = [(tp.topic, tp.partition) for tp in partitions]
-        self._in_rebalance = True
         try:
-            self._on_revoked(revoked)
+            with self._rebalancing():
+                self._on_revoked(revoked)
         finally:
-            self._in_rebalance = False
             self.forget_revoked(revoked)
             consumer.unassign()
 
@@ -136,16 +131,14 @@ class RdKafkaRecordSource(GroupRecordSource):
             if broker.get("state") == "UP" and broker.get("rxidle", -1) >= 0
         ]
         if idle:
-            answered = time.monotonic() - min(idle)
-            if answered > self._answered_at:
-                self._answered_at = answered
+            self._liveness.answered(time.monotonic() - min(idle))
 
     def _error(self, error: KafkaError) -> None:
         """Client-level error (not tied to a record). librdkafka retries on its own; all brokers down
         makes ``connected`` false at once."""
         code = error.code()
         if code == KafkaError._ALL_BROKERS_DOWN:
-            self._answered_at = -math.inf  # until a statistics report shows a broker answering
+            self._liveness.lost()  # until a statistics report shows a broker answering
             log.warning("Kafka consumer: %s", error.str())
         elif error.fatal():
             log.error("Kafka consumer, fatal: %s", error.str())
@@ -170,7 +163,7 @@ class RdKafkaRecordSource(GroupRecordSource):
                 messages.extend(consumer.consume(max_records - 1, 0))
         if not messages:
             return []
-        self._answered_at = time.monotonic()
+        self._liveness.answered()
         records: list[RawRecord] = []
         append = records.append
         for message in messages:
@@ -205,22 +198,14 @@ class RdKafkaRecordSource(GroupRecordSource):
             raise self.settings.failure(KafkaException(error))
         log.warning("consuming %s: %s (%s); librdkafka retries", where, error.str(), error.name())
 
-    def commit(self, offsets: Mapping[Partition, int]) -> None:
-        if not offsets:
-            return
+    def _commit(self, offsets: Mapping[Partition, int]) -> None:
         try:
             results = self._consumer.commit(offsets=to_topic_partitions(offsets), asynchronous=False)
-            failed = [tp for tp in results or () if tp.error is not None]
-            if failed:
-                detail = ", ".join(f"{tp.topic}:{tp.partition}: {tp.error}" for tp in failed)
-                raise CommitError(f"committing offsets for group {self.settings.group_id} failed: {detail}")
         except KafkaException as exc:
-            self.commit_failed(offsets)
-            raise CommitError(f"committing offsets for group {self.settings.group_id} failed: {exc}") from exc
-        except CommitError:
-            self.commit_failed(offsets)
-            raise
-        self.committed_to_group(offsets)
+            raise self._commit_error(exc) from exc
+        failed = [tp for tp in results or () if tp.error is not None]
+        if failed:
+            raise self._commit_error(", ".join(f"{tp.topic}:{tp.partition}: {tp.error}" for tp in failed))
 
     def committed_offsets(self, partitions: Sequence[Partition]) -> dict[Partition, int]:
         if not partitions:
@@ -260,26 +245,34 @@ class RdKafkaRecordSource(GroupRecordSource):
         # partition's first fetch has started (seek() refuses those), and drops what was prefetched.
         self._consumer.assign(targets)
 
-    def keepalive(self) -> None:
-        # With every partition paused this consume takes no record: it serves the group (rebalance
-        # callbacks included) and restarts the max.poll.interval.ms clock. Pausing drops what was
-        # prefetched; resuming fetches again from the next offset poll() has not returned.
+    # -- keep-alive: with every partition paused, a consume takes no record: it serves the group
+    # (rebalance callbacks included) and restarts the max.poll.interval.ms clock. Pausing drops what
+    # was prefetched; resuming fetches again from the next offset poll() has not returned.
+    @contextlib.contextmanager
+    def _paused(self) -> Iterator[None]:
         consumer = self._consumer
         paused = consumer.assignment()
         if paused:
             consumer.pause(paused)
         try:
-            stray = consumer.consume(1, 0)
+            yield
         finally:
             if paused:
                 current = {(tp.topic, tp.partition) for tp in consumer.assignment()}
                 still = [tp for tp in paused if (tp.topic, tp.partition) in current]
                 if still:
                     consumer.resume(still)
-        for message in stray:  # from a partition assigned during this call, so never paused
+
+    def _poll_paused(self) -> list[tuple[Partition, int]]:
+        stray: list[tuple[Partition, int]] = []
+        for message in self._consumer.consume(1, 0):
             topic, number, offset = message.topic(), message.partition(), message.offset()
             if message.error() is None and topic is not None and number is not None and offset is not None:
-                consumer.seek(TopicPartition(topic, number, offset))
+                stray.append(((topic, number), offset))
+        return stray
+
+    def _seek_one(self, partition: Partition, offset: int) -> None:
+        self._consumer.seek(TopicPartition(*partition, offset))
 
     def connected(self) -> bool:
         """Whether the broker answered within ~3 heartbeat intervals (at least 2 s), read from what
@@ -291,7 +284,7 @@ class RdKafkaRecordSource(GroupRecordSource):
         (a rebalance) reads as not connected for the moment, as with kafka-python, while no
         partition is assigned anyway. Reads one float: safe from any thread.
         """
-        return time.monotonic() - self._answered_at < self._liveness_limit
+        return self._liveness.alive()
 
     def assignment(self) -> list[Partition]:
         return sorted((tp.topic, tp.partition) for tp in self._consumer.assignment())
@@ -303,14 +296,6 @@ class RdKafkaRecordSource(GroupRecordSource):
         except KafkaException:
             return None
         return int(high) if high is not None and high >= 0 else None
-
-    def pause(self, partitions: Sequence[Partition]) -> None:
-        """Stop fetching ``partitions`` (what was prefetched is dropped and fetched again on resume)."""
-        self._consumer.pause(to_topic_partitions({p: OFFSET_INVALID for p in partitions}))
-
-    def resume(self, partitions: Sequence[Partition]) -> None:
-        """Fetch ``partitions`` again, from the next offset not yet returned by ``poll``."""
-        self._consumer.resume(to_topic_partitions({p: OFFSET_INVALID for p in partitions}))
 
     def close(self) -> None:
         if self._closed:

@@ -17,6 +17,7 @@ from streamvi.errors import CommitError, StreamVIError
 from streamvi.io.admin import ensure_topics
 from streamvi.io.base import OutputMessage
 from streamvi.io.embedded import free_port
+from streamvi.io.rdkafka_options import rdkafka_config
 from streamvi.io.rdkafka_sink import RdKafkaOutputSink, RdKafkaTransactionalSink
 from streamvi.io.rdkafka_source import RdKafkaRecordSource
 from streamvi.runtime import build_daemon
@@ -282,7 +283,7 @@ def test_sasl_ssl_settings_reach_librdkafka_and_secrets_stay_out_of_logs(caplog)
         finally:
             sink.close()
         # the consumer's TLS material loads (the key is decrypted with ssl_password) at creation
-        Consumer(settings.kafka.rdkafka_config("consumer")).close()
+        Consumer(rdkafka_config(settings.kafka, "consumer")).close()
     assert peer.sessions, "the producer connected"
     for session in peer.sessions[:1]:
         assert session.client_certificate_cn == "streamvi-client"
