@@ -53,7 +53,8 @@ WORKDIR /var/lib/streamvi
 VOLUME ["/var/lib/streamvi/snapshots"]
 EXPOSE 9108
 USER 10001:10001
-# /livez answers as soon as the metrics server is up; start-period covers TensorFlow start-up.
+# /livez answers 200 while the training loop goes round, 503 once it has not for
+# metrics.liveness_timeout_seconds (default 120 s); start-period covers TensorFlow start-up.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
   CMD python3 -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/livez' % os.environ.get('STREAMVI_METRICS__PORT', '9108'), timeout=4)"
 # Exec form: streamvi is PID 1 and receives SIGTERM itself, so it stops after a final checkpoint.

@@ -2,15 +2,20 @@
 
 Precedence, lowest to highest: field defaults < YAML file < environment (``STREAMVI_`` prefix,
 nested with ``__``, e.g. ``STREAMVI_TRAINING__BATCH_SIZE=64``) < ``--set section.key=value``.
-Unknown keys and bad values raise :class:`ConfigError` naming the offending setting.
+Unknown keys and bad values raise :class:`ConfigError` naming the offending setting, and so does
+a setting given (in the file, the environment or ``--set``) that cannot apply under the variant
+chosen by another, e.g. ``model.categories`` with ``model.latent=gaussian``: see
+:class:`AppliesWhen` and each section's ``applies_when``. Left at its default, such a setting is
+fine, and :meth:`Settings.public_dict` leaves it out.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -22,6 +27,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -37,12 +43,32 @@ ENV_PREFIX = "STREAMVI_"
 ENV_NESTED_DELIMITER = "__"
 
 
+@dataclass(frozen=True)
+class AppliesWhen:
+    """A setting applies only while another setting of the same section has one of ``values``."""
+
+    setting: str
+    values: tuple[Any, ...]
+
+    def holds(self, value: Any) -> bool:
+        return value in self.values
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    #: Settings of this section that apply only under some values of others, each with every
+    #: condition it needs. Given explicitly where a condition fails, a setting is rejected at load.
+    applies_when: ClassVar[Mapping[str, tuple[AppliesWhen, ...]]] = {}
+
 
 class KafkaSettings(_Section):
-    """Broker address, topics, consumer group and client pass-through settings (security included)."""
+    """Broker address, topics, consumer group and client pass-through settings (security included).
+
+    Each client library's names for them are next to its adapter: :mod:`streamvi.io.kafka_options`
+    (kafka-python) and :mod:`streamvi.io.rdkafka_options` (librdkafka); what librdkafka cannot do is
+    refused here, at load.
+    """
 
     # NoDecode: the environment may give "host1:9092,host2:9092" rather than a JSON list.
     bootstrap_servers: Annotated[list[str], NoDecode] = Field(
@@ -132,100 +158,6 @@ class KafkaSettings(_Section):
             f"(kafka.security_protocol={self.security_protocol}) failed: {_client_error_text(exc)}"
         )
 
-    def client_options(self) -> dict[str, Any]:
-        """Options shared by every kafka-python client: address, identity and security."""
-        options: dict[str, Any] = {
-            "bootstrap_servers": list(self.bootstrap_servers),
-            "client_id": self.client_id,
-            "security_protocol": self.security_protocol,
-            "request_timeout_ms": self.request_timeout_ms,
-        }
-        if self.sasl_mechanism is not None:
-            options["sasl_mechanism"] = self.sasl_mechanism
-        if self.sasl_username is not None:
-            options["sasl_plain_username"] = self.sasl_username
-        if self.sasl_password is not None:
-            options["sasl_plain_password"] = self.sasl_password.get_secret_value()
-        if self.security_protocol in ("SSL", "SASL_SSL"):
-            options["ssl_check_hostname"] = self.ssl_check_hostname
-            for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
-                path = getattr(self, name)
-                if path is not None:
-                    options[name] = str(path)
-            if self.ssl_password is not None:
-                options["ssl_password"] = self.ssl_password.get_secret_value()
-        return options
-
-    def rdkafka_config(
-        self, role: Literal["consumer", "producer"], isolation_level: str = "read_uncommitted"
-    ) -> dict[str, Any]:
-        """The same settings as librdkafka properties, for a confluent-kafka ``Consumer`` or ``Producer``.
-
-        Holds the secrets in clear text, as the client needs them: pass it to the client, never log it.
-        The consumer commits only what it is told to (no auto commit, no auto offset store) and
-        starts a partition without a committed offset at its beginning, like the kafka-python one.
-        """
-        config: dict[str, Any] = {
-            "bootstrap.servers": ",".join(self.bootstrap_servers),
-            "client.id": self.client_id,
-            "security.protocol": self.security_protocol,
-            "socket.timeout.ms": self.request_timeout_ms,
-        }
-        if self.sasl_mechanism is not None:
-            config["sasl.mechanism"] = self.sasl_mechanism
-        if self.sasl_username is not None:
-            config["sasl.username"] = self.sasl_username
-        if self.sasl_password is not None:
-            config["sasl.password"] = self.sasl_password.get_secret_value()
-        if self.security_protocol in ("SSL", "SASL_SSL"):
-            config["ssl.endpoint.identification.algorithm"] = "https" if self.ssl_check_hostname else "none"
-            for name, prop in (
-                ("ssl_cafile", "ssl.ca.location"),
-                ("ssl_certfile", "ssl.certificate.location"),
-                ("ssl_keyfile", "ssl.key.location"),
-            ):
-                path = getattr(self, name)
-                if path is not None:
-                    config[prop] = str(path)
-            if self.ssl_password is not None:
-                config["ssl.key.password"] = self.ssl_password.get_secret_value()
-        if role == "consumer":
-            config.update(
-                {
-                    "group.id": self.group_id,
-                    # eager rebalancing, and assignors kafka-python members of the same group share
-                    "partition.assignment.strategy": "range,roundrobin",
-                    "session.timeout.ms": self.session_timeout_ms,
-                    "heartbeat.interval.ms": self.heartbeat_interval_ms,
-                    "max.poll.interval.ms": self.max_poll_interval_ms,
-                    "fetch.wait.max.ms": self.fetch_max_wait_ms,
-                    "fetch.max.bytes": self.fetch_max_bytes,
-                    "max.partition.fetch.bytes": self.max_partition_fetch_bytes,
-                    # a response must fit the receive buffer (librdkafka refuses a smaller one)
-                    "receive.message.max.bytes": max(100_000_000, self.fetch_max_bytes + 512),
-                    "enable.auto.commit": False,
-                    "enable.auto.offset.store": False,
-                    "auto.offset.reset": "earliest",
-                    "isolation.level": isolation_level,
-                }
-            )
-            if self.fetch_max_bytes < 1_000_000:
-                # librdkafka wants fetch.max.bytes >= message.max.bytes, which only bounds the size
-                # of the (small) requests a consumer sends
-                config["message.max.bytes"] = self.fetch_max_bytes
-        else:
-            config.update(
-                {
-                    "acks": "all",
-                    "enable.idempotence": True,
-                    "linger.ms": self.producer_linger_ms,
-                    "batch.size": self.producer_batch_bytes,
-                    "compression.type": self.producer_compression,
-                    "request.timeout.ms": self.request_timeout_ms,
-                }
-            )
-        return config
-
 
 def _client_error_text(exc: BaseException) -> str:
     """The message of a Kafka client error: librdkafka's ``KafkaException`` wraps a ``KafkaError``."""
@@ -244,8 +176,32 @@ class InputSettings(_Section):
     max_record_bytes: int = Field(1_048_576, ge=16)
 
 
+_GAUSSIAN_LATENT = AppliesWhen("latent", ("gaussian",))
+_GUMBEL_LATENT = AppliesWhen("latent", ("gumbel_softmax",))
+_GAUSSIAN_LIKELIHOOD = AppliesWhen("likelihood", ("gaussian",))
+
+
 class ModelSettings(_Section):
     """The amortised encoder q(z|x), the decoder p(x|z) and their distributions."""
+
+    applies_when: ClassVar[Mapping[str, tuple[AppliesWhen, ...]]] = {
+        "latent_dim": (_GAUSSIAN_LATENT,),
+        "min_posterior_scale": (_GAUSSIAN_LATENT,),
+        **dict.fromkeys(
+            (
+                "categorical_variables",
+                "categories",
+                "temperature_start",
+                "temperature_floor",
+                "temperature_rate",
+                "straight_through",
+            ),
+            (_GUMBEL_LATENT,),
+        ),
+        "observation_scale": (_GAUSSIAN_LIKELIHOOD,),
+        "learn_observation_scale": (_GAUSSIAN_LIKELIHOOD,),
+        "min_observation_scale": (_GAUSSIAN_LIKELIHOOD, AppliesWhen("learn_observation_scale", (True,))),
+    }
 
     latent: Literal["gaussian", "gumbel_softmax"] = "gaussian"
     latent_dim: int = Field(8, ge=1)
@@ -278,9 +234,14 @@ class ModelSettings(_Section):
 
     @model_validator(mode="after")
     def _check_temperature(self) -> ModelSettings:
-        if self.temperature_floor > self.temperature_start:
+        # only where they apply: elsewhere a given one is rejected as not applying (Settings)
+        if self.latent == "gumbel_softmax" and self.temperature_floor > self.temperature_start:
             raise ValueError("model.temperature_floor must not exceed model.temperature_start")
-        if self.learn_observation_scale and not self.observation_scale > self.min_observation_scale:
+        if (
+            self.likelihood == "gaussian"
+            and self.learn_observation_scale
+            and not self.observation_scale > self.min_observation_scale
+        ):
             raise ValueError(
                 "model.observation_scale (the learned scale's start) must exceed model.min_observation_scale"
             )
@@ -292,8 +253,17 @@ class ModelSettings(_Section):
         return list(self.decoder_hidden) if self.decoder_hidden is not None else self.encoder_hidden[::-1]
 
 
+_SCORE_FUNCTION = AppliesWhen("estimator", ("score_function",))
+
+
 class TrainingSettings(_Section):
     """The stochastic-gradient VI update and micro-batching."""
+
+    applies_when: ClassVar[Mapping[str, tuple[AppliesWhen, ...]]] = {
+        "baseline": (_SCORE_FUNCTION,),
+        "baseline_decay": (_SCORE_FUNCTION, AppliesWhen("baseline", ("running_mean", "learned"))),
+        "baseline_hidden": (_SCORE_FUNCTION, AppliesWhen("baseline", ("learned",))),
+    }
 
     estimator: Literal["sgvb_a", "sgvb_b", "iwae", "stl", "dreg", "score_function"] = "sgvb_b"
     samples: int = Field(1, ge=1)
@@ -345,10 +315,26 @@ class MetricsSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(9108, ge=0, le=65535)
     lag_interval_seconds: float = Field(5.0, gt=0.0)
+    #: /livez answers 503 once the loop has not gone round for this long (a stuck step, snapshot
+    #: write, poll or commit), so an orchestrator restarts the daemon; null: always live. The loop
+    #: does not go round while it waits for a step (the first one's XLA compile included) or a
+    #: snapshot write, a rebalance, a commit, a rewind's back-off (``processing.retry_max_seconds``)
+    #: or, at the end, the final checkpoint (``processing.shutdown_grace_seconds``): keep this well
+    #: above the longest of those. Start-up (topics, model, restoring the newest snapshot) counts
+    #: from the daemon's start.
+    liveness_timeout_seconds: float | None = Field(120.0, gt=0.0)
+
+
+_EXACTLY_ONCE = AppliesWhen("guarantee", ("exactly_once",))
 
 
 class ProcessingSettings(_Section):
     """Delivery guarantee, shutdown, backpressure and the guard against non-finite updates."""
+
+    applies_when: ClassVar[Mapping[str, tuple[AppliesWhen, ...]]] = {
+        "transactional_id": (_EXACTLY_ONCE,),
+        "transaction_timeout_ms": (_EXACTLY_ONCE,),
+    }
 
     guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
     #: exactly_once: the producer's transactional id; null derives ``<kafka.group_id>-streamvi``.
@@ -403,9 +389,95 @@ class Settings(BaseSettings):
         # load_settings merges file, environment and overrides itself, in a documented order.
         return (init_settings,)
 
+    @model_validator(mode="after")
+    def _reject_inapplicable(self) -> Settings:
+        """A setting given explicitly where it cannot apply is an error naming it, not ignored."""
+        problems = [
+            reason
+            for section in type(self).model_fields
+            for key in sorted(getattr(self, section).model_fields_set)
+            if (reason := inapplicable_reason(self, f"{section}.{key}")) is not None
+        ]
+        if problems:
+            raise PydanticCustomError("inapplicable_setting", "{problems}", {"problems": "\n".join(problems)})
+        return self
+
     def public_dict(self) -> dict[str, Any]:
-        """The settings as plain JSON-able data with every secret masked."""
-        return self.model_dump(mode="json")
+        """The settings as plain JSON-able data with every secret masked.
+
+        Settings that do not apply under the variants chosen (``model.categories`` with a gaussian
+        latent, ...) are left out: they have no effect, and a config written from this data loads.
+        """
+        data = self.model_dump(mode="json")
+        for section, values in data.items():
+            if isinstance(values, dict):
+                for key in [key for key in values if inapplicable_reason(self, f"{section}.{key}")]:
+                    del values[key]
+        return data
+
+
+def _section_model(section: str) -> type[_Section] | None:
+    annotation = Settings.model_fields[section].annotation if section in Settings.model_fields else None
+    return annotation if isinstance(annotation, type) and issubclass(annotation, _Section) else None
+
+
+def _setting_value(config: Settings | Mapping[str, Any], section: str, key: str) -> Any:
+    """A setting's value in settings, or in their JSON data (a key missing there: its default)."""
+    if isinstance(config, Settings):
+        return getattr(getattr(config, section), key)
+    values = config.get(section)
+    if isinstance(values, Mapping) and key in values:
+        return values[key]
+    model = _section_model(section)
+    field = model.model_fields.get(key) if model is not None else None
+    return field.get_default(call_default_factory=True) if field is not None else None
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "null" if value is None else str(value)
+
+
+def inapplicable_reason(config: Settings | Mapping[str, Any], name: str) -> str | None:
+    """Why the dotted setting ``name`` cannot apply under ``config``, or None when it applies.
+
+    ``config`` is a :class:`Settings` or its JSON data (e.g. a snapshot's, however old: a key
+    missing there stands for its default).
+    """
+    section, key = name.split(".", 1)
+    model = _section_model(section)
+    conditions = model.applies_when.get(key, ()) if model is not None else ()
+    unmet = [
+        (condition, value)
+        for condition in conditions
+        if not condition.holds(value := _setting_value(config, section, condition.setting))
+    ]
+    if not unmet:
+        return None
+    needed = " and ".join(
+        f"{section}.{c.setting}=" + " or ".join(_shown(v) for v in c.values) for c in conditions
+    )
+    found = ", ".join(f"{section}.{c.setting} is {_shown(value)}" for c, value in unmet)
+    fix = " and ".join(f"{section}.{c.setting}={_shown(c.values[0])}" for c, _ in unmet)
+    return f"{name} applies only with {needed} ({found}); remove it or set {fix}"
+
+
+def without_inapplicable(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Config data without the settings that cannot apply in it (as a snapshot older than this
+    check recorded them: every key of every section), so that it loads as :class:`Settings`."""
+    return {
+        section: (
+            {
+                key: value
+                for key, value in values.items()
+                if not inapplicable_reason(config, f"{section}.{key}")
+            }
+            if isinstance(values, Mapping)
+            else values
+        )
+        for section, values in config.items()
+    }
 
 
 def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
@@ -485,6 +557,9 @@ def _describe(error: ValidationError) -> str:
     for item in error.errors():
         location = ".".join(str(part) for part in item["loc"]) or "(top level)"
         message = item["msg"]
+        if item["type"] == "inapplicable_setting":  # each line names its setting
+            lines.extend(message.split("\n"))
+            continue
         if item["type"] == "extra_forbidden":
             message = "unknown setting"
         shown = "" if item["type"] == "extra_forbidden" else f" (got {item.get('input')!r})"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import platform
 import threading
+import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
@@ -140,11 +142,27 @@ class Metrics:
 
 
 class Health:
-    """Liveness and readiness flags read by the HTTP server."""
+    """Liveness and readiness, read by the HTTP server at each request.
 
-    def __init__(self) -> None:
+    Live means the loop goes round: it calls :meth:`beat` at the top of every iteration, and once
+    no beat came for ``liveness_timeout_seconds`` the process is not live (``/livez`` answers 503,
+    so an orchestrator restarts it). The age of the last beat is taken from a monotonic clock when
+    asked, so a stuck loop cannot keep it fresh; the clock starts when the Health is made (the
+    daemon's start), so a start-up that never reaches the loop is not live either.
+    ``liveness_timeout_seconds=None``: always live.
+    """
+
+    def __init__(
+        self,
+        liveness_timeout_seconds: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if liveness_timeout_seconds is not None and not liveness_timeout_seconds > 0:
+            raise ValueError("liveness_timeout_seconds must be positive (or None)")
         self._lock = threading.Lock()
-        self.live = True
+        self.liveness_timeout_seconds = liveness_timeout_seconds
+        self._clock = clock
+        self._last_beat = clock()  # a float written and read whole: no lock on the loop's path
         self.model_loaded = False
         self.partitions_assigned = False
         self.broker_connected = True
@@ -163,6 +181,19 @@ class Health:
                 self.partitions_assigned = partitions_assigned
             if broker_connected is not None:
                 self.broker_connected = broker_connected
+
+    def beat(self) -> None:
+        """The loop went round once more."""
+        self._last_beat = self._clock()
+
+    def seconds_since_beat(self) -> float:
+        """How long ago the loop last went round (or the Health was made)."""
+        return max(0.0, self._clock() - self._last_beat)
+
+    @property
+    def live(self) -> bool:
+        timeout = self.liveness_timeout_seconds
+        return timeout is None or self.seconds_since_beat() <= timeout
 
     @property
     def ready(self) -> bool:
@@ -210,8 +241,15 @@ class MetricsServer:
                 if path == "/metrics":
                     self._reply(200, generate_latest(server.registry), CONTENT_TYPE_LATEST)
                 elif path == "/livez":
-                    live = server.health.live
-                    self._reply(200 if live else 503, b"ok\n" if live else b"not live\n")
+                    health = server.health
+                    if health.live:
+                        self._reply(200, b"ok\n")
+                    else:
+                        self._reply(
+                            503,
+                            f"not live: the loop has not gone round for {health.seconds_since_beat():.1f}s "
+                            f"(metrics.liveness_timeout_seconds={health.liveness_timeout_seconds:g})\n".encode(),
+                        )
                 elif path == "/readyz":
                     ready = server.health.ready
                     self._reply(200 if ready else 503, b"ready\n" if ready else b"not ready\n")

@@ -4,6 +4,10 @@ A snapshot records the whole config it was written under (``meta.json`` → ``co
 into a model built from other structural settings fails deep inside TensorFlow with a shape error,
 or worse, succeeds and silently changes what the model means; so the daemon compares first and
 refuses to start, naming each differing setting and leaving the snapshot untouched.
+
+A setting that does not apply under one side's choices (``model.categories`` with a gaussian latent)
+is shown as such and compares as its default: it shapes nothing there, and a differing choice (the
+latent family) is named anyway.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import yaml
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined, to_jsonable_python
 
-from streamvi.config import Settings
+from streamvi.config import Settings, inapplicable_reason
 from streamvi.errors import ConfigError, SnapshotError
 
 #: The settings a snapshot must share with the config in force, each with why; ``section.*`` means
@@ -74,7 +78,17 @@ def structural_setting_names() -> list[str]:
     return names
 
 
-_NO_DEFAULT = object()
+class _Marker:
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+_NO_DEFAULT = _Marker("(not set)")
+#: The value of a setting that does not apply under that config's choices (it shapes nothing there).
+NOT_APPLICABLE = _Marker("(does not apply)")
 
 
 def _default_value(section: str, key: str) -> Any:
@@ -87,7 +101,10 @@ def _default_value(section: str, key: str) -> Any:
 
 
 def _value_in(config: Mapping[str, Any], name: str) -> Any:
-    """A dotted setting's value in a config dict; its default when the config has no such key."""
+    """A dotted setting's value in a config dict; its default when the config has no such key, and
+    ``NOT_APPLICABLE`` when it does not apply there (whether or not an older snapshot recorded it)."""
+    if inapplicable_reason(config, name) is not None:
+        return NOT_APPLICABLE
     section, key = name.split(".", 1)
     values = config.get(section)
     if isinstance(values, Mapping) and key in values:
@@ -106,21 +123,26 @@ def setting_differences(
     """The structural settings whose values differ, in ``STRUCTURAL_SETTINGS`` order.
 
     A key missing from either side (a snapshot written before that setting existed) stands for the
-    setting's default.
+    setting's default, and so does a setting that does not apply on that side.
     """
     snapshot_values, config_values = _as_config_dict(snapshot_config), _as_config_dict(config)
     differences = []
     for name in structural_setting_names():
         before, now = _value_in(snapshot_values, name), _value_in(config_values, name)
-        if before != now:
+        if _compared(before, name) != _compared(now, name):
             differences.append(SettingDifference(name, before, now))
     return differences
 
 
+def _compared(value: Any, name: str) -> Any:
+    """What a value compares as: a setting that does not apply, as its default."""
+    return _default_value(*name.split(".", 1)) if value is NOT_APPLICABLE else value
+
+
 def _yaml_value(value: Any) -> str:
     """``value`` written so that ``--set`` (which parses YAML scalars) reads it back unchanged."""
-    if value is _NO_DEFAULT:
-        return "(not set)"
+    if isinstance(value, _Marker):
+        return value.text
     if isinstance(value, list):
         return "[" + ", ".join(_yaml_value(item) for item in value) + "]"
     if isinstance(value, float):
@@ -137,11 +159,24 @@ def _yaml_value(value: Any) -> str:
 
 
 def set_overrides(differences: Sequence[SettingDifference]) -> list[str]:
-    """The ``--set`` options, shell-quoted, that make a config build the snapshot's model again."""
+    """The ``--set`` options, shell-quoted, that make a config build the snapshot's model again.
+
+    A setting that does not apply to the snapshot's model gets none: it would be refused there.
+    """
     return [
         f"--set {shlex.quote(f'{d.name}={_yaml_value(d.snapshot_value)}')}"
         for d in differences
-        if d.snapshot_value is not _NO_DEFAULT
+        if not isinstance(d.snapshot_value, _Marker)
+    ]
+
+
+def settings_to_remove(differences: Sequence[SettingDifference]) -> list[str]:
+    """Settings the config gives (they differ from their defaults) that do not apply to the
+    snapshot's model: with its settings (``set_overrides``) the config is refused until they go."""
+    return [
+        d.name
+        for d in differences
+        if d.snapshot_value is NOT_APPLICABLE and not isinstance(d.config_value, _Marker)
     ]
 
 
@@ -158,6 +193,10 @@ def mismatch_message(snapshot_path: Path, differences: Sequence[SettingDifferenc
         f"  - start a new model: point snapshots.dir at a new directory (now {snapshot_path.parent}), or",
         "  - continue this model: run with the snapshot's settings: " + " ".join(set_overrides(differences)),
     ]
+    if remove := settings_to_remove(differences):
+        lines.append(
+            f"    and remove {', '.join(remove)} from the config: the snapshot's model has no such setting"
+        )
     return "\n".join(lines)
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import tensorflow as tf
 from pydantic import ValidationError
 
-from streamvi.config import Settings
+from streamvi.config import Settings, without_inapplicable
 from streamvi.errors import SnapshotError
 from streamvi.snapshots.store import META_FILE, SnapshotInfo, SnapshotStore
 from streamvi.training.trainer import Trainer
@@ -25,10 +26,17 @@ def find_snapshot(path: str | Path) -> SnapshotInfo:
 
 
 def settings_of(info: SnapshotInfo) -> Settings:
-    """The settings a snapshot was written with (secrets are masked in it)."""
+    """The settings a snapshot was written with (secrets are masked in it).
+
+    A snapshot older than the check against settings that cannot apply recorded every key of
+    every section; those that do not apply to its model are dropped, as they never had an effect.
+    """
     try:
-        return Settings(**info.meta["config"])
-    except (KeyError, ValidationError) as exc:
+        config = info.meta["config"]
+        if not isinstance(config, Mapping):
+            raise TypeError(f"config is a {type(config).__name__}, not a mapping")
+        return Settings(**without_inapplicable(config))
+    except (KeyError, TypeError, ValidationError) as exc:
         raise SnapshotError(f"{info.path}: meta.json has no usable config: {exc}") from exc
 
 

@@ -44,7 +44,8 @@ def settings_factory(broker: EmbeddedBroker, tmp_path: Path):
                 f"snapshots.dir={tmp_path / 'snapshots'}",
                 "snapshots.every_steps=10",
                 "metrics.port=0",
-                "model.latent_dim=4",
+                # z's size, for the latent family that has one (a setting that cannot apply is refused)
+                *([] if "model.latent=gumbel_softmax" in overrides else ["model.latent_dim=4"]),
                 "model.encoder_hidden=[64, 32]",
                 "training.batch_size=32",
                 "training.learning_rate=0.005",

@@ -7,6 +7,7 @@ from pydantic import ValidationError
 
 from streamvi.config import Settings, load_settings, parse_overrides
 from streamvi.errors import ConfigError
+from streamvi.io.kafka_options import client_options
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -114,7 +115,7 @@ def test_secrets_are_masked_and_passed_to_clients():
     )
     assert "hunter2" not in repr(settings)
     assert "hunter2" not in str(settings.public_dict())
-    options = settings.kafka.client_options()
+    options = client_options(settings.kafka)
     assert options["sasl_plain_password"] == "hunter2"
     assert options["sasl_mechanism"] == "SCRAM-SHA-512"
     assert options["security_protocol"] == "SASL_SSL"
@@ -123,102 +124,6 @@ def test_secrets_are_masked_and_passed_to_clients():
 def test_topics_must_differ():
     with pytest.raises(ConfigError, match="must all differ"):
         load_settings(overrides=["kafka.latents_topic=streamvi.input"], environ={})
-
-
-def _secure(*extra: str) -> Settings:
-    return load_settings(
-        overrides=[
-            "kafka.client=librdkafka",
-            "kafka.bootstrap_servers=a:9093,b:9093",
-            "kafka.security_protocol=SASL_SSL",
-            "kafka.sasl_mechanism=SCRAM-SHA-256",
-            "kafka.sasl_username=svc",
-            "kafka.ssl_cafile=/etc/tls/ca.pem",
-            "kafka.ssl_certfile=/etc/tls/client.pem",
-            "kafka.ssl_keyfile=/etc/tls/client.key",
-            *extra,
-        ],
-        environ={"STREAMVI_KAFKA__SASL_PASSWORD": "hunter2", "STREAMVI_KAFKA__SSL_PASSWORD": "keypass"},
-    )
-
-
-def test_rdkafka_config_maps_address_identity_and_security():
-    settings = _secure()
-    assert settings.kafka.client == "librdkafka"
-    for role in ("consumer", "producer"):
-        config = settings.kafka.rdkafka_config(role)
-        assert config["bootstrap.servers"] == "a:9093,b:9093"
-        assert config["client.id"] == "streamvi"
-        assert config["security.protocol"] == "SASL_SSL"
-        assert config["sasl.mechanism"] == "SCRAM-SHA-256"
-        assert config["sasl.username"] == "svc"
-        assert config["sasl.password"] == "hunter2"  # the client needs it in clear text ...
-        assert config["ssl.key.password"] == "keypass"
-        assert config["ssl.ca.location"] == "/etc/tls/ca.pem"
-        assert config["ssl.certificate.location"] == "/etc/tls/client.pem"
-        assert config["ssl.key.location"] == "/etc/tls/client.key"
-        assert config["ssl.endpoint.identification.algorithm"] == "https"
-        assert config["socket.timeout.ms"] == settings.kafka.request_timeout_ms
-    # ... and nowhere else: not in the settings' repr or their public form
-    shown = repr(settings) + str(settings.public_dict())
-    assert "hunter2" not in shown and "keypass" not in shown
-    unchecked = _secure("kafka.ssl_check_hostname=false").kafka.rdkafka_config("producer")
-    assert unchecked["ssl.endpoint.identification.algorithm"] == "none"
-
-
-def test_rdkafka_config_without_tls_or_sasl_sets_neither():
-    config = load_settings(environ={}).kafka.rdkafka_config("consumer")
-    assert config["security.protocol"] == "PLAINTEXT"
-    assert not [key for key in config if key.startswith(("ssl.", "sasl."))]
-
-
-def test_rdkafka_consumer_and_producer_roles():
-    settings = load_settings(
-        overrides=[
-            "kafka.group_id=g1",
-            "kafka.session_timeout_ms=6000",
-            "kafka.heartbeat_interval_ms=1500",
-            "kafka.max_poll_interval_ms=120000",
-            "kafka.fetch_max_wait_ms=40",
-            "kafka.fetch_max_bytes=2000000",
-            "kafka.max_partition_fetch_bytes=1048576",
-            "kafka.producer_linger_ms=7",
-            "kafka.producer_batch_bytes=65536",
-            "kafka.producer_compression=gzip",
-            "kafka.request_timeout_ms=15000",
-        ],
-        environ={},
-    ).kafka
-    consumer = settings.rdkafka_config("consumer", isolation_level="read_committed")
-    assert consumer["group.id"] == "g1"
-    assert (consumer["session.timeout.ms"], consumer["heartbeat.interval.ms"]) == (6000, 1500)
-    assert consumer["max.poll.interval.ms"] == 120000
-    assert consumer["fetch.wait.max.ms"] == 40
-    assert (consumer["fetch.max.bytes"], consumer["max.partition.fetch.bytes"]) == (2_000_000, 1_048_576)
-    assert consumer["enable.auto.commit"] is False and consumer["enable.auto.offset.store"] is False
-    assert consumer["auto.offset.reset"] == "earliest"
-    assert consumer["isolation.level"] == "read_committed"
-    assert settings.rdkafka_config("consumer")["isolation.level"] == "read_uncommitted"
-    assert not {"acks", "linger.ms", "request.timeout.ms"} & set(consumer)
-    producer = settings.rdkafka_config("producer")
-    assert producer["acks"] == "all" and producer["enable.idempotence"] is True
-    assert (producer["linger.ms"], producer["batch.size"]) == (7, 65536)
-    assert producer["compression.type"] == "gzip"
-    assert producer["request.timeout.ms"] == producer["socket.timeout.ms"] == 15000
-    assert not {"group.id", "session.timeout.ms", "isolation.level"} & set(producer)
-
-
-@pytest.mark.parametrize("fetch_max_bytes", [1024, 52_428_800, 200_000_000])
-def test_librdkafka_accepts_the_mapped_configuration(fetch_max_bytes):
-    """librdkafka checks its properties (names, ranges, consistency) when a client is created."""
-    from confluent_kafka import Consumer, Producer
-
-    settings = load_settings(
-        overrides=["kafka.bootstrap_servers=127.0.0.1:9", f"kafka.fetch_max_bytes={fetch_max_bytes}"],
-        environ={},
-    ).kafka
-    Consumer(settings.rdkafka_config("consumer")).close()
-    Producer(settings.rdkafka_config("producer")).close()
 
 
 @pytest.mark.parametrize(

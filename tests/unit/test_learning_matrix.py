@@ -23,7 +23,7 @@ from streamvi.io.memory import MemorySink, MemorySource
 from streamvi.metrics import Metrics
 from streamvi.runtime import build_trainer, evaluation_policy
 from streamvi.snapshots import SnapshotStore
-from streamvi.training import CheckpointPolicy, OnlineLoop, OutputTopics
+from streamvi.stream import CheckpointPolicy, OnlineLoop, OutputTopics
 
 ESTIMATORS = ["sgvb_a", "sgvb_b", "iwae", "stl", "dreg", "score_function"]
 CASES = (
@@ -61,9 +61,12 @@ def test_learns_on_a_stream(case, tmp_path):
             "training.samples=4" if estimator in ("iwae", "dreg") else "training.samples=1",
             f"model.latent={latent}",
             f"model.likelihood={likelihood}",
-            "model.latent_dim=4",
-            "model.categorical_variables=4",
-            "model.categories=4",
+            # only the settings of the latent family in use: the others would be refused
+            *(
+                ["model.latent_dim=4"]
+                if latent == "gaussian"
+                else ["model.categorical_variables=4", "model.categories=4"]
+            ),
             "model.encoder_hidden=[64]",
             "model.activation=elu",
             "training.batch_size=64",

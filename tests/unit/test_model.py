@@ -20,9 +20,11 @@ def settings(*overrides: str):
 @pytest.mark.parametrize("latent", ["gaussian", "gumbel_softmax"])
 def test_shapes_and_distributions(likelihood, latent):
     s = settings(
-        "model.latent_dim=3",
-        "model.categorical_variables=2",
-        "model.categories=4",
+        *(
+            ["model.latent_dim=3"]
+            if latent == "gaussian"
+            else ["model.categorical_variables=2", "model.categories=4"]
+        ),
         "model.encoder_hidden=[16, 8]",
         f"model.likelihood={likelihood}",
         f"model.latent={latent}",

@@ -16,6 +16,7 @@ from streamvi.io.memory import MemorySink, MemorySource
 from streamvi.runtime import build_trainer, snapshot_meta
 from streamvi.snapshots import SnapshotStore, encode_offsets
 from streamvi.snapshots.compatibility import (
+    NOT_APPLICABLE,
     STRUCTURAL_SETTINGS,
     SettingDifference,
     SnapshotConfigMismatchError,
@@ -24,13 +25,13 @@ from streamvi.snapshots.compatibility import (
     setting_differences,
     structural_setting_names,
 )
-from streamvi.training import CheckpointPolicy, OnlineLoop, OutputTopics
-from streamvi.training.loop import ProcessingPolicy
+from streamvi.stream import CheckpointPolicy, OnlineLoop, OutputTopics, ProcessingPolicy
 from tests.unit.test_loop import records
 
 SMALL = ["input.dim=6", "model.encoder_hidden=[8]", "training.batch_size=4", "training.estimator=sgvb_a"]
 GAUSSIAN_4 = [*SMALL, "model.latent=gaussian", "model.latent_dim=4"]
-GUMBEL_2 = [*SMALL, "model.latent=gumbel_softmax", "model.latent_dim=2"]
+GUMBEL = [*SMALL, "model.latent=gumbel_softmax"]
+SCORE = [*GAUSSIAN_4, "training.estimator=score_function"]
 
 
 def settings(*overrides: str) -> Settings:
@@ -46,7 +47,7 @@ def names(differences: list[SettingDifference]) -> list[str]:
 
 def test_every_differing_structural_setting_is_named_with_both_values():
     snapshot = settings(*GAUSSIAN_4, "training.optimizer=adam", "input.context_dim=0")
-    config = settings(*GUMBEL_2, "training.optimizer=sgd", "input.context_dim=3")
+    config = settings(*GUMBEL, "training.optimizer=sgd", "input.context_dim=3")
     differences = setting_differences(snapshot, config)
     assert names(differences) == [
         "model.latent",
@@ -55,27 +56,27 @@ def test_every_differing_structural_setting_is_named_with_both_values():
         "training.optimizer",
     ]
     assert differences[0] == SettingDifference("model.latent", "gaussian", "gumbel_softmax")
-    assert differences[1] == SettingDifference("model.latent_dim", 4, 2)
+    assert differences[1] == SettingDifference("model.latent_dim", 4, NOT_APPLICABLE)  # no z dim there
 
 
 @pytest.mark.parametrize(
-    "override",
+    ("base", "override"),
     [
-        "input.dim=7",
-        "model.likelihood=gaussian",
-        "model.encoder_hidden=[8, 8]",
-        "model.decoder_hidden=[5]",
-        "model.temperature_rate=0.01",
-        "training.estimator=iwae",
-        "training.baseline=learned",
-        "training.baseline_hidden=3",
-        "training.optimizer=rmsprop",
-        "training.mixed_precision=mixed_float16",
+        (GAUSSIAN_4, "input.dim=7"),
+        (GAUSSIAN_4, "model.likelihood=gaussian"),
+        (GAUSSIAN_4, "model.encoder_hidden=[8, 8]"),
+        (GAUSSIAN_4, "model.decoder_hidden=[5]"),
+        (GUMBEL, "model.temperature_rate=0.01"),
+        (GAUSSIAN_4, "training.estimator=iwae"),
+        (SCORE, "training.baseline=learned"),
+        ([*SCORE, "training.baseline=learned"], "training.baseline_hidden=3"),
+        (GAUSSIAN_4, "training.optimizer=rmsprop"),
+        (GAUSSIAN_4, "training.mixed_precision=mixed_float16"),
     ],
 )
-def test_each_structural_setting_counts(override):
+def test_each_structural_setting_counts(base, override):
     name = override.split("=", 1)[0]
-    assert names(setting_differences(settings(*GAUSSIAN_4), settings(*GAUSSIAN_4, override))) == [name]
+    assert names(setting_differences(settings(*base), settings(*base, override))) == [name]
 
 
 def test_settings_that_do_not_shape_the_checkpoint_may_change_freely():
@@ -126,7 +127,7 @@ def test_a_section_missing_from_an_old_snapshot_compares_every_key_to_defaults()
 def test_the_error_names_each_setting_and_both_ways_out(tmp_path):
     path = tmp_path / "snapshots" / "snapshot-000000000012-1"
     with pytest.raises(SnapshotConfigMismatchError) as caught:
-        check_snapshot_matches(path, settings(*GAUSSIAN_4), settings(*GUMBEL_2))
+        check_snapshot_matches(path, settings(*GAUSSIAN_4), settings(*GUMBEL))
     error = caught.value
     assert (
         isinstance(error, ConfigError)
@@ -136,7 +137,7 @@ def test_the_error_names_each_setting_and_both_ways_out(tmp_path):
     message = str(error)
     assert str(path) in message
     assert "model.latent: snapshot gaussian, config gumbel_softmax" in message
-    assert "model.latent_dim: snapshot 4, config 2" in message
+    assert "model.latent_dim: snapshot 4, config (does not apply)" in message
     assert "point snapshots.dir at a new directory" in message
     assert "--set model.latent=gaussian --set model.latent_dim=4" in message
     assert names(list(error.differences)) == ["model.latent", "model.latent_dim"]
@@ -146,16 +147,41 @@ def test_the_suggested_overrides_rebuild_the_snapshots_settings():
     snapshot = settings(
         *GAUSSIAN_4,
         "model.encoder_hidden=[16, 8]",
-        "model.temperature_rate=1e-5",
+        "model.observation_scale=0.3",
         "model.likelihood=gaussian",
         "training.mixed_precision=off",
         "training.optimizer=adamw",
     )
-    config = settings(*GUMBEL_2, "model.temperature_rate=0.5", "training.mixed_precision=mixed_bfloat16")
+    config = settings(*GUMBEL, "training.mixed_precision=mixed_bfloat16")
     differences = setting_differences(snapshot, config)
     assert len(differences) == 7
     overrides = [shlex.split(option)[1] for option in set_overrides(differences)]
-    assert setting_differences(snapshot, settings(*GUMBEL_2, "model.temperature_rate=0.5", *overrides)) == []
+    assert (
+        setting_differences(
+            snapshot, settings(*GUMBEL, "training.mixed_precision=mixed_bfloat16", *overrides)
+        )
+        == []
+    )
+
+
+def test_settings_that_do_not_apply_compare_as_defaults_and_get_no_override(tmp_path):
+    # a snapshot written before public_dict left them out holds every key, applicable or not
+    old = settings(*GAUSSIAN_4).model_dump(mode="json")
+    assert "categories" in old["model"] and "baseline" in old["training"]
+    assert setting_differences(old, settings(*GAUSSIAN_4)) == []
+    assert setting_differences(old, settings(*GAUSSIAN_4).public_dict()) == []
+
+    config = settings(*GUMBEL, "model.categories=4")
+    differences = setting_differences(old, config)
+    assert SettingDifference("model.categories", NOT_APPLICABLE, 4) in differences
+    overrides = set_overrides(differences)
+    assert overrides == ["--set model.latent=gaussian", "--set model.latent_dim=4"]
+    message = str(SnapshotConfigMismatchError(tmp_path / "snap", differences))
+    assert "model.categories: snapshot (does not apply), config 4" in message
+    assert "and remove model.categories from the config" in message
+    # with the suggested settings and without the one named, the config builds the snapshot's model
+    rebuilt = settings(*GUMBEL, *(shlex.split(option)[1] for option in overrides))
+    assert setting_differences(old, rebuilt) == []
 
 
 def test_matching_settings_pass():
@@ -199,7 +225,7 @@ def test_a_restart_under_another_latent_family_fails_cleanly_and_keeps_the_snaps
     before = [(path.name, sorted(p.name for p in path.rglob("*"))) for path in store.candidates()]
     assert before
 
-    second = make_loop(settings(*GUMBEL_2), store, MemorySource(records(16)))
+    second = make_loop(settings(*GUMBEL), store, MemorySource(records(16)))
     initial = [v.numpy().copy() for v in second.trainer.model.trainable_variables]
     with pytest.raises(
         SnapshotConfigMismatchError, match=re.escape("model.latent: snapshot gaussian, config gumbel_softmax")
@@ -213,7 +239,7 @@ def test_a_restart_under_another_latent_family_fails_cleanly_and_keeps_the_snaps
 
     # the second way out: the suggested overrides restore the old model and resume where it stopped
     overrides = [shlex.split(option)[1] for option in set_overrides(caught.value.differences)]
-    resumed = make_loop(settings(*GUMBEL_2, *overrides), store, MemorySource(records(16)))
+    resumed = make_loop(settings(*GUMBEL, *overrides), store, MemorySource(records(16)))
     info = resumed.restore()
     assert info is not None and info.offsets == {("in", 0): 8} and resumed.trainer.step == first.trainer.step
 
@@ -221,11 +247,9 @@ def test_a_restart_under_another_latent_family_fails_cleanly_and_keeps_the_snaps
 def test_under_exactly_once_a_mismatching_snapshot_is_refused_not_discarded(tmp_path):
     # offsets ahead of the (empty) committed ones: a matching snapshot like it would be discarded
     path = write_snapshot(settings(*GAUSSIAN_4), tmp_path, next_offset=5)
-    loop = make_loop(
-        settings(*GUMBEL_2), SnapshotStore(tmp_path), MemorySource(records(8)), exactly_once=True
-    )
+    loop = make_loop(settings(*GUMBEL), SnapshotStore(tmp_path), MemorySource(records(8)), exactly_once=True)
     with pytest.raises(
-        SnapshotConfigMismatchError, match=re.escape("model.latent_dim: snapshot 4, config 2")
+        SnapshotConfigMismatchError, match=re.escape("model.latent_dim: snapshot 4, config (does not apply)")
     ):
         loop.restore()
     assert SnapshotStore(tmp_path).candidates() == [path]
