@@ -18,6 +18,7 @@ from streamvi.config import KafkaSettings, Settings
 from streamvi.estimators import build_estimator
 from streamvi.io.base import OutputSink, RecordSource
 from streamvi.io.codecs import RecordDecoder, Support
+from streamvi.io.kafka_core import Backoff
 from streamvi.io.kafka_sink import KafkaOutputSink, KafkaTransactionalSink
 from streamvi.io.kafka_source import KafkaRecordSource
 from streamvi.io.rdkafka_sink import RdKafkaOutputSink, RdKafkaTransactionalSink
@@ -25,8 +26,7 @@ from streamvi.io.rdkafka_source import RdKafkaRecordSource
 from streamvi.metrics import Health, Metrics, MetricsServer
 from streamvi.model.vae import build_vae
 from streamvi.snapshots.store import SnapshotInfo, SnapshotLock, SnapshotStore
-from streamvi.training.heldout import HeldOutReservoir
-from streamvi.training.loop import (
+from streamvi.stream import (
     CheckpointPolicy,
     EvaluationPolicy,
     LoopCounts,
@@ -34,6 +34,7 @@ from streamvi.training.loop import (
     OutputTopics,
     ProcessingPolicy,
 )
+from streamvi.training.heldout import HeldOutReservoir
 from streamvi.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,8 @@ def kafka_clients(settings: Settings) -> tuple[OutputSink, RecordSource]:
     sink: OutputSink
     if exactly_once:
         transactional_id = processing.transactional_id_for(settings.kafka.group_id)
-        sink = transactional(settings.kafka, transactional_id, processing.transaction_timeout_ms)
+        backoff = Backoff(processing.retry_initial_seconds, processing.retry_max_seconds)
+        sink = transactional(settings.kafka, transactional_id, processing.transaction_timeout_ms, backoff)
     else:
         sink = plain(settings.kafka)
     try:
@@ -194,7 +196,7 @@ def build_daemon(settings: Settings, registry: CollectorRegistry | None = None) 
     registry = registry if registry is not None else CollectorRegistry()
     metrics = Metrics(registry)
     metrics.set_build_info(versions())
-    health = Health()
+    health = Health(settings.metrics.liveness_timeout_seconds)
     processing = settings.processing
     exactly_once = processing.guarantee == "exactly_once"
     # One writer per snapshot directory, for the daemon's whole life: checked before anything else.

@@ -41,28 +41,6 @@ class MicroBatcher:
         """Rows still free in the open batch."""
         return self.batch_size - len(self.records)
 
-    def add(
-        self,
-        record: RawRecord,
-        x: np.ndarray,
-        record_id: str | None,
-        c: np.ndarray | None = None,
-        train: bool = True,
-        now: float | None = None,
-    ) -> None:
-        """Place one row; the caller closes the batch when ``full`` or ``due``."""
-        index = len(self.records)
-        if index >= self.batch_size:
-            raise RuntimeError("micro-batch is full; process it before adding more")
-        if index == 0:
-            self.opened_at = time.monotonic() if now is None else now
-        self.x[index] = x
-        if c is not None and c.size:
-            self.c[index] = c
-        self.weights[index] = 1.0 if train else 0.0
-        self.records.append(record)
-        self.record_ids.append(record_id)
-
     def add_rows(
         self,
         records: Sequence[RawRecord],

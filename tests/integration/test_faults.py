@@ -201,9 +201,9 @@ def test_slow_steps_keep_the_consumer_in_its_group(settings_factory):
     loop.trainer.train_rows = slow_train
     loop.store.write = slow_write
     assignments = []
-    on_assigned = loop._on_assigned
+    on_assigned = loop.on_assigned
     loop.source.set_rebalance_callbacks(
-        lambda partitions: (assignments.append(list(partitions)), on_assigned(partitions)), loop._on_revoked
+        lambda partitions: (assignments.append(list(partitions)), on_assigned(partitions)), loop.on_revoked
     )
     counts = daemon.run(max_records=96)
     assert counts.records_trained == 96 and counts.steps == 6

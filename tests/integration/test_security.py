@@ -23,7 +23,7 @@ from streamvi.io.kafka_source import KafkaRecordSource
 from streamvi.io.memory import MemorySink, MemorySource
 from streamvi.runtime import build_trainer, snapshot_meta
 from streamvi.snapshots import SnapshotStore
-from streamvi.training import CheckpointPolicy, OnlineLoop, OutputTopics
+from streamvi.stream import CheckpointPolicy, OnlineLoop, OutputTopics
 from tests.integration.scram_peer import TLS, ScramPeer, Session
 from tests.unit.test_loop import records
 

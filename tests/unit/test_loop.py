@@ -17,7 +17,7 @@ from streamvi.io.memory import MemorySink, MemorySource
 from streamvi.metrics import Health, Metrics
 from streamvi.runtime import build_trainer
 from streamvi.snapshots import SnapshotStore
-from streamvi.training import CheckpointPolicy, OnlineLoop, OutputTopics
+from streamvi.stream import CheckpointPolicy, OnlineLoop, OutputTopics
 from tests.unit.test_trainer import data
 
 TOPICS = OutputTopics("lat", "met", "dlq")
@@ -94,7 +94,8 @@ def test_commit_order_is_flush_then_snapshot_then_commit(tmp_path):
             events.append("commit")
             super().commit(offsets)
 
-    loop = make_loop(Source(records(40)), Sink(), Store(tmp_path), every_steps=3)
+    # one batch in flight at most: where checkpoints fall does not depend on the steps' timing
+    loop = make_loop(Source(records(40)), Sink(), Store(tmp_path), every_steps=3, pipeline_depth=1)
     loop.run(max_records=40)
     assert events.count("commit") >= 3
     assert events == ["flush", "snapshot", "commit"] * events.count("commit")
@@ -218,7 +219,7 @@ def test_a_full_pipeline_holds_back_fetching(tmp_path):
     train = loop.trainer.train_rows
 
     def slow_train(*args, **kwargs):
-        seen.append(len(loop._pipeline))
+        seen.append(len(loop.pipeline))
         time.sleep(0.05)
         return train(*args, **kwargs)
 
@@ -228,7 +229,7 @@ def test_a_full_pipeline_holds_back_fetching(tmp_path):
 
     def poll(timeout_seconds, max_records):
         out = original_poll(timeout_seconds, max_records)
-        polled.append((len(loop._pipeline), len(out)))
+        polled.append((len(loop.pipeline), len(out)))
         return out
 
     source.poll = poll
@@ -247,7 +248,7 @@ def test_the_latency_bound_counts_from_a_records_append(tmp_path):
     def left_after_adding(timestamp_ms: int) -> float:
         record = RawRecord("in", 0, 0, b"k", encode_record(data(1, dim=6)[0], "r", "json"), [], timestamp_ms)
         loop.batcher.clear()
-        loop._handle([record])
+        loop.handle([record])
         left = loop.batcher.time_left()
         assert left is not None
         return left

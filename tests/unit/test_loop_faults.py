@@ -21,8 +21,8 @@ from streamvi.io.memory import MemorySink, MemorySource
 from streamvi.metrics import Health, Metrics
 from streamvi.runtime import build_trainer
 from streamvi.snapshots import SnapshotStore
-from streamvi.training import CheckpointPolicy, OnlineLoop, OutputTopics
-from streamvi.training.loop import ProcessingPolicy
+from streamvi.stream import CheckpointPolicy, OnlineLoop, OutputTopics, ProcessingPolicy
+from streamvi.training import Trainer
 from tests.unit.test_codecs import payloads
 from tests.unit.test_trainer import data
 
@@ -54,6 +54,7 @@ def make_loop(
     registry=None,
     likelihood="bernoulli",
     pipeline_depth=1,
+    trainer=None,
     **policy,
 ):
     settings = load_settings(
@@ -70,7 +71,7 @@ def make_loop(
         source=source,
         sink=sink,
         decoder=RecordDecoder("json", DIM, 4096),
-        trainer=build_trainer(settings),
+        trainer=trainer if trainer is not None else build_trainer(settings),
         store=store,
         topics=TOPICS,
         policy=CheckpointPolicy(every_steps=2, every_seconds=3600),
@@ -214,14 +215,14 @@ def test_non_finite_updates_are_skipped_then_the_last_good_snapshot_is_restored(
     )
     good = None
 
-    original = loop._recover_from_divergence
+    original = loop.recovery.recover_from_divergence
 
     def recover():
         nonlocal good
         original()
         good = [v.numpy().copy() for v in loop.trainer.model.trainable_variables]
 
-    loop._recover_from_divergence = recover
+    loop.recovery.recover_from_divergence = recover
     loop.run(max_records=40)
     assert registry.get_sample_value("streamvi_nonfinite_updates_total") == 4
     assert registry.get_sample_value("streamvi_training_diverged") == 1
@@ -231,7 +232,7 @@ def test_non_finite_updates_are_skipped_then_the_last_good_snapshot_is_restored(
     assert all(np.isfinite(v.numpy()).all() for v in loop.trainer.model.trainable_variables)
 
 
-_SHARED: dict[str, OnlineLoop] = {}
+_SHARED: dict[str, Trainer] = {}
 
 
 @settings(max_examples=300)
@@ -239,15 +240,12 @@ _SHARED: dict[str, OnlineLoop] = {}
 def test_nothing_raises_out_of_the_loop_on_any_payload(tmp_path_factory, values):
     good = encode_record(np.full(DIM, 0.5, np.float32), "g", "json")
     stream = [RawRecord("in", 0, i, None, good if v == b"GOOD" else v) for i, v in enumerate(values)]
-    if "loop" not in _SHARED:  # one trainer for every example: compiling per example is too slow
-        _SHARED["loop"] = make_loop(
+    if "trainer" not in _SHARED:  # one trainer for every example: compiling per example is too slow
+        _SHARED["trainer"] = make_loop(
             MemorySource([]), MemorySink(), SnapshotStore(tmp_path_factory.mktemp("h"))
-        )
-    loop = _SHARED["loop"]
+        ).trainer
     source, sink = MemorySource(stream), MemorySink()
-    loop.source, loop.sink = source, sink
-    loop.state.next_offsets = {}
-    loop._last_checkpoint_offsets = {}
+    loop = make_loop(source, sink, SnapshotStore(tmp_path_factory.mktemp("h")), trainer=_SHARED["trainer"])
     loop.run(max_records=len(stream))
     latents = {orjson.loads(m.value)["offset"] for m in sink.on_topic("lat")}
     dead = {int(dict(m.headers)[HEADER_OFFSET]): dict(m.headers)[HEADER_REASON] for m in sink.on_topic("dlq")}

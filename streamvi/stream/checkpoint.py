@@ -1,0 +1,164 @@
+"""Checkpoints: the offsets of one interval, when it is due, and its commit in the documented order.
+
+Commit order (the contract downstream users and restarts rely on):
+
+    1. the open micro-batch is trained and its latents queued (nothing consumed is left pending);
+    2. outputs flushed    -- every latent, metric and dead letter so far is acknowledged by the broker;
+    3. snapshot durable   -- model, optimizer, step, RNG and next offsets are fsynced and renamed;
+    4. offsets committed  -- the consumer group moves to the same offsets the snapshot holds
+                             (exactly-once: one transaction commits the outputs and the offsets);
+    5. exactly-once only: older snapshots pruned (never before 4: a trusted one must survive).
+
+A crash between any two steps loses nothing: on restart the newest trusted snapshot is restored
+and consumption resumes at *its* offsets. The guarantee-specific parts of steps 2-5 are the
+committer's (streamvi/stream/committers.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import tensorflow as tf
+
+from streamvi.errors import StreamVIError
+from streamvi.io.base import OutputSink, Partition
+from streamvi.snapshots.store import SnapshotInfo, encode_offsets
+from streamvi.stream.committers import Committer
+from streamvi.stream.pipeline import StepPipeline
+from streamvi.stream.state import CheckpointPolicy, StreamState
+from streamvi.training.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Interval:
+    """Where the current checkpoint interval started: its time, step and offsets."""
+
+    step: int
+    offsets: dict[Partition, int] = field(default_factory=dict)
+    started_at: float = field(default_factory=time.monotonic)
+
+
+class Checkpoints:
+    """Decides when a checkpoint is due and runs it; a failure to deliver or commit rewinds."""
+
+    def __init__(
+        self,
+        *,
+        policy: CheckpointPolicy,
+        committer: Committer,
+        sink: OutputSink,
+        trainer: Trainer,
+        checkpoint: tf.train.Checkpoint,
+        pipeline: StepPipeline,
+        state: Callable[[], StreamState],
+        snapshot_meta: dict[str, Any],
+        drain: Callable[[], bool],
+        rewind: Callable[[str], None],
+        pending_rewind: Callable[[], str | None],
+        trusted: Callable[[SnapshotInfo], None],
+        metrics: Any,
+    ) -> None:
+        self.policy = policy
+        self.committer = committer
+        self.sink = sink
+        self.trainer = trainer
+        self.checkpoint = checkpoint
+        self.pipeline = pipeline
+        self._state = state
+        self.snapshot_meta = snapshot_meta
+        self._drain = drain
+        self._rewind = rewind
+        self._pending_rewind = pending_rewind
+        self._trusted = trusted
+        self.metrics = metrics
+        self.interval = Interval(trainer.step)
+        #: The step of the newest published step (a step still in flight is the step thread's).
+        self.finished_step = trainer.step
+
+    def restart(self, offsets: dict[Partition, int]) -> None:
+        """A new interval from the trainer's current step and ``offsets`` (start-up, rewind)."""
+        self.finished_step = self.trainer.step
+        self.interval = Interval(self.trainer.step, dict(offsets))
+
+    def has_progress(self) -> bool:
+        return (
+            len(self.pipeline.batcher) > 0
+            or len(self.pipeline) > 0
+            or self.finished_step != self.interval.step
+            or self._state().loop.next_offsets != self.interval.offsets
+        )
+
+    def due(self) -> bool:
+        if self.finished_step - self.interval.step >= self.policy.every_steps:
+            return True
+        elapsed = time.monotonic() - self.interval.started_at
+        return elapsed >= self.policy.every_seconds and self.has_progress()
+
+    def run(self, reason: str) -> SnapshotInfo | None:
+        """Drain, flush outputs, write the snapshot, then commit offsets -- in that order, always.
+
+        Returns None when there was nothing to do, or when delivering failed and the loop rewound
+        to the last trusted snapshot (the interval is then consumed and processed again).
+        """
+        if not self.has_progress():
+            self.interval.started_at = time.monotonic()
+            return None
+        started = time.perf_counter()
+        # 1. nothing consumed stays pending: train the open micro-batch now and publish every step.
+        if not self._drain():
+            return None
+        # 2. outputs flushed: every latent, metric and dead letter is acknowledged (under
+        #    exactly-once, still invisible to read_committed consumers).
+        try:
+            self.sink.flush()
+        except StreamVIError as exc:
+            self._rewind(f"outputs were not delivered: {exc}")
+            return None
+        self.committer.outputs_flushed()
+        # 3. snapshot durable: model + optimizer + step + RNG + the offsets it covers.
+        state = self._state()
+        offsets = dict(state.loop.next_offsets)
+        state.counts.snapshots += 1
+        meta = self._meta(state, offsets)
+        step = self.trainer.step
+        info = self.pipeline.run_guarded(lambda: self.committer.write_snapshot(self.checkpoint, step, meta))
+        pending = self._pending_rewind()
+        if pending is not None:
+            self.committer.snapshot_abandoned(info)
+            self._rewind(pending)
+            return None
+        # 4. offsets committed: the group now agrees with the snapshot (exactly-once: the outputs
+        #    become visible in the same atomic step, which makes the snapshot trusted).
+        failure = self.committer.commit(info, offsets)
+        if failure is not None:
+            self._rewind(failure)
+            return None
+        # 5. the guarantee's clean-up (exactly-once: prune the older snapshots only now).
+        self.committer.committed()
+        self._trusted(info)
+        self.restart(offsets)
+        self.metrics.snapshots.inc()
+        self.metrics.snapshot_duration.observe(time.perf_counter() - started)
+        self.metrics.last_snapshot.set(time.time())
+        self.metrics.commits.inc()
+        log.info("checkpoint (%s): step %d, snapshot %s", reason, self.trainer.step, info.path.name)
+        return info
+
+    def _meta(self, state: StreamState, offsets: dict[Partition, int]) -> dict[str, Any]:
+        return dict(
+            self.snapshot_meta,
+            offsets=encode_offsets(offsets),
+            counts=asdict(state.counts),
+            metrics=state.loop.last_summary,
+            heldout=state.loop.last_heldout,
+            estimator=self.trainer.estimator.name,
+            bound=self.trainer.estimator.bound_name,
+            history=state.history.to_json(),
+            guarantee=self.committer.guarantee,
+        )

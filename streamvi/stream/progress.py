@@ -1,0 +1,64 @@
+"""At-least-once output progress: how far outputs were sent, and which records will be sent again.
+
+Outputs of the records after the last snapshot are published again after a restart or a rewind.
+How far outputs had gone is written beside the snapshots (not fsynced: it only has to survive a
+process crash), so those re-published records can be counted (``streamvi_replayed_records_total``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+
+from streamvi.io.base import Partition, RawRecord
+from streamvi.snapshots.store import SnapshotStore
+
+log = logging.getLogger(__name__)
+
+
+class OutputProgress:
+    """Per partition, the offset up to which outputs are on their way, and the replay window."""
+
+    def __init__(self, store: SnapshotStore, on_replayed: Callable[[int], None] = lambda count: None) -> None:
+        self.store = store
+        self.sent: dict[Partition, int] = {}
+        self.replay_until: dict[Partition, int] = {}
+        self._on_replayed = on_replayed
+
+    def mark_sent(self, records: Sequence[RawRecord]) -> None:
+        """The outputs of ``records`` are on their way (may be published)."""
+        sent = self.sent
+        # Records are in offset order per partition, so the last one of each partition is its furthest.
+        for partition, end in {(r.topic, r.partition): r.offset + 1 for r in records}.items():
+            if end > sent.get(partition, 0):
+                sent[partition] = end
+
+    def persist(self) -> None:
+        self.store.write_progress(self.sent)
+
+    def resume(self, start: Mapping[Partition, int]) -> None:
+        """At start-up: what was sent before the crash, past ``start``, will be output again."""
+        self.sent = dict(self.store.read_progress())
+        self.rewind_to(start)
+        if self.replay_until:
+            total = sum(o - start.get(p, 0) for p, o in self.replay_until.items())
+            log.warning("up to %d records after the last snapshot will be output again", total)
+
+    def rewind_to(self, start: Mapping[Partition, int]) -> None:
+        """Consumption goes back to ``start``: records up to what was sent are replays."""
+        self.replay_until = {p: o for p, o in self.sent.items() if o > start.get(p, 0)}
+
+    def note_replays(self, records: Sequence[RawRecord]) -> None:
+        """Count the records of a fetch whose outputs were already sent once."""
+        if not self.replay_until:
+            return
+        replayed = 0
+        for record in records:
+            until = self.replay_until.get((record.topic, record.partition))
+            if until is not None and record.offset < until:
+                replayed += 1
+        for (topic, partition), until in list(self.replay_until.items()):
+            if any(r.topic == topic and r.partition == partition and r.offset >= until - 1 for r in records):
+                del self.replay_until[(topic, partition)]
+        if replayed:
+            self._on_replayed(replayed)

@@ -1,0 +1,187 @@
+"""Everything the stream path says: latents, step and held-out metrics, dead letters, Prometheus.
+
+One place turns a finished step into messages and metric updates, so the processor only decides
+*when*; a ``NullMetrics`` stands in when no Prometheus registry is configured.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from streamvi.io.base import OutputSink, RawRecord
+from streamvi.io.codecs import DecodeError, dead_letter_message, latent_messages, metrics_message
+from streamvi.metrics import Metrics
+from streamvi.stream.progress import OutputProgress
+from streamvi.stream.state import OutputTopics, StreamState
+from streamvi.training.trainer import StepResult, Trainer
+
+log = logging.getLogger(__name__)
+
+
+class _NoOpMetric:
+    """Accepts every prometheus-client metric call and records nothing."""
+
+    def labels(self, *args: Any, **kwargs: Any) -> _NoOpMetric:
+        return self
+
+    def inc(self, amount: float = 1.0) -> None:
+        return None
+
+    def set(self, value: float) -> None:
+        return None
+
+    def observe(self, value: float) -> None:
+        return None
+
+
+class NullMetrics:
+    """A stand-in for :class:`streamvi.metrics.Metrics` whose every metric is a no-op."""
+
+    _metric = _NoOpMetric()
+
+    def __getattr__(self, name: str) -> _NoOpMetric:
+        return self._metric
+
+
+AnyMetrics = Metrics | NullMetrics
+
+
+class Publisher:
+    """Sends a finished batch's outputs and accounts for them in the counts and the metrics."""
+
+    def __init__(
+        self,
+        sink: OutputSink,
+        topics: OutputTopics,
+        trainer: Trainer,
+        metrics: AnyMetrics,
+        progress: OutputProgress,
+    ) -> None:
+        self.sink = sink
+        self.topics = topics
+        self.trainer = trainer
+        self.metrics = metrics
+        self.progress = progress
+
+    def dead_letter(self, record: RawRecord, error: DecodeError, state: StreamState) -> None:
+        log.debug("dead letter %s:%d@%d: %s", record.topic, record.partition, record.offset, error)
+        self.sink.send(dead_letter_message(record, self.topics.dead_letter, error))
+        self.progress.mark_sent((record,))
+        state.counts.dead_letters += 1
+        self.metrics.dead_letters.labels(reason=error.reason).inc()
+
+    def batch(
+        self,
+        records: Sequence[RawRecord],
+        record_ids: Sequence[str | None],
+        result: StepResult,
+        heldout: dict[str, Any] | None,
+        state: StreamState,
+    ) -> None:
+        """Send a finished batch's latents and step metrics (and a held-out evaluation run right
+        after its step), and account for its step."""
+        n = len(records)
+        scores = result.scores
+        estimator = self.trainer.estimator
+        self.sink.send_many(
+            latent_messages(
+                self.topics.latents,
+                list(records),
+                list(record_ids),
+                scores.z_loc,
+                scores.z_scale,
+                scores.bound,
+                result.step - 1 if result.trained else result.step,  # the parameters that scored it
+                estimator.bound_name,
+            )
+        )
+        self.progress.mark_sent(records)
+        state.counts.latents_published += n
+        self.metrics.latents_published.inc(n)
+        if not result.trained:
+            return
+        counts = state.counts
+        counts.steps += 1
+        if result.applied:
+            counts.records_trained += result.trained_records
+        else:
+            counts.updates_skipped += 1
+            counts.records_skipped += n
+            log.warning("step %d: non-finite loss or gradient, update skipped", result.step)
+        summary = result.summary()
+        state.loop.last_summary = summary
+        state.history.add(result.step, summary)
+        self.sink.send(metrics_message(self.topics.metrics, self._step_payload(result, summary, state)))
+        self._record_step_metrics(result, summary)
+        if heldout is not None:
+            self.heldout(heldout, state)
+
+    def heldout(self, payload: dict[str, Any], state: StreamState) -> None:
+        state.loop.last_heldout = payload
+        self.sink.send(metrics_message(self.topics.metrics, payload))
+        self.metrics.heldout_elbo.set(payload["elbo"])
+        self.metrics.heldout_log_likelihood.set(payload["log_likelihood"])
+        self.metrics.heldout_records.set(payload["records"])
+
+    def _step_payload(
+        self, result: StepResult, summary: dict[str, float], state: StreamState
+    ) -> dict[str, Any]:
+        return {
+            "kind": "step",
+            "step": result.step,
+            "records": result.scores.size,
+            "trained_records": result.trained_records,
+            "estimator": self.trainer.estimator.name,
+            "bound": self.trainer.estimator.bound_name,
+            **summary,
+            "loss": result.loss,
+            "grad_norm": result.grad_norm,
+            "learning_rate": result.learning_rate,
+            "step_seconds": result.duration_seconds,
+            "update_skipped": not result.applied,
+            "clipped": result.clipped,
+            "wall_time": time.time(),
+            "records_trained": state.counts.records_trained,
+        }
+
+    def _record_step_metrics(self, result: StepResult, summary: dict[str, float]) -> None:
+        m = self.metrics
+        if result.applied:
+            m.records_trained.inc(result.trained_records)
+        else:
+            m.nonfinite_updates.inc()
+        m.train_steps.inc()
+        m.model_step.set(result.step)
+        m.elbo.set(summary["elbo"])
+        m.kl.set(summary["kl"])
+        m.reconstruction.set(summary["reconstruction"])
+        m.gradient_norm.set(result.grad_norm)
+        if result.clipped:
+            m.gradient_clipped.inc()
+        m.learning_rate.set(result.learning_rate)
+        m.step_duration.observe(result.duration_seconds)
+        m.batch_size.observe(result.scores.size)
+
+
+def heldout_payload(
+    trainer: Trainer, importance_samples: int, step: int, x: np.ndarray, c: np.ndarray
+) -> dict[str, Any] | None:
+    """Held-out ELBO and importance-weighted log-likelihood (IWAE-k) on the reservoir's rows, with
+    no update; None when the reservoir is still empty."""
+    if x.shape[0] == 0:
+        return None
+    return {
+        "kind": "heldout",
+        "step": step,
+        "records": int(x.shape[0]),
+        "bound": trainer.estimator.bound_name,
+        "elbo": float(np.mean(trainer.evaluate(x, c).bound)),
+        "log_likelihood": float(np.mean(trainer.log_likelihood(x, c, importance_samples))),
+        "importance_samples": importance_samples,
+        "wall_time": time.time(),
+    }

@@ -1,0 +1,143 @@
+"""Recovery: restoring the trusted snapshot, rewinding to it after a failure, and divergence restore.
+
+A rewind drops everything after the last trusted snapshot (open transaction, queued steps, the
+open batch), restores the model and re-reads the input from the snapshot's offsets after a
+back-off: nothing is lost, every record after the snapshot is consumed again. Too many non-finite
+updates in a row restore only the model's parameters and optimizer state (through the trainer's
+own checkpoint objects); the step counter, RNG and offsets go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import tensorflow as tf
+
+from streamvi.io.base import RecordSource
+from streamvi.snapshots.store import SnapshotInfo, SnapshotStore
+from streamvi.stream.committers import Committer
+from streamvi.stream.pipeline import StepPipeline
+from streamvi.stream.progress import OutputProgress
+from streamvi.stream.state import LoopCounts, LoopState, ProcessingPolicy, StreamState
+from streamvi.training.trainer import StepResult, Trainer
+
+log = logging.getLogger(__name__)
+
+
+class Recovery:
+    """Owns what a failure goes back to (the trusted snapshot, or the initial state) and how."""
+
+    def __init__(
+        self,
+        *,
+        processing: ProcessingPolicy,
+        trainer: Trainer,
+        checkpoint: tf.train.Checkpoint,
+        store: SnapshotStore,
+        source: RecordSource,
+        pipeline: StepPipeline,
+        committer: Committer,
+        progress: OutputProgress,
+        metrics: Any,
+    ) -> None:
+        self.processing = processing
+        self.trainer = trainer
+        self.checkpoint = checkpoint
+        self.store = store
+        self.source = source
+        self.pipeline = pipeline
+        self.committer = committer
+        self.progress = progress
+        self.metrics = metrics
+        #: The snapshot a rewind goes back to.
+        self.trusted: SnapshotInfo | None = None
+        #: Bumped by every rewind: records fetched before it are stale.
+        self.epoch = 0
+        #: A rewind to carry out as soon as the running step or snapshot returns.
+        self.pending: str | None = None
+        self._failures = 0  # consecutive failed checkpoints, for the back-off
+        self._nonfinite_run = 0
+        self._initial_state: Path | None = None
+
+    # -- start-up ----------------------------------------------------------------------------------
+    def load(self, info: SnapshotInfo) -> StreamState:
+        """Restore ``info`` into the trainer and point the source at its offsets."""
+        self.store.restore(self.checkpoint, info)
+        self.source.set_start_offsets(info.offsets)
+        return StreamState.from_meta(info.meta, info.offsets)
+
+    def start_from(self, info: SnapshotInfo | None) -> None:
+        """Remember what a rewind goes back to; with no snapshot, the initial state (no offsets)."""
+        self.trusted = info
+        if info is None:
+            self._initial_state = Path(tempfile.mkdtemp(prefix="streamvi-initial-"))
+            self.checkpoint.write(str(self._initial_state / "state"))
+
+    def close(self) -> None:
+        if self._initial_state is not None:
+            shutil.rmtree(self._initial_state, ignore_errors=True)
+            self._initial_state = None
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def committed(self, info: SnapshotInfo) -> None:
+        """A checkpoint committed: ``info`` is the new rewind target and the back-off resets."""
+        self.trusted = info
+        self._failures = 0
+
+    # -- rewind --------------------------------------------------------------------------------------
+    def rewind(self, reason: str, state: StreamState) -> StreamState:
+        """Go back to the trusted snapshot (or the initial state) and return the state to go on with."""
+        self.pending = None
+        self.epoch += 1
+        self._failures += 1
+        delay = min(
+            self.processing.retry_max_seconds,
+            self.processing.retry_initial_seconds * 2 ** (self._failures - 1),
+        )
+        log.error("rewinding to the last snapshot in %.1fs: %s", delay, reason)
+        time.sleep(delay)
+        self.committer.abort()
+        self.pipeline.cancel()  # steps still queued or running belong to the abandoned interval
+        if self.trusted is not None:
+            state = self.load(self.trusted)
+        elif self._initial_state is not None:
+            self.checkpoint.read(str(self._initial_state / "state")).assert_consumed()
+            state = StreamState(LoopCounts(), LoopState(), state.history)
+        self.source.seek(state.loop.next_offsets)
+        if not self.processing.exactly_once:
+            self.progress.rewind_to(state.loop.next_offsets)
+        self.pipeline.submitted_step = self.trainer.step
+        return state
+
+    # -- divergence ----------------------------------------------------------------------------------
+    def note_step(self, result: StepResult) -> None:
+        """Count non-finite updates in a row (a trained step whose update was skipped)."""
+        if result.trained:
+            self._nonfinite_run = 0 if result.applied else self._nonfinite_run + 1
+
+    @property
+    def diverged(self) -> bool:
+        return self._nonfinite_run >= self.processing.max_nonfinite_in_a_row
+
+    def recover_from_divergence(self) -> None:
+        """Too many non-finite updates in a row: reload the parameters and optimizer state of the
+        last trusted snapshot (the step counter, RNG and offsets go on) and raise the alert gauge."""
+        info = self.trusted
+        log.error(
+            "%d non-finite updates in a row: restoring the model from snapshot %s",
+            self._nonfinite_run,
+            info.path.name if info is not None else "(none)",
+        )
+        if info is not None:
+            objects = self.trainer.checkpoint_objects()
+            partial = tf.train.Checkpoint(
+                model=objects["model"], estimator=objects["estimator"], optimizer=objects["optimizer"]
+            )
+            self.store.restore(partial, info, partial=True)
+        self._nonfinite_run = 0
+        self.metrics.training_diverged.set(1)
