@@ -27,7 +27,7 @@ Every figure is deterministic (fixed seeds, one CPU thread by default) and takes
   baseline network's update / learning rate against that of an identical unclipped trainer (ratio 1
   = the baseline's gradient is not clipped with the model's).
 - ``snapshot_mismatch``: a snapshot written under a Gaussian latent (latent_dim 4) restored by a
-  loop configured for Gumbel-softmax (latent_dim 2): the exception type and message.
+  loop configured for Gumbel-softmax: the exception type and message.
 
 Usage: python bench/bounds.py [--threads 1]
 """
@@ -68,7 +68,7 @@ from streamvi.model.likelihoods import GaussianLikelihood
 from streamvi.model.vae import build_vae
 from streamvi.runtime import build_trainer, snapshot_meta
 from streamvi.snapshots import SnapshotStore, encode_offsets
-from streamvi.training import CheckpointPolicy, OnlineLoop, OutputTopics
+from streamvi.stream import CheckpointPolicy, OnlineLoop, OutputTopics
 from streamvi.training.trainer import StepResult, Trainer
 from tests.unit.discrete_model import DiscreteModel
 
@@ -337,7 +337,7 @@ SNAPSHOT_SMALL = (
 
 def snapshot_mismatch() -> dict[str, Any]:
     written = settings(*SNAPSHOT_SMALL, "model.latent=gaussian", "model.latent_dim=4")
-    config = settings(*SNAPSHOT_SMALL, "model.latent=gumbel_softmax", "model.latent_dim=2")
+    config = settings(*SNAPSHOT_SMALL, "model.latent=gumbel_softmax")
     with tempfile.TemporaryDirectory(prefix="streamvi-bounds-") as directory:
         meta = dict(snapshot_meta(written), offsets=encode_offsets({("in", 0): 3}))
         checkpoint = tf.train.Checkpoint(**build_trainer(written).checkpoint_objects())
