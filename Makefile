@@ -5,11 +5,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help install tools demo test test-unit test-integration lint bench clean
+.PHONY: help install tools demo test test-all test-unit test-integration lint bench clean
 
 help:
 	@echo "make demo   - run the daemon end to end on an embedded broker with the digits set"
-	@echo "make test   - install what the tests need and run them"
+	@echo "make test   - install what the tests need and run them (all but those marked slow)"
+	@echo "make test-all - every test, the slow ones too"
 	@echo "make lint   - ruff and mypy"
 	@echo "make bench  - throughput benchmark (prints JSON)"
 
@@ -34,6 +35,9 @@ demo: $(STAMP)
 	$(BIN)/streamvi --config configs/demo.yaml demo
 
 test: $(STAMP) tools
+	$(BIN)/python -m pytest -m "not slow" tests
+
+test-all: $(STAMP) tools
 	$(BIN)/python -m pytest tests
 
 test-unit: $(STAMP) tools

@@ -24,7 +24,7 @@ from tests.contract.checks import SINK_CHECKS, SOURCE_CHECKS, Seen, check_id
 from tests.integration.conftest import committed_offsets
 from tests.integration.faultkit import read_committed_emulated
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 #: For each client library: its record source, plain sink and transactional sink.
 CLIENTS: dict[str, tuple[type[RecordSource], type[OutputSink], type[OutputSink]]] = {

@@ -120,6 +120,7 @@ def gradient_draws(estimator, model, x: tf.Tensor, n: int, seed: int) -> np.ndar
     return np.concatenate([j.numpy().reshape(n, -1) for j in jacobians], axis=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("baseline", ["none", "learned"])
 def test_score_function_gradients_are_unbiased_for_the_enumerated_elbo_gradient(baseline):
     dm = DiscreteModel.make(seed=9, scale=0.4)

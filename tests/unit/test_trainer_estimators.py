@@ -144,6 +144,7 @@ def exact_gradient(lg: LinearGaussian, trainer: Trainer, x: np.ndarray) -> np.nd
     return np.concatenate([g.numpy().ravel() for g in tape.gradient(objective, trainer.trainable_variables)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "estimator",
     [
@@ -179,6 +180,7 @@ def test_the_trainers_update_is_an_unbiased_step_along_the_elbo_gradient(estimat
     assert np.abs(exact).max() > 0.1
 
 
+@pytest.mark.slow
 def test_a_fitted_learned_baseline_reduces_the_encoder_gradient_variance():
     lg = LinearGaussian.make(seed=16)
     x = lg.sample(5, seed=17)
