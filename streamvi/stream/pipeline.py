@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from streamvi.io.base import RecordSource
+from streamvi.io.base import RawRecord, RecordSource
 from streamvi.stream.batching import MicroBatcher
 from streamvi.training.trainer import StepResult, Trainer
 
@@ -70,7 +70,7 @@ class InFlight:
 class Finished:
     """A step that has run, with what its outputs need."""
 
-    records: list[Any]
+    records: list[RawRecord]
     record_ids: list[str | None]
     result: StepResult
     heldout: dict[str, Any] | None

@@ -22,6 +22,7 @@ from streamvi.io.codecs import DecodeError, RecordDecoder
 from streamvi.metrics import Health, Metrics
 from streamvi.snapshots.compatibility import check_snapshot_matches
 from streamvi.snapshots.store import SnapshotInfo, SnapshotStore
+from streamvi.stream.batching import MicroBatcher
 from streamvi.stream.checkpoint import Checkpoints
 from streamvi.stream.committers import committer_for
 from streamvi.stream.ingest import Ingest, appended_at
@@ -142,7 +143,7 @@ class OnlineLoop:
         return self.stream.history
 
     @property
-    def batcher(self) -> Any:
+    def batcher(self) -> MicroBatcher:
         """The micro-batch now filling."""
         return self.pipeline.batcher
 
@@ -176,7 +177,7 @@ class OnlineLoop:
         missing = [p for p in sent if p not in start]
         if missing:
             start.update(self.source.committed_offsets(missing))
-        self.progress.resume(start)
+        self.progress.resume(sent, start)
 
     # -- rebalance hooks (called from inside source.poll on this thread) -----------------------------
     def on_assigned(self, partitions: Sequence[Partition]) -> None:

@@ -36,9 +36,10 @@ class OutputProgress:
     def persist(self) -> None:
         self.store.write_progress(self.sent)
 
-    def resume(self, start: Mapping[Partition, int]) -> None:
-        """At start-up: what was sent before the crash, past ``start``, will be output again."""
-        self.sent = dict(self.store.read_progress())
+    def resume(self, sent: Mapping[Partition, int], start: Mapping[Partition, int]) -> None:
+        """At start-up: what was ``sent`` before the crash (as ``store.read_progress`` found it),
+        past ``start``, will be output again."""
+        self.sent = dict(sent)
         self.rewind_to(start)
         if self.replay_until:
             total = sum(o - start.get(p, 0) for p, o in self.replay_until.items())

@@ -91,8 +91,8 @@ class Publisher:
         self.sink.send_many(
             latent_messages(
                 self.topics.latents,
-                list(records),
-                list(record_ids),
+                records,
+                record_ids,
                 scores.z_loc,
                 scores.z_scale,
                 scores.bound,
