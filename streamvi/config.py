@@ -12,6 +12,7 @@ fine, and :meth:`Settings.public_dict` leaves it out.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -282,6 +283,13 @@ class TrainingSettings(_Section):
     jit_compile: bool = True
     device: str | None = None
     mixed_precision: Literal["off", "mixed_float16", "mixed_bfloat16"] = "off"
+    #: The share of records the trainer trains on, chosen by a hash of the record key (like the
+    #: held-out share, and independent of it): one trainer can follow a topic larger than it can
+    #: train on. The rest are scored (when latents are published) or only consumed.
+    sample_fraction: float = Field(1.0, gt=0.0, le=1.0)
+    #: false: the trainer publishes no latents (only metrics, dead letters and snapshots), for a
+    #: deployment where encoder replicas (``streamvi serve``) publish them.
+    publish_latents: bool = True
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -302,10 +310,24 @@ class EvaluationSettings(_Section):
 class SnapshotSettings(_Section):
     """Where and how often the model, optimizer, RNG and offsets are saved."""
 
+    #: A directory on a local or shared filesystem (encoder replicas read the trainer's snapshots
+    #: from it, e.g. on a ReadWriteMany volume). Object-store URLs are not supported.
     dir: Path = Path("snapshots")
     every_steps: int = Field(500, ge=1)
     every_seconds: float = Field(60.0, gt=0.0)
     keep: int = Field(3, ge=1)
+
+    @field_validator("dir", mode="before")
+    @classmethod
+    def _filesystem_only(cls, value: Any) -> Any:
+        text = str(value)
+        if "://" in text:
+            scheme = text.split("://", 1)[0]
+            raise ValueError(
+                f"{scheme}:// snapshot stores are not supported: give a directory on a local or shared "
+                "filesystem (a ReadWriteMany volume, NFS or a mounted bucket)"
+            )
+        return value
 
 
 class MetricsSettings(_Section):
@@ -358,6 +380,29 @@ class ProcessingSettings(_Section):
         return self.transactional_id or f"{group_id}-streamvi"
 
 
+class ServingSettings(_Section):
+    """Encoder replicas (``streamvi serve``): consume every record, encode it with the newest
+    trusted snapshot in ``snapshots.dir``, publish its latents; never train."""
+
+    applies_when: ClassVar[Mapping[str, tuple[AppliesWhen, ...]]] = {}
+
+    #: The replicas' consumer group: replicas share the input partitions; the trainer keeps
+    #: ``kafka.group_id`` (exactly-once: its committed offsets tell which snapshots are trusted).
+    group_id: str = Field("streamvi-encoders", min_length=1)
+    #: How often a replica looks for a newer trusted snapshot.
+    reload_interval_seconds: float = Field(5.0, gt=0.0)
+    #: How often a replica flushes its outputs and commits its offsets (exactly-once: one
+    #: transaction per interval).
+    commit_interval_seconds: float = Field(5.0, gt=0.0)
+    #: exactly_once: this replica's transactional id, which must differ between replicas and stay
+    #: the same across a replica's restarts (so a restart aborts what its predecessor left open);
+    #: null derives ``<serving.group_id>-<hostname>-<pid>`` (stable in a container, whose pid is 1).
+    transactional_id: str | None = Field(None, min_length=1)
+
+    def transactional_id_for_this_process(self) -> str:
+        return self.transactional_id or f"{self.group_id}-{socket.gethostname()}-{os.getpid()}"
+
+
 class Settings(BaseSettings):
     """The whole configuration of a streamvi process."""
 
@@ -376,6 +421,7 @@ class Settings(BaseSettings):
     snapshots: SnapshotSettings = Field(default_factory=SnapshotSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     processing: ProcessingSettings = Field(default_factory=ProcessingSettings)
+    serving: ServingSettings = Field(default_factory=ServingSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -400,6 +446,15 @@ class Settings(BaseSettings):
         ]
         if problems:
             raise PydanticCustomError("inapplicable_setting", "{problems}", {"problems": "\n".join(problems)})
+        return self
+
+    @model_validator(mode="after")
+    def _separate_groups(self) -> Settings:
+        if self.serving.group_id == self.kafka.group_id:
+            raise ValueError(
+                "serving.group_id must differ from kafka.group_id: encoder replicas consume every "
+                "record in a group of their own beside the trainer's"
+            )
         return self
 
     def public_dict(self) -> dict[str, Any]:

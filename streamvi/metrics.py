@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import platform
 import threading
 import time
@@ -20,17 +21,14 @@ _STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
-class Metrics:
-    """Every metric the daemon exports, named ``streamvi_<thing>_<unit>``."""
+class StreamMetrics:
+    """The metrics every role exports (trainer and encoder replica), named ``streamvi_<thing>_<unit>``."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         disable_created_metrics()  # the *_created series only add noise to dashboards
         self.registry = registry
         self.records_consumed = Counter(
             "streamvi_records_consumed", "Input records fetched from the input topic", registry=registry
-        )
-        self.records_trained = Counter(
-            "streamvi_records_trained", "Records the model was trained on", registry=registry
         )
         self.dead_letters = Counter(
             "streamvi_dead_letters",
@@ -43,8 +41,46 @@ class Metrics:
         self.latents_published = Counter(
             "streamvi_latents_published", "Latent records published", registry=registry
         )
+        self.model_step = Gauge(
+            "streamvi_model_step",
+            "Step of the model in use (the trainer's current step; a replica's loaded snapshot's)",
+            registry=registry,
+        )
+        self.consumer_lag = Gauge(
+            "streamvi_consumer_lag_records",
+            "High-water mark minus next offset to process, per input partition",
+            ["topic", "partition"],
+            registry=registry,
+        )
+        self.commits = Counter(
+            "streamvi_offset_commits", "Offset commits to the consumer group", registry=registry
+        )
+
+        self.replayed_records = Counter(
+            "streamvi_replayed_records",
+            "Records consumed again after a restart because their outputs may already have been published",
+            registry=registry,
+        )
+        self.build_info = Info("streamvi_build", "Versions of streamvi and its runtime", registry=registry)
+
+    def set_build_info(self, versions: dict[str, str]) -> None:
+        self.build_info.info(dict(versions, python=platform.python_version()))
+
+
+class Metrics(StreamMetrics):
+    """Every metric the trainer exports."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__(registry)
+        self.records_trained = Counter(
+            "streamvi_records_trained", "Records the model was trained on", registry=registry
+        )
+        self.records_outside_share = Counter(
+            "streamvi_records_outside_share",
+            "Valid records outside the training share (training.sample_fraction): not trained on",
+            registry=registry,
+        )
         self.train_steps = Counter("streamvi_train_steps", "Optimiser steps taken", registry=registry)
-        self.model_step = Gauge("streamvi_model_step", "Current model step", registry=registry)
         self.elbo = Gauge(
             "streamvi_elbo_nats",
             "Prequential ELBO per record of the last batch (higher is better)",
@@ -86,12 +122,6 @@ class Metrics:
             buckets=_SIZE_BUCKETS,
             registry=registry,
         )
-        self.consumer_lag = Gauge(
-            "streamvi_consumer_lag_records",
-            "High-water mark minus next offset to process, per input partition",
-            ["topic", "partition"],
-            registry=registry,
-        )
         self.snapshots = Counter("streamvi_snapshots", "Snapshots written", registry=registry)
         self.snapshot_duration = Histogram(
             "streamvi_snapshot_duration_seconds", "Wall time of writing one snapshot", registry=registry
@@ -103,9 +133,6 @@ class Metrics:
         )
         self.corrupt_snapshots = Counter(
             "streamvi_corrupt_snapshots", "Snapshots found corrupt and skipped", registry=registry
-        )
-        self.commits = Counter(
-            "streamvi_offset_commits", "Offset commits to the consumer group", registry=registry
         )
         # Held-out evaluation on the hash-selected reservoir that is never trained on.
         self.heldout_elbo = Gauge(
@@ -130,15 +157,48 @@ class Metrics:
             "1 after too many non-finite updates in a row forced a restore of the last good snapshot",
             registry=registry,
         )
-        self.replayed_records = Counter(
-            "streamvi_replayed_records",
-            "Records consumed again after a restart because their outputs may already have been published",
+
+
+#: Why a newer snapshot was not loaded by an encoder replica (``streamvi_snapshot_reload_failures_total``).
+RELOAD_FAILURE_REASONS = ("corrupt", "config_mismatch", "load_error")
+
+
+class EncoderMetrics(StreamMetrics):
+    """What an encoder replica exports besides the shared metrics: the model it serves and reloads."""
+
+    def __init__(self, registry: CollectorRegistry, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(registry)
+        self._clock = clock
+        self._snapshot_written_at: float | None = None
+        self.records_encoded = Counter(
+            "streamvi_records_encoded", "Records encoded by this replica", registry=registry
+        )
+        self.snapshot_reloads = Counter(
+            "streamvi_snapshot_reloads", "Newer trusted snapshots loaded and switched to", registry=registry
+        )
+        self.snapshot_reload_failures = Counter(
+            "streamvi_snapshot_reload_failures",
+            "Newer snapshots skipped (the replica kept serving its model), by reason",
+            ["reason"],
             registry=registry,
         )
-        self.build_info = Info("streamvi_build", "Versions of streamvi and its runtime", registry=registry)
+        for reason in RELOAD_FAILURE_REASONS:
+            self.snapshot_reload_failures.labels(reason=reason)
+        self.snapshot_age = Gauge(
+            "streamvi_snapshot_age_seconds",
+            "Seconds since the snapshot in use was written (NaN until one is loaded)",
+            registry=registry,
+        )
+        self.snapshot_age.set_function(self._age)
 
-    def set_build_info(self, versions: dict[str, str]) -> None:
-        self.build_info.info(dict(versions, python=platform.python_version()))
+    def serving(self, step: int, written_at: float) -> None:
+        """The replica switched to the snapshot of ``step``, written at unix time ``written_at``."""
+        self._snapshot_written_at = written_at
+        self.model_step.set(step)
+
+    def _age(self) -> float:
+        written = self._snapshot_written_at
+        return math.nan if written is None else max(0.0, self._clock() - written)
 
 
 class Health:

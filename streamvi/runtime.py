@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
@@ -33,6 +35,7 @@ from streamvi.stream import (
     OnlineLoop,
     OutputTopics,
     ProcessingPolicy,
+    TrainingShare,
 )
 from streamvi.training.heldout import HeldOutReservoir
 from streamvi.training.trainer import Trainer
@@ -76,6 +79,26 @@ def snapshot_meta(settings: Settings) -> dict[str, Any]:
     return {"config": settings.public_dict(), "versions": versions()}
 
 
+def processing_policy(settings: Settings) -> ProcessingPolicy:
+    processing = settings.processing
+    return ProcessingPolicy(
+        exactly_once=processing.guarantee == "exactly_once",
+        max_nonfinite_in_a_row=processing.max_nonfinite_in_a_row,
+        keepalive_seconds=processing.keepalive_seconds,
+        retry_initial_seconds=processing.retry_initial_seconds,
+        retry_max_seconds=processing.retry_max_seconds,
+    )
+
+
+def output_topics(settings: Settings, latents: bool = True) -> OutputTopics:
+    kafka = settings.kafka
+    return OutputTopics(
+        latents=kafka.latents_topic if latents else None,
+        metrics=kafka.metrics_topic,
+        dead_letter=kafka.dead_letter_topic,
+    )
+
+
 @dataclass
 class Daemon:
     """A running daemon's parts; ``run`` blocks until stopped and always closes its clients."""
@@ -99,34 +122,15 @@ class Daemon:
         idle_timeout_seconds: float | None = None,
     ) -> LoopCounts:
         self._watch_broker()
-        previous_interval = sys.getswitchinterval()
-        sys.setswitchinterval(self.settings.processing.gil_switch_interval_ms / 1000.0)
         try:
-            return self.loop.run(stop, max_records=max_records, idle_timeout_seconds=idle_timeout_seconds)
+            with gil_switch_interval(self.settings.processing.gil_switch_interval_ms):
+                return self.loop.run(stop, max_records=max_records, idle_timeout_seconds=idle_timeout_seconds)
         finally:
-            sys.setswitchinterval(previous_interval)
             self.close()
 
-    def _watch_broker(self, interval_seconds: float = 0.5) -> None:
-        """/readyz follows broker connectivity, even while the loop is blocked waiting for it."""
-        closed = self._closed = threading.Event()
-        source, health = self.loop.source, self.loop.health
-
-        def watch() -> None:
-            was: bool | None = None  # silent until the first answer (joining takes a moment)
-            while not closed.wait(interval_seconds):
-                now = source.connected()
-                if was is None and not now:
-                    continue
-                if was is not None and now != was:
-                    (log.info if now else log.warning)(
-                        "broker %s", "reachable again" if now else "unreachable: not ready"
-                    )
-                was = now
-                health.set(broker_connected=now)
-
-        self._watcher = threading.Thread(target=watch, name="streamvi-broker-watch", daemon=True)
-        self._watcher.start()
+    def _watch_broker(self) -> None:
+        self._closed = threading.Event()
+        self._watcher = watch_broker(self.loop.source, self.loop.health, self._closed)
 
     def close(self) -> None:
         """Leave the group, then flush and close the outputs, then stop serving and unlock.
@@ -150,6 +154,52 @@ class Daemon:
                     self.lock.release()
 
 
+def watch_broker(
+    source: RecordSource, health: Health, closed: threading.Event, interval_seconds: float = 0.5
+) -> threading.Thread:
+    """/readyz follows broker connectivity, even while the loop is blocked waiting for it; the
+    thread ends once ``closed`` is set."""
+
+    def watch() -> None:
+        was: bool | None = None  # silent until the first answer (joining takes a moment)
+        while not closed.wait(interval_seconds):
+            now = source.connected()
+            if was is None and not now:
+                continue
+            if was is not None and now != was:
+                (log.info if now else log.warning)(
+                    "broker %s", "reachable again" if now else "unreachable: not ready"
+                )
+            was = now
+            health.set(broker_connected=now)
+
+    thread = threading.Thread(target=watch, name="streamvi-broker-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+@contextlib.contextmanager
+def gil_switch_interval(milliseconds: float) -> Iterator[None]:
+    """``processing.gil_switch_interval_ms`` for the daemon's run (see its docstring)."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(milliseconds / 1000.0)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(previous)
+
+
+def record_decoder(settings: Settings) -> RecordDecoder:
+    """The input decoder and validator every role uses: same records, same dead letters."""
+    return RecordDecoder(
+        settings.input.format,
+        settings.input.dim,
+        settings.input.max_record_bytes,
+        settings.input.context_dim,
+        support=Support.of_likelihood(settings.model.likelihood),
+    )
+
+
 def record_source(kafka: KafkaSettings, isolation_level: str = "read_uncommitted") -> RecordSource:
     """The record source on the client library ``kafka.client`` names, subscribed to the input topic."""
     if kafka.client == "librdkafka":
@@ -157,29 +207,33 @@ def record_source(kafka: KafkaSettings, isolation_level: str = "read_uncommitted
     return KafkaRecordSource(kafka, isolation_level)
 
 
-def kafka_clients(settings: Settings) -> tuple[OutputSink, RecordSource]:
-    """The daemon's output sink and record source, on the client library ``kafka.client`` names.
+def kafka_clients(
+    settings: Settings, kafka: KafkaSettings | None = None, transactional_id: str | None = None
+) -> tuple[OutputSink, RecordSource]:
+    """The daemon's output sink and record source, on the client library ``kafka.client`` names
+    (``kafka``: other Kafka settings than ``settings.kafka``, e.g. an encoder replica's group).
 
     The sink comes first: under exactly-once its ``init_transactions`` fences an earlier instance
     before this one starts consuming.
     """
+    kafka = kafka if kafka is not None else settings.kafka
     processing = settings.processing
     exactly_once = processing.guarantee == "exactly_once"
     plain: type[KafkaOutputSink] | type[RdKafkaOutputSink]
     transactional: type[KafkaTransactionalSink] | type[RdKafkaTransactionalSink]
-    if settings.kafka.client == "librdkafka":
+    if kafka.client == "librdkafka":
         plain, transactional = RdKafkaOutputSink, RdKafkaTransactionalSink
     else:
         plain, transactional = KafkaOutputSink, KafkaTransactionalSink
     sink: OutputSink
     if exactly_once:
-        transactional_id = processing.transactional_id_for(settings.kafka.group_id)
+        transactional_id = transactional_id or processing.transactional_id_for(kafka.group_id)
         backoff = Backoff(processing.retry_initial_seconds, processing.retry_max_seconds)
-        sink = transactional(settings.kafka, transactional_id, processing.transaction_timeout_ms, backoff)
+        sink = transactional(kafka, transactional_id, processing.transaction_timeout_ms, backoff)
     else:
-        sink = plain(settings.kafka)
+        sink = plain(kafka)
     try:
-        source = record_source(settings.kafka, "read_committed" if exactly_once else "read_uncommitted")
+        source = record_source(kafka, "read_committed" if exactly_once else "read_uncommitted")
     except BaseException:
         try:
             sink.close()
@@ -197,8 +251,6 @@ def build_daemon(settings: Settings, registry: CollectorRegistry | None = None) 
     metrics = Metrics(registry)
     metrics.set_build_info(versions())
     health = Health(settings.metrics.liveness_timeout_seconds)
-    processing = settings.processing
-    exactly_once = processing.guarantee == "exactly_once"
     # One writer per snapshot directory, for the daemon's whole life: checked before anything else.
     lock = SnapshotStore(settings.snapshots.dir).lock()
     server = None
@@ -219,20 +271,10 @@ def build_daemon(settings: Settings, registry: CollectorRegistry | None = None) 
         loop = OnlineLoop(
             source=source,
             sink=sink,
-            decoder=RecordDecoder(
-                settings.input.format,
-                settings.input.dim,
-                settings.input.max_record_bytes,
-                settings.input.context_dim,
-                support=Support.of_likelihood(settings.model.likelihood),
-            ),
+            decoder=record_decoder(settings),
             trainer=trainer,
             store=store,
-            topics=OutputTopics(
-                latents=settings.kafka.latents_topic,
-                metrics=settings.kafka.metrics_topic,
-                dead_letter=settings.kafka.dead_letter_topic,
-            ),
+            topics=output_topics(settings, latents=settings.training.publish_latents),
             policy=CheckpointPolicy(settings.snapshots.every_steps, settings.snapshots.every_seconds),
             max_batch_latency_seconds=settings.training.max_batch_latency_ms / 1000.0,
             pipeline_depth=settings.training.pipeline_depth,
@@ -242,13 +284,10 @@ def build_daemon(settings: Settings, registry: CollectorRegistry | None = None) 
             max_poll_records=settings.kafka.max_poll_records,
             lag_interval_seconds=settings.metrics.lag_interval_seconds,
             evaluation=evaluation_policy(settings),
-            processing=ProcessingPolicy(
-                exactly_once=exactly_once,
-                max_nonfinite_in_a_row=processing.max_nonfinite_in_a_row,
-                keepalive_seconds=processing.keepalive_seconds,
-                retry_initial_seconds=processing.retry_initial_seconds,
-                retry_max_seconds=processing.retry_max_seconds,
+            share=TrainingShare(
+                settings.training.sample_fraction, score_all=settings.training.publish_latents
             ),
+            processing=processing_policy(settings),
         )
         restored = loop.restore()
     except BaseException as exc:

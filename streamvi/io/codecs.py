@@ -368,8 +368,10 @@ def latent_messages(
     bound: np.ndarray,
     model_step: int,
     bound_name: str,
+    snapshot: str | None = None,
 ) -> list[OutputMessage]:
-    """One latents message per record, keyed like its input (DESIGN.md latents contract).
+    """One latents message per record, keyed like its input (DESIGN.md latents contract); an
+    encoder replica adds ``snapshot``, the name of the snapshot whose parameters scored it.
 
     The numbers of the whole batch are serialised by three orjson calls over the arrays (non-finite
     values become null); each record's value is then one join of byte strings, with no Python
@@ -383,6 +385,8 @@ def latent_messages(
     elbos = _json_rows(bound[:n, None])
     ids = [b"null" if i is None else orjson.dumps(i) for i in record_ids]
     middle = b',"model_step":' + orjson.dumps(model_step) + b',"bound":' + orjson.dumps(bound_name)
+    if snapshot is not None:
+        middle += b',"snapshot":' + orjson.dumps(snapshot)
     prefixes: dict[tuple[str, int], bytes] = {}  # the origin fields, per input partition
     messages = []
     for i, record in enumerate(records):

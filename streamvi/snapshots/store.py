@@ -19,49 +19,24 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import tensorflow as tf
 
 from streamvi.errors import CorruptSnapshotError, SnapshotError, SnapshotLockedError
+from streamvi.snapshots.base import CHECKPOINT_DIR, CHECKPOINT_PREFIX, SnapshotInfo, SnapshotReader
 
 log = logging.getLogger(__name__)
 
+__all__ = ["SnapshotInfo", "SnapshotLock", "SnapshotStore", "encode_offsets"]
+
 META_FILE = "meta.json"
-CHECKPOINT_DIR = "checkpoint"
-CHECKPOINT_PREFIX = "state"
 FORMAT_VERSION = 1
 LOCK_FILE = ".lock"
 PROGRESS_FILE = "progress.json"
 _PREFIX = "snapshot-"
 _DISCARDED = ".discarded-"
-
-
-@dataclass(frozen=True)
-class SnapshotInfo:
-    """A verified snapshot on disk and its metadata."""
-
-    path: Path
-    meta: dict[str, Any]
-
-    @property
-    def step(self) -> int:
-        return int(self.meta["step"])
-
-    @property
-    def checkpoint_prefix(self) -> str:
-        return str(self.path / CHECKPOINT_DIR / CHECKPOINT_PREFIX)
-
-    @property
-    def offsets(self) -> dict[tuple[str, int], int]:
-        """Next offset to read per (topic, partition), as recorded at snapshot time."""
-        return {
-            (topic, int(partition)): int(offset)
-            for topic, partitions in self.meta.get("offsets", {}).items()
-            for partition, offset in partitions.items()
-        }
 
 
 def _sha256(path: Path) -> str:
@@ -94,8 +69,9 @@ def encode_offsets(offsets: dict[tuple[str, int], int]) -> dict[str, dict[str, i
     return out
 
 
-class SnapshotStore:
-    """A directory of snapshots: write atomically, keep the newest ``keep``, find the newest valid one."""
+class SnapshotStore(SnapshotReader):
+    """A directory of snapshots on a local or shared filesystem (e.g. a ReadWriteMany volume):
+    write atomically, keep the newest ``keep``, find the newest valid one."""
 
     def __init__(
         self,
@@ -229,10 +205,12 @@ class SnapshotStore:
             return {}
 
     def restore(self, checkpoint: tf.train.Checkpoint, info: SnapshotInfo, *, partial: bool = False) -> None:
-        """Load ``info`` into ``checkpoint``; every saved value must match (unless ``partial``)."""
+        """Load ``info`` into ``checkpoint``: every saved value must match, or with ``partial``
+        (a checkpoint of some of the saved objects) every object in ``checkpoint`` must be found."""
         status = checkpoint.read(info.checkpoint_prefix)
         if partial:
             status.expect_partial()
+            status.assert_existing_objects_matched()
         else:
             status.assert_consumed()
 

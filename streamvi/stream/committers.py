@@ -20,6 +20,7 @@ import tensorflow as tf
 from streamvi.errors import StreamVIError
 from streamvi.io.base import OutputSink, Partition, RecordSource
 from streamvi.snapshots.store import SnapshotInfo, SnapshotStore, encode_offsets
+from streamvi.snapshots.trust import offsets_ahead
 from streamvi.stream.progress import OutputProgress
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ class ExactlyOnceCommitter(Committer):
         committed = self.source.committed_offsets(partitions) if partitions else {}
         for info in valid:
             check(info)
-            ahead = {p: o for p, o in info.offsets.items() if o > committed.get(p, 0)}
+            ahead = offsets_ahead(info, committed)
             if ahead:
                 reason = f"its transaction never committed (offsets {ahead}, group {committed})"
                 self.store.discard(info, reason)

@@ -1,8 +1,9 @@
-"""Ingest: a fetch decoded at once, split into trained and held-out rows, bad records set aside.
+"""Ingest: a fetch decoded at once, split into trained and only-scored rows, bad records set aside.
 
-A record counts as consumed once it is in a micro-batch or on its way to the dead-letter topic;
-blocks of a fetch go out in offset order, each as many records as fill the open batch with valid
-rows, so a checkpoint (which drains the batches first) never moves an offset ahead of training.
+A record counts as consumed once it is in a micro-batch, on its way to the dead-letter topic, or
+left out on purpose (outside the trainer's share when it publishes no latents); blocks of a fetch
+go out in offset order, each as many records as fill the open batch with valid rows, so a
+checkpoint (which drains the batches first) never moves an offset ahead of training.
 """
 
 from __future__ import annotations
@@ -16,15 +17,39 @@ import numpy as np
 from streamvi.io.base import RawRecord
 from streamvi.io.codecs import DecodedBatch, DecodeError, RecordDecoder
 from streamvi.stream.state import EvaluationPolicy
+from streamvi.training.sampling import TrainingSample
+
+
+class TrainingShare:
+    """Which records a role trains on and which it scores.
+
+    ``fraction`` of the records, chosen by a hash of the record key (of topic/partition/offset
+    without a key: see :func:`streamvi.training.sampling.record_identity`), are trained on; the
+    rest are only scored, or left out altogether when ``score_all`` is False (a trainer that
+    publishes no latents has no use for their scores). ``fraction=0`` with ``score_all``: score
+    every record and train on none (an encoder replica).
+    """
+
+    def __init__(self, fraction: float = 1.0, score_all: bool = True) -> None:
+        self.fraction = fraction
+        self.score_all = score_all
+        self._sample = TrainingSample(fraction)
+
+    def trains(self, record: RawRecord) -> bool:
+        return self._sample.selects(record)
 
 
 @dataclass(frozen=True)
 class Fetch:
-    """A decoded fetch and, per record, whether it is trained on (1) or only scored (0, held out)."""
+    """A decoded fetch and, per record, whether it is trained on (1) or only scored (0, held out or
+    outside the training share), and whether it goes into a batch at all (``keep``; None: all)."""
 
     records: list[RawRecord]
     decoded: DecodedBatch
     train: np.ndarray
+    keep: np.ndarray | None = None
+    #: Valid records outside the training share (not trained on).
+    outside_share: int = 0
 
 
 @dataclass(frozen=True)
@@ -41,22 +66,42 @@ class Block:
 class Ingest:
     """Decodes fetches and cuts them into blocks that fit the open micro-batch."""
 
-    def __init__(self, decoder: RecordDecoder, evaluation: EvaluationPolicy | None) -> None:
+    def __init__(
+        self,
+        decoder: RecordDecoder,
+        evaluation: EvaluationPolicy | None,
+        share: TrainingShare | None = None,
+    ) -> None:
         self.decoder = decoder
         self.evaluation = evaluation
+        self.share = share or TrainingShare()
 
     def decode(self, records: list[RawRecord]) -> Fetch:
-        """Decode a whole fetch; held-out records join the reservoir and are marked not to train."""
+        """Decode a whole fetch; held-out records join the reservoir and are marked not to train,
+        records outside the training share are marked not to train (or left out)."""
         decoded = self.decoder.decode_many(records)
-        train = np.ones(len(records), dtype=np.float32)
+        n = len(records)
+        share = self.share
+        if share.fraction == 0.0:
+            return Fetch(records, decoded, np.zeros(n, dtype=np.float32))
+        train = np.ones(n, dtype=np.float32)
+        errors = decoded.errors
+        outside = 0
+        if share.fraction < 1.0:
+            for i, record in enumerate(records):
+                if errors[i] is None and not share.trains(record):
+                    train[i] = 0.0
+                    outside += 1
         if self.evaluation is not None:
             reservoir = self.evaluation.reservoir
-            errors = decoded.errors
             for i, record in enumerate(records):
                 if errors[i] is None and reservoir.selects(record):
+                    if not train[i]:
+                        outside -= 1  # held out: not the share's to train on in any case
                     train[i] = 0.0
                     reservoir.add(decoded.x[i], decoded.c[i])
-        return Fetch(records, decoded, train)
+        keep = None if share.score_all else train > 0
+        return Fetch(records, decoded, train, keep, outside)
 
     def blocks(
         self,
@@ -69,14 +114,14 @@ class Ingest:
         batch; a bad record is handed to ``dead_letter`` in its place. Stops when ``stale()``
         (a rewind: the rest of the fetch will be fetched again)."""
         records, decoded = fetch.records, fetch.decoded
-        errors = decoded.errors
+        errors, keep = decoded.errors, fetch.keep
         start, n = 0, len(records)
         while start < n:
             if stale():
                 return
             space = room()
             good: Sequence[int]
-            if decoded.all_valid:
+            if decoded.all_valid and keep is None:
                 end = min(n, start + space)
                 good = range(start, end)
             else:
@@ -84,10 +129,10 @@ class Ingest:
                 end = start
                 while end < n and len(good_list) < space:
                     error = errors[end]
-                    if error is None:
-                        good_list.append(end)
-                    else:
+                    if error is not None:
                         dead_letter(records[end], error)
+                    elif keep is None or keep[end]:
+                        good_list.append(end)
                     end += 1
                 good = good_list
             if len(good) == end - start:

@@ -64,6 +64,8 @@ class InFlight:
     batch: MicroBatcher
     step: concurrent.futures.Future[StepResult]
     heldout: concurrent.futures.Future[dict[str, Any] | None] | None = None
+    #: The snapshot whose parameters run the step (an encoder replica's), or None (the live model).
+    model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class Finished:
     record_ids: list[str | None]
     result: StepResult
     heldout: dict[str, Any] | None
+    model: str | None = None
 
 
 class StepPipeline:
@@ -102,6 +105,8 @@ class StepPipeline:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         #: The step counter once every submitted step has run.
         self.submitted_step = trainer.step
+        #: The snapshot ``trainer`` was loaded from, when it is a loaded model that never trains.
+        self.model: str | None = None
 
     def __len__(self) -> int:
         """Submitted batches not yet published."""
@@ -141,7 +146,7 @@ class StepPipeline:
             if heldout_every is not None and self.submitted_step % heldout_every == 0:
                 held_x, held_c = (a.copy() for a in held())
                 heldout = executor.submit(heldout_task, self.submitted_step, held_x, held_c)
-        self._in_flight.append(InFlight(batch, step, heldout))
+        self._in_flight.append(InFlight(batch, step, heldout, self.model))
         self.batcher = self._free.pop()
 
     def oldest_finished(self) -> bool:
@@ -157,7 +162,7 @@ class StepPipeline:
         result = self.keepalive.wait(entry.step)
         heldout = self.keepalive.wait(entry.heldout) if entry.heldout is not None else None
         batch = entry.batch
-        finished = Finished(batch.records, batch.record_ids, result, heldout)
+        finished = Finished(batch.records, batch.record_ids, result, heldout, entry.model)
         batch.clear()
         self._free.append(batch)
         return finished

@@ -1,9 +1,10 @@
-"""The stream processor: fetch, ingest, micro-batch, score-then-train, publish, checkpoint.
+"""The stream processor: fetch, ingest, micro-batch, score (and train), publish, checkpoint.
 
-It wires the stream path's rooms together and owns only the order of things: ingest
-(streamvi/stream/ingest.py), the step pipeline (pipeline.py), outputs (publisher.py), checkpoints
-and their commit order (checkpoint.py, committers.py) and recovery (recovery.py). It is Kafka-free:
-it sees only the RecordSource and OutputSink interfaces.
+It owns only the order of things on the loop's thread, shared by every role: ingest
+(streamvi/stream/ingest.py), the step pipeline (pipeline.py), outputs (publisher.py). What a
+checkpoint does and what a failure rewinds to are the role's: the trainer snapshots
+(streamvi/stream/online.py), an encoder replica only commits offsets (streamvi/stream/encoder.py).
+It is Kafka-free: it sees only the RecordSource and OutputSink interfaces.
 """
 
 from __future__ import annotations
@@ -11,27 +12,22 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import numpy as np
-import tensorflow as tf
 
 from streamvi.io.base import OutputSink, Partition, RawRecord, RecordSource
 from streamvi.io.codecs import DecodeError, RecordDecoder
-from streamvi.metrics import Health, Metrics
-from streamvi.snapshots.compatibility import check_snapshot_matches
-from streamvi.snapshots.store import SnapshotInfo, SnapshotStore
+from streamvi.metrics import Health
+from streamvi.snapshots.store import SnapshotInfo
 from streamvi.stream.batching import MicroBatcher
-from streamvi.stream.checkpoint import Checkpoints
-from streamvi.stream.committers import committer_for
-from streamvi.stream.ingest import Ingest, appended_at
+from streamvi.stream.ingest import Block, Fetch, Ingest, TrainingShare, appended_at
 from streamvi.stream.pipeline import KeepAlive, StepPipeline
 from streamvi.stream.progress import OutputProgress
-from streamvi.stream.publisher import AnyMetrics, NullMetrics, Publisher, heldout_payload
-from streamvi.stream.recovery import Recovery
+from streamvi.stream.publisher import AnyMetrics, NullMetrics, Publisher
 from streamvi.stream.state import (
-    CheckpointPolicy,
     EvaluationPolicy,
     LoopCounts,
     LoopState,
@@ -40,14 +36,46 @@ from streamvi.stream.state import (
     StreamState,
 )
 from streamvi.training.history import StepHistory
-from streamvi.training.trainer import Trainer
+from streamvi.training.trainer import StepResult, Trainer
 
 log = logging.getLogger(__name__)
 
 
-class OnlineLoop:
-    """Runs SGVI on a record stream: each batch is scored before it is trained on, and every
-    checkpoint commits in the documented order (streamvi/stream/checkpoint.py)."""
+class RoleCheckpoints(Protocol):
+    """What the processor asks of a role's checkpoints (streamvi/stream/checkpoint.py)."""
+
+    finished_step: int
+
+    def due(self) -> bool: ...
+
+    def run(self, reason: str) -> SnapshotInfo | None: ...
+
+    def restart(self, offsets: dict[Partition, int]) -> None: ...
+
+    def forget(self, partitions: Sequence[Partition]) -> None: ...
+
+
+class RoleRecovery(Protocol):
+    """What the processor asks of a role's recovery: the rewind epoch and the divergence guard."""
+
+    epoch: int
+    pending: str | None
+
+    def rewind(self, reason: str, state: StreamState) -> StreamState: ...
+
+    def note_step(self, result: StepResult) -> None: ...
+
+    @property
+    def diverged(self) -> bool: ...
+
+    def recover_from_divergence(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class StreamProcessor(ABC):
+    """Consumes a record source in micro-batches through the step pipeline and publishes each
+    finished step in order; the role decides what a step does, checkpoints and rewinds."""
 
     def __init__(
         self,
@@ -56,29 +84,26 @@ class OnlineLoop:
         sink: OutputSink,
         decoder: RecordDecoder,
         trainer: Trainer,
-        store: SnapshotStore,
         topics: OutputTopics,
-        policy: CheckpointPolicy,
+        progress: OutputProgress,
         max_batch_latency_seconds: float,
-        metrics: Metrics | None = None,
+        metrics: AnyMetrics | None = None,
         health: Health | None = None,
-        snapshot_meta: Mapping[str, Any] | None = None,
         max_poll_records: int = 1000,
         lag_interval_seconds: float = 5.0,
         evaluation: EvaluationPolicy | None = None,
         processing: ProcessingPolicy | None = None,
         pipeline_depth: int = 2,
+        share: TrainingShare | None = None,
     ) -> None:
-        self.source, self.sink, self.trainer, self.store = source, sink, trainer, store
+        self.source, self.sink, self.trainer = source, sink, trainer
         self.processing = processing or ProcessingPolicy()
         self.evaluation = evaluation
         self.metrics: AnyMetrics = metrics if metrics is not None else NullMetrics()
         self.health = health or Health()
-        self.snapshot_meta = dict(snapshot_meta or {})
         self.max_poll_records = max_poll_records
         self.lag_interval_seconds = lag_interval_seconds
         self.stream = StreamState()
-        self.checkpoint = tf.train.Checkpoint(**trainer.checkpoint_objects())
         self.keepalive = KeepAlive(source, self.processing.keepalive_seconds)
         self.pipeline = StepPipeline(
             trainer,
@@ -88,45 +113,31 @@ class OnlineLoop:
             decoder.context_dim,
             self.keepalive,
         )
-        self.progress = OutputProgress(store, lambda count: self.metrics.replayed_records.inc(count))
-        self.committer = committer_for(self.processing.exactly_once, source, sink, store, self.progress)
-        self.ingest = Ingest(decoder, evaluation)
+        self.progress = progress
+        self.ingest = Ingest(decoder, evaluation, share)
         self.publisher = Publisher(sink, topics, trainer, self.metrics, self.progress)
-        self.recovery = self._recovery()
-        self.checkpoints = self._checkpoints(policy)
         self._last_lag_time = 0.0
-        self._warmed_up = False
         source.set_rebalance_callbacks(self.on_assigned, self.on_revoked)
 
-    def _recovery(self) -> Recovery:
-        return Recovery(
-            processing=self.processing,
-            trainer=self.trainer,
-            checkpoint=self.checkpoint,
-            store=self.store,
-            source=self.source,
-            pipeline=self.pipeline,
-            committer=self.committer,
-            progress=self.progress,
-            metrics=self.metrics,
-        )
+    # -- the role's parts ----------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def recovery(self) -> RoleRecovery:
+        """What a failure rewinds to, and the guard against diverging updates."""
 
-    def _checkpoints(self, policy: CheckpointPolicy) -> Checkpoints:
-        return Checkpoints(
-            policy=policy,
-            committer=self.committer,
-            sink=self.sink,
-            trainer=self.trainer,
-            checkpoint=self.checkpoint,
-            pipeline=self.pipeline,
-            state=lambda: self.stream,
-            snapshot_meta=self.snapshot_meta,
-            drain=self._train_and_drain,
-            rewind=self._rewind,
-            pending_rewind=lambda: self.recovery.pending,
-            trusted=self.recovery.committed,
-            metrics=self.metrics,
-        )
+    @property
+    @abstractmethod
+    def checkpoints(self) -> RoleCheckpoints:
+        """When a checkpoint is due and what it commits, in the role's documented order."""
+
+    def _before_run(self) -> None:  # noqa: B027 -- optional hook
+        """Called once as ``run`` starts, before the first poll."""
+
+    def _before_submit(self) -> None:  # noqa: B027 -- optional hook
+        """Called before each batch is submitted, between batches."""
+
+    def _step_published(self, result: StepResult, n: int) -> None:  # noqa: B027 -- optional hook
+        """Called after a finished step of ``n`` records was published."""
 
     # -- what the rest of the daemon reads -----------------------------------------------------------
     @property
@@ -147,38 +158,6 @@ class OnlineLoop:
         """The micro-batch now filling."""
         return self.pipeline.batcher
 
-    # -- start-up ------------------------------------------------------------------------------------
-    def restore(self) -> SnapshotInfo | None:
-        """Load the newest trusted snapshot (if any) and make the source resume at its offsets."""
-        info = self.committer.trusted_snapshot(self._check_matches_config)
-        if info is not None:
-            self.stream = self.recovery.load(info)
-            log.info("restored snapshot %s at step %d, offsets %s", info.path.name, info.step, info.offsets)
-        if not self.processing.exactly_once:
-            self._count_replays(info)
-        self.pipeline.submitted_step = self.trainer.step
-        self.checkpoints.restart(self.state.next_offsets)
-        self.recovery.start_from(info)
-        self.health.set(model_loaded=True)
-        self.metrics.model_step.set(self.trainer.step)
-        return info
-
-    def _check_matches_config(self, info: SnapshotInfo) -> None:
-        """Refuse a snapshot written under other structural settings than the ones this loop's
-        snapshots record (its checkpoint would not fit); without a config on either side, allow it."""
-        config, snapshot_config = self.snapshot_meta.get("config"), info.meta.get("config")
-        if isinstance(config, Mapping) and isinstance(snapshot_config, Mapping):
-            check_snapshot_matches(info.path, snapshot_config, config)
-
-    def _count_replays(self, info: SnapshotInfo | None) -> None:
-        """At-least-once: outputs sent after the snapshot before a crash will be sent again."""
-        start = dict(info.offsets) if info is not None else {}
-        sent = self.store.read_progress()
-        missing = [p for p in sent if p not in start]
-        if missing:
-            start.update(self.source.committed_offsets(missing))
-        self.progress.resume(sent, start)
-
     # -- rebalance hooks (called from inside source.poll on this thread) -----------------------------
     def on_assigned(self, partitions: Sequence[Partition]) -> None:
         self.health.set(partitions_assigned=bool(self.source.assignment()) or bool(partitions))
@@ -196,7 +175,7 @@ class OnlineLoop:
                 self.keepalive.suspended = False
             for partition in partitions:
                 self.state.next_offsets.pop(partition, None)
-                self.checkpoints.interval.offsets.pop(partition, None)
+            self.checkpoints.forget(partitions)
         self.health.set(partitions_assigned=False)
 
     # -- the loop ------------------------------------------------------------------------------------
@@ -212,7 +191,7 @@ class OnlineLoop:
         """
         stop = stop or threading.Event()
         consumed, last_record_time = 0, time.monotonic()
-        self._warm_up()
+        self._before_run()
         while not stop.is_set() and (max_records is None or consumed < max_records):
             self.health.beat()  # /livez turns 503 when iterations stop for metrics.liveness_timeout_seconds
             self._publish_finished()  # as soon as steps are done, even if input is idle
@@ -249,23 +228,6 @@ class OnlineLoop:
         timeout = 0.2 if wait is None else min(0.2, wait)
         return min(timeout, 0.005) if len(self.pipeline) else timeout
 
-    def _warm_up(self) -> None:
-        """Compile the step on the step thread while the first polls join the group."""
-        if not self._warmed_up:
-            self._warmed_up = True
-            self.pipeline.executor().submit(self._compile_step)
-
-    def _compile_step(self) -> None:
-        """Runs on the step thread. A failure is only logged: the first real step meets the same
-        error and reports it."""
-        try:
-            seconds = self.trainer.warm_up()
-        except Exception:
-            log.exception("compiling the training step ahead of the first batch failed")
-            return
-        log.info("training step compiled in %.2fs", seconds)
-        self.metrics.step_compile.set(seconds)
-
     def handle(self, records: list[RawRecord]) -> None:
         """Ingest one fetch: decode it at once and move it into micro-batches, a block at a time,
         submitting each batch as it fills (and checkpointing when one is due)."""
@@ -274,6 +236,7 @@ class OnlineLoop:
         self.progress.note_replays(records)
         epoch = self.recovery.epoch
         fetch = self.ingest.decode(records)
+        self._fetch_decoded(fetch)
         blocks = self.ingest.blocks(
             fetch,
             room=lambda: self.pipeline.batcher.room,
@@ -282,28 +245,28 @@ class OnlineLoop:
         )
         for block in blocks:
             self.state.next_offsets.update({(r.topic, r.partition): r.offset + 1 for r in block.consumed})
-            batcher = self.pipeline.batcher
-            opened = (
-                appended_at(block.records[0], batcher.max_latency_seconds)
-                if block.records and not len(batcher)
-                else None
-            )
-            decoded = fetch.decoded
-            rows = block.rows
-            batcher.add_rows(
-                block.records,
-                decoded.x[rows],
-                block.record_ids,
-                decoded.c[rows],
-                fetch.train[rows],
-                now=opened,
-            )
-            if batcher.full:
+            if block.records:
+                self._add_block(fetch, block)
+            if self.pipeline.batcher.full:
                 self._submit_batch()
                 if self.checkpoints.due():
                     self.run_checkpoint(reason="interval")
         if self.recovery.epoch == epoch:
-            self.committer.fetch_handled()
+            self._fetch_handled()
+
+    def _add_block(self, fetch: Fetch, block: Block) -> None:
+        batcher = self.pipeline.batcher
+        opened = appended_at(block.records[0], batcher.max_latency_seconds) if not len(batcher) else None
+        decoded, rows = fetch.decoded, block.rows
+        batcher.add_rows(
+            block.records, decoded.x[rows], block.record_ids, decoded.c[rows], fetch.train[rows], now=opened
+        )
+
+    def _fetch_decoded(self, fetch: Fetch) -> None:  # noqa: B027 -- optional hook
+        """A fetch was decoded, before any of it is batched."""
+
+    def _fetch_handled(self) -> None:  # noqa: B027 -- optional hook
+        """A fetch was processed in full (no rewind during it)."""
 
     def _dead_letter(self, record: RawRecord, error: DecodeError) -> None:
         self.publisher.dead_letter(record, error, self.stream)
@@ -318,12 +281,17 @@ class OnlineLoop:
             self._complete_oldest()
             if self.recovery.epoch != epoch:
                 return  # rewound while waiting: the open batch was dropped
+        self._before_submit()
         evaluation = self.evaluation
         self.pipeline.submit(
             evaluation.every_steps if evaluation is not None else None,
             self._heldout_payload,
             lambda: evaluation.reservoir.contents() if evaluation is not None else None,
         )
+
+    def _heldout_payload(self, step: int, x: np.ndarray, c: np.ndarray) -> dict[str, Any] | None:
+        """Runs on the step thread, right after step ``step``; only a role with evaluation has one."""
+        return None
 
     def _publish_finished(self) -> None:
         """Publish every step at the head of the pipeline that has finished (never waits)."""
@@ -337,7 +305,7 @@ class OnlineLoop:
             self._complete_oldest()
 
     def _train_and_drain(self) -> bool:
-        """Train the open batch and publish every submitted step; False if that rewound."""
+        """Submit the open batch and publish every submitted step; False if that rewound."""
         epoch = self.recovery.epoch
         self._submit_batch()
         self._drain()
@@ -351,31 +319,24 @@ class OnlineLoop:
             return
         result = finished.result
         self.checkpoints.finished_step = result.step
-        self.publisher.batch(finished.records, finished.record_ids, result, finished.heldout, self.stream)
+        self.publisher.batch(
+            finished.records, finished.record_ids, result, finished.heldout, self.stream, finished.model
+        )
+        self._step_published(result, len(finished.records))
         self.recovery.note_step(result)
         if self.recovery.diverged:
             self._drain()  # the steps queued behind it ran on the diverged parameters
             if self.recovery.diverged:
                 self.recovery.recover_from_divergence()
 
-    def _heldout_payload(self, step: int, x: np.ndarray, c: np.ndarray) -> dict[str, Any] | None:
-        """Runs on the step thread, right after step ``step``."""
-        assert self.evaluation is not None
-        return heldout_payload(self.trainer, self.evaluation.importance_samples, step, x, c)
-
-    # -- checkpoints and recovery --------------------------------------------------------------------
+    # -- checkpoints and rewinds ---------------------------------------------------------------------
     def run_checkpoint(self, reason: str) -> SnapshotInfo | None:
-        """Drain, flush outputs, write the snapshot, then commit offsets (streamvi/stream/checkpoint.py)."""
+        """Drain, flush outputs, then commit as the role does (streamvi/stream/checkpoint.py)."""
         return self.checkpoints.run(reason)
 
     def _rewind(self, reason: str) -> None:
         self.stream = self.recovery.rewind(reason, self.stream)
         self.checkpoints.restart(self.state.next_offsets)
-
-    def forget_positions(self) -> None:
-        """Forget every partition's position, as for a source that starts anew."""
-        self.stream.loop = LoopState(last_summary=self.state.last_summary)
-        self.checkpoints.interval.offsets = {}
 
     def _update_lag(self) -> None:
         for partition in self.source.assignment():

@@ -19,7 +19,11 @@ log = logging.getLogger(__name__)
 class OutputProgress:
     """Per partition, the offset up to which outputs are on their way, and the replay window."""
 
-    def __init__(self, store: SnapshotStore, on_replayed: Callable[[int], None] = lambda count: None) -> None:
+    def __init__(
+        self, store: SnapshotStore | None, on_replayed: Callable[[int], None] = lambda count: None
+    ) -> None:
+        """``store=None`` keeps the progress in memory only (an encoder replica: it has no snapshot
+        directory of its own), so only replays after a rewind are counted, not after a restart."""
         self.store = store
         self.sent: dict[Partition, int] = {}
         self.replay_until: dict[Partition, int] = {}
@@ -34,7 +38,8 @@ class OutputProgress:
                 sent[partition] = end
 
     def persist(self) -> None:
-        self.store.write_progress(self.sent)
+        if self.store is not None:
+            self.store.write_progress(self.sent)
 
     def resume(self, sent: Mapping[Partition, int], start: Mapping[Partition, int]) -> None:
         """At start-up: what was ``sent`` before the crash (as ``store.read_progress`` found it),

@@ -15,7 +15,7 @@ import numpy as np
 
 from streamvi.io.base import OutputSink, RawRecord
 from streamvi.io.codecs import DecodeError, dead_letter_message, latent_messages, metrics_message
-from streamvi.metrics import Metrics
+from streamvi.metrics import Metrics, StreamMetrics
 from streamvi.stream.progress import OutputProgress
 from streamvi.stream.state import OutputTopics, StreamState
 from streamvi.training.trainer import StepResult, Trainer
@@ -48,7 +48,16 @@ class NullMetrics:
         return self._metric
 
 
-AnyMetrics = Metrics | NullMetrics
+#: What a role's stream path reports to; a trainer's also has the training metrics.
+AnyMetrics = StreamMetrics | NullMetrics
+TrainerMetrics = Metrics | NullMetrics
+
+
+def trainer_metrics(metrics: AnyMetrics) -> TrainerMetrics:
+    """The training metrics: only a trainer trains, and only a trainer has them."""
+    if not isinstance(metrics, Metrics | NullMetrics):
+        raise TypeError(f"a step that trains reports to the trainer's Metrics, not {type(metrics).__name__}")
+    return metrics
 
 
 class Publisher:
@@ -82,27 +91,31 @@ class Publisher:
         result: StepResult,
         heldout: dict[str, Any] | None,
         state: StreamState,
+        snapshot: str | None = None,
     ) -> None:
-        """Send a finished batch's latents and step metrics (and a held-out evaluation run right
-        after its step), and account for its step."""
+        """Send a finished batch's latents (when there is a latents topic) and step metrics (and a
+        held-out evaluation run right after its step), and account for its step. ``snapshot``
+        names the snapshot whose parameters scored the batch (an encoder replica's)."""
         n = len(records)
         scores = result.scores
         estimator = self.trainer.estimator
-        self.sink.send_many(
-            latent_messages(
-                self.topics.latents,
-                records,
-                record_ids,
-                scores.z_loc,
-                scores.z_scale,
-                scores.bound,
-                result.step - 1 if result.trained else result.step,  # the parameters that scored it
-                estimator.bound_name,
+        if self.topics.latents is not None:
+            self.sink.send_many(
+                latent_messages(
+                    self.topics.latents,
+                    records,
+                    record_ids,
+                    scores.z_loc,
+                    scores.z_scale,
+                    scores.bound,
+                    result.step - 1 if result.trained else result.step,  # the parameters that scored it
+                    estimator.bound_name,
+                    snapshot,
+                )
             )
-        )
-        self.progress.mark_sent(records)
-        state.counts.latents_published += n
-        self.metrics.latents_published.inc(n)
+            self.progress.mark_sent(records)
+            state.counts.latents_published += n
+            self.metrics.latents_published.inc(n)
         if not result.trained:
             return
         counts = state.counts
@@ -124,9 +137,10 @@ class Publisher:
     def heldout(self, payload: dict[str, Any], state: StreamState) -> None:
         state.loop.last_heldout = payload
         self.sink.send(metrics_message(self.topics.metrics, payload))
-        self.metrics.heldout_elbo.set(payload["elbo"])
-        self.metrics.heldout_log_likelihood.set(payload["log_likelihood"])
-        self.metrics.heldout_records.set(payload["records"])
+        metrics = trainer_metrics(self.metrics)
+        metrics.heldout_elbo.set(payload["elbo"])
+        metrics.heldout_log_likelihood.set(payload["log_likelihood"])
+        metrics.heldout_records.set(payload["records"])
 
     def _step_payload(
         self, result: StepResult, summary: dict[str, float], state: StreamState
@@ -150,7 +164,7 @@ class Publisher:
         }
 
     def _record_step_metrics(self, result: StepResult, summary: dict[str, float]) -> None:
-        m = self.metrics
+        m = trainer_metrics(self.metrics)
         if result.applied:
             m.records_trained.inc(result.trained_records)
         else:

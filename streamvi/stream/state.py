@@ -13,7 +13,9 @@ from streamvi.training.history import StepHistory
 
 @dataclass(frozen=True)
 class OutputTopics:
-    latents: str
+    """Where outputs go; ``latents=None`` publishes no latents (a trainer beside encoder replicas)."""
+
+    latents: str | None
     metrics: str
     dead_letter: str
 

@@ -7,6 +7,7 @@ import zlib
 import numpy as np
 
 from streamvi.io.base import RawRecord
+from streamvi.training.sampling import record_identity
 
 
 class HeldOutReservoir:
@@ -32,12 +33,7 @@ class HeldOutReservoir:
         """True when ``record`` belongs to the held-out share."""
         if self._threshold == 0:
             return False
-        identity = (
-            record.key
-            if record.key is not None
-            else f"{record.topic}/{record.partition}/{record.offset}".encode()
-        )
-        return zlib.crc32(identity) < self._threshold
+        return zlib.crc32(record_identity(record)) < self._threshold
 
     def add(self, x: np.ndarray, c: np.ndarray) -> None:
         self.x[self._next] = x

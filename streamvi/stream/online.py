@@ -1,0 +1,189 @@
+"""The trainer role: score-then-train every batch, snapshot, and rewind to the trusted snapshot.
+
+Its checkpoints write a snapshot between flushing outputs and committing offsets
+(streamvi/stream/checkpoint.py, committers.py); a failure rewinds to the newest trusted snapshot
+(recovery.py). The shared fetch-to-publish order is the processor's (processor.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from streamvi.io.base import OutputSink, RecordSource
+from streamvi.io.codecs import RecordDecoder
+from streamvi.metrics import Health, Metrics
+from streamvi.snapshots.compatibility import check_snapshot_matches
+from streamvi.snapshots.store import SnapshotInfo, SnapshotStore
+from streamvi.stream.checkpoint import Checkpoints
+from streamvi.stream.committers import committer_for
+from streamvi.stream.ingest import Fetch, TrainingShare
+from streamvi.stream.processor import StreamProcessor
+from streamvi.stream.progress import OutputProgress
+from streamvi.stream.publisher import heldout_payload, trainer_metrics
+from streamvi.stream.recovery import Recovery
+from streamvi.stream.state import (
+    CheckpointPolicy,
+    EvaluationPolicy,
+    LoopState,
+    OutputTopics,
+    ProcessingPolicy,
+)
+from streamvi.training.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+class OnlineLoop(StreamProcessor):
+    """Runs SGVI on a record stream: each batch is scored before it is trained on, and every
+    checkpoint commits in the documented order (streamvi/stream/checkpoint.py)."""
+
+    def __init__(
+        self,
+        *,
+        source: RecordSource,
+        sink: OutputSink,
+        decoder: RecordDecoder,
+        trainer: Trainer,
+        store: SnapshotStore,
+        topics: OutputTopics,
+        policy: CheckpointPolicy,
+        max_batch_latency_seconds: float,
+        metrics: Metrics | None = None,
+        health: Health | None = None,
+        snapshot_meta: Mapping[str, Any] | None = None,
+        max_poll_records: int = 1000,
+        lag_interval_seconds: float = 5.0,
+        evaluation: EvaluationPolicy | None = None,
+        processing: ProcessingPolicy | None = None,
+        pipeline_depth: int = 2,
+        share: TrainingShare | None = None,
+    ) -> None:
+        self.store = store
+        self.snapshot_meta = dict(snapshot_meta or {})
+        self._warmed_up = False
+        progress = OutputProgress(store, lambda count: self.metrics.replayed_records.inc(count))
+        super().__init__(
+            source=source,
+            sink=sink,
+            decoder=decoder,
+            trainer=trainer,
+            topics=topics,
+            progress=progress,
+            max_batch_latency_seconds=max_batch_latency_seconds,
+            metrics=metrics,
+            health=health,
+            max_poll_records=max_poll_records,
+            lag_interval_seconds=lag_interval_seconds,
+            evaluation=evaluation,
+            processing=processing,
+            pipeline_depth=pipeline_depth,
+            share=share,
+        )
+        self.checkpoint = tf.train.Checkpoint(**trainer.checkpoint_objects())
+        self.committer = committer_for(self.processing.exactly_once, source, sink, store, self.progress)
+        self._recovery = Recovery(
+            processing=self.processing,
+            trainer=self.trainer,
+            checkpoint=self.checkpoint,
+            store=self.store,
+            source=self.source,
+            pipeline=self.pipeline,
+            committer=self.committer,
+            progress=self.progress,
+            metrics=self.metrics,
+        )
+        self._checkpoints = Checkpoints(
+            policy=policy,
+            committer=self.committer,
+            sink=self.sink,
+            trainer=self.trainer,
+            checkpoint=self.checkpoint,
+            pipeline=self.pipeline,
+            state=lambda: self.stream,
+            snapshot_meta=self.snapshot_meta,
+            drain=self._train_and_drain,
+            rewind=self._rewind,
+            pending_rewind=lambda: self._recovery.pending,
+            trusted=self._recovery.committed,
+            metrics=self.metrics,
+        )
+
+    @property
+    def recovery(self) -> Recovery:
+        return self._recovery
+
+    @property
+    def checkpoints(self) -> Checkpoints:
+        return self._checkpoints
+
+    # -- start-up ------------------------------------------------------------------------------------
+    def restore(self) -> SnapshotInfo | None:
+        """Load the newest trusted snapshot (if any) and make the source resume at its offsets."""
+        info = self.committer.trusted_snapshot(self._check_matches_config)
+        if info is not None:
+            self.stream = self.recovery.load(info)
+            log.info("restored snapshot %s at step %d, offsets %s", info.path.name, info.step, info.offsets)
+        if not self.processing.exactly_once:
+            self._count_replays(info)
+        self.pipeline.submitted_step = self.trainer.step
+        self.checkpoints.restart(self.state.next_offsets)
+        self.recovery.start_from(info)
+        self.health.set(model_loaded=True)
+        self.metrics.model_step.set(self.trainer.step)
+        return info
+
+    def _check_matches_config(self, info: SnapshotInfo) -> None:
+        """Refuse a snapshot written under other structural settings than the ones this loop's
+        snapshots record (its checkpoint would not fit); without a config on either side, allow it."""
+        config, snapshot_config = self.snapshot_meta.get("config"), info.meta.get("config")
+        if isinstance(config, Mapping) and isinstance(snapshot_config, Mapping):
+            check_snapshot_matches(info.path, snapshot_config, config)
+
+    def _count_replays(self, info: SnapshotInfo | None) -> None:
+        """At-least-once: outputs sent after the snapshot before a crash will be sent again."""
+        start = dict(info.offsets) if info is not None else {}
+        sent = self.store.read_progress()
+        missing = [p for p in sent if p not in start]
+        if missing:
+            start.update(self.source.committed_offsets(missing))
+        self.progress.resume(sent, start)
+
+    # -- hooks ---------------------------------------------------------------------------------------
+    def _before_run(self) -> None:
+        """Compile the step on the step thread while the first polls join the group."""
+        if not self._warmed_up:
+            self._warmed_up = True
+            self.pipeline.executor().submit(self._compile_step)
+
+    def _compile_step(self) -> None:
+        """Runs on the step thread. A failure is only logged: the first real step meets the same
+        error and reports it."""
+        try:
+            seconds = self.trainer.warm_up()
+        except Exception:
+            log.exception("compiling the training step ahead of the first batch failed")
+            return
+        log.info("training step compiled in %.2fs", seconds)
+        trainer_metrics(self.metrics).step_compile.set(seconds)
+
+    def _fetch_decoded(self, fetch: Fetch) -> None:
+        if fetch.outside_share:
+            trainer_metrics(self.metrics).records_outside_share.inc(fetch.outside_share)
+
+    def _fetch_handled(self) -> None:
+        self.committer.fetch_handled()
+
+    def _heldout_payload(self, step: int, x: np.ndarray, c: np.ndarray) -> dict[str, Any] | None:
+        """Runs on the step thread, right after step ``step``."""
+        assert self.evaluation is not None
+        return heldout_payload(self.trainer, self.evaluation.importance_samples, step, x, c)
+
+    def forget_positions(self) -> None:
+        """Forget every partition's position, as for a source that starts anew."""
+        self.stream.loop = LoopState(last_summary=self.state.last_summary)
+        self.checkpoints.interval.offsets = {}
