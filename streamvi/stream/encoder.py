@@ -173,7 +173,7 @@ class EncoderLoop(StreamProcessor):
     def _before_run(self) -> None:
         self.watcher.start()
 
-    def _before_submit(self) -> None:
+    def _between_batches(self) -> None:
         newer = self.watcher.take()
         if newer is not None:
             self.use(newer)

@@ -133,8 +133,9 @@ class StreamProcessor(ABC):
     def _before_run(self) -> None:  # noqa: B027 -- optional hook
         """Called once as ``run`` starts, before the first poll."""
 
-    def _before_submit(self) -> None:  # noqa: B027 -- optional hook
-        """Called before each batch is submitted, between batches."""
+    def _between_batches(self) -> None:  # noqa: B027 -- optional hook
+        """Called before each batch is submitted and at each turn of the loop: no batch is being
+        scored by the loop's thread (queued ones keep what they were submitted with)."""
 
     def _step_published(self, result: StepResult, n: int) -> None:  # noqa: B027 -- optional hook
         """Called after a finished step of ``n`` records was published."""
@@ -194,6 +195,7 @@ class StreamProcessor(ABC):
         self._before_run()
         while not stop.is_set() and (max_records is None or consumed < max_records):
             self.health.beat()  # /livez turns 503 when iterations stop for metrics.liveness_timeout_seconds
+            self._between_batches()
             self._publish_finished()  # as soon as steps are done, even if input is idle
             budget = (
                 self.max_poll_records
@@ -281,7 +283,7 @@ class StreamProcessor(ABC):
             self._complete_oldest()
             if self.recovery.epoch != epoch:
                 return  # rewound while waiting: the open batch was dropped
-        self._before_submit()
+        self._between_batches()
         evaluation = self.evaluation
         self.pipeline.submit(
             evaluation.every_steps if evaluation is not None else None,

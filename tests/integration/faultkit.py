@@ -101,7 +101,8 @@ def read_committed_emulated(bootstrap: str, topic: str, expected: int | None = N
     """
     from kafka.consumer import fetcher
 
-    batches: list[tuple[int, int, bool, bool | None]] = []  # (offset, producer id, transactional, abort?)
+    # (partition, offset, producer id, transactional, abort?): offsets are per partition
+    batches: list[tuple[int, int, int, bool, bool | None]] = []
     original = fetcher.Fetcher.PartitionRecords.__init__
 
     def spy(self: Any, fetch_offset: int, tp: Any, records: Any, *args: Any, **kwargs: Any) -> None:
@@ -112,7 +113,9 @@ def read_committed_emulated(bootstrap: str, topic: str, expected: int | None = N
         while batch is not None:
             if batch.magic == 2:
                 abort = next(iter(batch)).abort if batch.is_control_batch else None
-                batches.append((batch.base_offset, batch.producer_id, batch.is_transactional, abort))
+                batches.append(
+                    (tp.partition, batch.base_offset, batch.producer_id, batch.is_transactional, abort)
+                )
             batch = copy.next_batch()
         original(self, fetch_offset, tp, records, *args, **kwargs)
 
@@ -121,26 +124,27 @@ def read_committed_emulated(bootstrap: str, topic: str, expected: int | None = N
         messages = read_all(bootstrap, topic, expected=expected)
     finally:
         fetcher.Fetcher.PartitionRecords.__init__ = original
-    markers: dict[int, list[tuple[int, bool]]] = {}
-    data: dict[int, tuple[int, bool]] = {}  # batch base offset -> (producer id, transactional)
-    for offset, producer, transactional, abort in sorted(set(batches)):
+    markers: dict[tuple[int, int], list[tuple[int, bool]]] = {}  # (partition, producer) -> markers
+    data: dict[int, dict[int, tuple[int, bool]]] = {}  # partition -> base offset -> (producer, transactional)
+    for partition, offset, producer, transactional, abort in sorted(set(batches), key=lambda b: b[:2]):
         if abort is None:
-            data[offset] = (producer, transactional)
+            data.setdefault(partition, {})[offset] = (producer, transactional)
         else:
-            markers.setdefault(producer, []).append((offset, abort))
-    base_offsets = sorted(data)
+            markers.setdefault((partition, producer), []).append((offset, abort))
+    base_offsets = {partition: sorted(offsets) for partition, offsets in data.items()}
 
-    def visible(offset: int) -> bool:
+    def visible(partition: int, offset: int) -> bool:
         import bisect
 
-        base = base_offsets[bisect.bisect_right(base_offsets, offset) - 1]
-        producer, transactional = data[base]
+        bases = base_offsets[partition]
+        base = bases[bisect.bisect_right(bases, offset) - 1]
+        producer, transactional = data[partition][base]
         if not transactional:
             return True
-        later = [abort for marker, abort in markers.get(producer, []) if marker > offset]
+        later = [abort for marker, abort in markers.get((partition, producer), []) if marker > offset]
         return bool(later) and not later[0]
 
-    return [m for m in messages if visible(m.offset)]
+    return [m for m in messages if visible(m.partition, m.offset)]
 
 
 def cli_env(settings: Settings) -> dict[str, str]:
@@ -158,13 +162,14 @@ def cli_env(settings: Settings) -> dict[str, str]:
 
 
 class DaemonProcess:
-    """``streamvi run`` as a subprocess, stderr to a log file, /metrics scraped for progress."""
+    """``streamvi run`` (or another ``command``, e.g. ``serve``) as a subprocess, stderr to a log
+    file, /metrics scraped for progress."""
 
-    def __init__(self, settings: Settings, log_path: Path, *args: str) -> None:
+    def __init__(self, settings: Settings, log_path: Path, *args: str, command: str = "run") -> None:
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 -- closed in wait()
         self.process = subprocess.Popen(
-            [*STREAMVI, "run", *args], env=cli_env(settings), stderr=self._log, cwd=ROOT
+            [*STREAMVI, command, *args], env=cli_env(settings), stderr=self._log, cwd=ROOT
         )
         self.metrics_url: str | None = None
 
@@ -184,7 +189,8 @@ class DaemonProcess:
         return self.metrics_url
 
     def sample(self, name: str) -> float:
-        """One unlabelled sample from /metrics (0 when the daemon is not answering)."""
+        """One sample from /metrics, e.g. ``streamvi_model_step`` or
+        ``streamvi_dead_letters_total{reason="bad_json"}`` (0 when the daemon is not answering)."""
         assert self.metrics_url is not None
         try:
             body = urllib.request.urlopen(self.metrics_url, timeout=2).read().decode()
@@ -192,7 +198,7 @@ class DaemonProcess:
             return 0.0
         for line in body.splitlines():
             if line.startswith(name + " "):
-                return float(line.split()[1])
+                return float(line.rsplit(" ", 1)[1])
         return 0.0
 
     def wait_for(self, name: str, at_least: float, timeout: float = 120.0) -> float:
