@@ -287,8 +287,9 @@ class TrainingSettings(_Section):
     #: held-out share, and independent of it): one trainer can follow a topic larger than it can
     #: train on. The rest are scored (when latents are published) or only consumed.
     sample_fraction: float = Field(1.0, gt=0.0, le=1.0)
-    #: false: the trainer publishes no latents (only metrics, dead letters and snapshots), for a
-    #: deployment where encoder replicas (``streamvi serve``) publish them.
+    #: false: the trainer publishes no latents and no dead letters (only metrics and snapshots; bad
+    #: records are still counted), for a deployment where encoder replicas (``streamvi serve``),
+    #: which see every record, publish both.
     publish_latents: bool = True
 
     @field_validator("mixed_precision", mode="before")

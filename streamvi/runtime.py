@@ -90,12 +90,14 @@ def processing_policy(settings: Settings) -> ProcessingPolicy:
     )
 
 
-def output_topics(settings: Settings, latents: bool = True) -> OutputTopics:
+def output_topics(settings: Settings, per_record: bool = True) -> OutputTopics:
+    """The topics a role publishes to; ``per_record=False``: metrics only, for a trainer whose
+    latents and dead letters encoder replicas publish (``training.publish_latents=false``)."""
     kafka = settings.kafka
     return OutputTopics(
-        latents=kafka.latents_topic if latents else None,
+        latents=kafka.latents_topic if per_record else None,
         metrics=kafka.metrics_topic,
-        dead_letter=kafka.dead_letter_topic,
+        dead_letter=kafka.dead_letter_topic if per_record else None,
     )
 
 
@@ -274,7 +276,7 @@ def build_daemon(settings: Settings, registry: CollectorRegistry | None = None) 
             decoder=record_decoder(settings),
             trainer=trainer,
             store=store,
-            topics=output_topics(settings, latents=settings.training.publish_latents),
+            topics=output_topics(settings, per_record=settings.training.publish_latents),
             policy=CheckpointPolicy(settings.snapshots.every_steps, settings.snapshots.every_seconds),
             max_batch_latency_seconds=settings.training.max_batch_latency_ms / 1000.0,
             pipeline_depth=settings.training.pipeline_depth,

@@ -79,8 +79,9 @@ class Publisher:
 
     def dead_letter(self, record: RawRecord, error: DecodeError, state: StreamState) -> None:
         log.debug("dead letter %s:%d@%d: %s", record.topic, record.partition, record.offset, error)
-        self.sink.send(dead_letter_message(record, self.topics.dead_letter, error))
-        self.progress.mark_sent((record,))
+        if self.topics.dead_letter is not None:
+            self.sink.send(dead_letter_message(record, self.topics.dead_letter, error))
+            self.progress.mark_sent((record,))
         state.counts.dead_letters += 1
         self.metrics.dead_letters.labels(reason=error.reason).inc()
 

@@ -13,11 +13,12 @@ from streamvi.training.history import StepHistory
 
 @dataclass(frozen=True)
 class OutputTopics:
-    """Where outputs go; ``latents=None`` publishes no latents (a trainer beside encoder replicas)."""
+    """Where outputs go. A trainer beside encoder replicas publishes neither latents nor dead
+    letters (``None``): the replicas see every record and publish both; it still counts bad records."""
 
     latents: str | None
     metrics: str
-    dead_letter: str
+    dead_letter: str | None
 
 
 @dataclass

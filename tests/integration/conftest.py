@@ -39,6 +39,7 @@ def settings_factory(broker: EmbeddedBroker, tmp_path: Path):
                 f"kafka.metrics_topic=metrics-{suffix}",
                 f"kafka.dead_letter_topic=dlq-{suffix}",
                 f"kafka.group_id=group-{suffix}",
+                f"serving.group_id=encoders-{suffix}",
                 "kafka.session_timeout_ms=6000",
                 "kafka.heartbeat_interval_ms=1000",
                 f"snapshots.dir={tmp_path / 'snapshots'}",

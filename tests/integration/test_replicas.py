@@ -150,7 +150,7 @@ def test_two_replicas_encode_every_record_of_a_four_partition_topic(settings_fac
     # each replica encoded part of the stream; the partitions were shared
     assert all("encoded" in p.log_text() for p in replicas)
     committed = committed_offsets(bootstrap, settings.serving.group_id)
-    assert sum(committed.values()) == records and len(committed) == PARTITIONS
+    assert sum(committed.values()) == records and len(committed) == PARTITIONS, committed
     trusted = trusted_snapshots(settings)
     assert {m["snapshot"] for m in latents} <= set(trusted)  # never a snapshot that was not trusted
     assert all(trusted[m["snapshot"]] == m["model_step"] for m in latents)

@@ -83,6 +83,27 @@ def trained(broker, tmp_path_factory):
     return settings, settings.snapshots.dir, metrics_text
 
 
+@pytest.fixture(scope="module")
+def served(trained):
+    """The /metrics text of an encoder replica that encoded the trained daemon's input with its
+    snapshots (the replica's own metrics: model served, reloads, records encoded)."""
+    import threading
+
+    from streamvi.replica import build_replica
+
+    settings, _, _ = trained
+    replica = build_replica(settings, CollectorRegistry())
+    try:
+        model = replica.watcher.wait_for_first(threading.Event())
+        assert model is not None
+        replica.loop = replica._loop(model)
+        replica.loop.run(max_records=RECORDS + len(BAD))
+        with urllib.request.urlopen(replica.metrics_url, timeout=5) as response:
+            return response.read().decode()
+    finally:
+        replica.close()
+
+
 def streamvi(*args: str):
     """The ``streamvi`` command in this process (the TensorFlow start-up is paid once)."""
     return CliRunner().invoke(cli, list(args), catch_exceptions=False)
@@ -113,13 +134,17 @@ def queried_metrics() -> dict[str, set[str]]:
     return names
 
 
-def test_dashboard_and_alerts_query_only_metrics_the_daemon_exports(trained):
+def test_dashboard_and_alerts_query_only_metrics_the_daemon_exports(trained, served):
     _, _, metrics_text = trained
-    exported = exported_series(metrics_text)
+    exported = exported_series(metrics_text) | exported_series(served)  # trainer and replica
     queried = queried_metrics()
     assert len(queried) >= 15
     missing = {name: sorted(where) for name, where in queried.items() if name not in exported}
     assert not missing, f"queried but not exported: {missing}"
+    replica = {f.name: f for f in text_string_to_metric_families(served)}
+    assert replica["streamvi_records_encoded"].samples[0].value == RECORDS
+    assert replica["streamvi_model_step"].samples[0].value == find_snapshot(trained[1]).step
+    assert 0 <= replica["streamvi_snapshot_age_seconds"].samples[0].value < 600
     # the labelled series the panels group by are there with their labels
     families = {f.name: f for f in text_string_to_metric_families(metrics_text)}
     lag = families["streamvi_consumer_lag_records"].samples

@@ -3,6 +3,7 @@
 None of this needs Docker or a cluster: the files are parsed and checked against what the product
 actually reads (config keys, environment variables, ports, paths, metric names). promtool comes
 from Debian's ``prometheus`` package, installed by ``make test``; its absence fails these tests.
+The kustomizations are also rendered with ``kubectl kustomize`` where kubectl is installed.
 """
 
 from __future__ import annotations
@@ -16,14 +17,19 @@ from pathlib import Path
 
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry
 
 from streamvi.config import load_settings
+from streamvi.metrics import EncoderMetrics, Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 PROMETHEUS = DEPLOY / "prometheus"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "streamvi.json"
 K8S = DEPLOY / "k8s"
+TRAINER_JOB = "streamvi"  # the Prometheus job names the rules and the dashboard expect
+ENCODER_JOB = "streamvi-encoder"
+SNAPSHOTS = "/var/lib/streamvi/snapshots"
 
 
 def promtool() -> str:
@@ -117,10 +123,38 @@ def compose() -> dict:
     return yaml.safe_load((DEPLOY / "compose.yaml").read_text())
 
 
+def encoder_services(stack: dict) -> dict[str, dict]:
+    return {name: s for name, s in stack["services"].items() if s.get("command", [None])[0] == "serve"}
+
+
+def compose_settings(stack: dict, name: str):
+    env = {k: str(v) for k, v in stack["services"][name]["environment"].items() if k != "STREAMVI_CONFIG"}
+    return load_settings(DEPLOY / "streamvi.yaml", environ=env)
+
+
+def scrape_targets(job_name: str) -> list[str]:
+    scrape = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    return [
+        t
+        for job in scrape["scrape_configs"]
+        if job["job_name"] == job_name
+        for sc in job["static_configs"]
+        for t in sc["targets"]
+    ]
+
+
 def test_compose_services_images_and_wiring():
     stack = compose()
     services = stack["services"]
-    assert set(services) == {"kafka", "streamvi", "producer", "prometheus", "grafana"}
+    assert set(services) == {
+        "kafka",
+        "streamvi",
+        "encoder-1",
+        "encoder-2",
+        "producer",
+        "prometheus",
+        "grafana",
+    }
     for name, service in services.items():
         image = service["image"]
         assert ":" in image and not image.endswith(":latest"), f"{name}: pin the image version"
@@ -150,7 +184,7 @@ def test_compose_config_files_exist_and_are_valid_streamvi_configuration():
             source = volume.split(":")[0]
             if source.startswith("."):
                 assert (DEPLOY / source).exists(), f"{name} mounts missing {source}"
-    for name in ("streamvi", "producer"):
+    for name in ("streamvi", "producer", *encoder_services(stack)):
         env = {k: str(v) for k, v in stack["services"][name]["environment"].items()}
         config = DEPLOY / "streamvi.yaml"
         mounted = {v.split(":")[1]: v.split(":")[0] for v in stack["services"][name]["volumes"] if ":" in v}
@@ -170,15 +204,53 @@ def test_compose_config_files_exist_and_are_valid_streamvi_configuration():
     assert daemon_settings.metrics.host == "0.0.0.0"
     port = daemon_settings.metrics.port
     assert f"127.0.0.1:{port}:{port}" in stack["services"]["streamvi"]["ports"]
-    scrape = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
-    targets = [
-        t
-        for job in scrape["scrape_configs"]
-        if job["job_name"] == "streamvi"
-        for sc in job["static_configs"]
-        for t in sc["targets"]
-    ]
-    assert targets == [f"streamvi:{port}"]
+    assert scrape_targets(TRAINER_JOB) == [f"streamvi:{port}"]
+
+
+def test_compose_runs_one_trainer_and_two_encoder_replicas_sharing_the_snapshots():
+    stack = compose()
+    services = stack["services"]
+    trainers = [name for name, s in services.items() if s.get("command", [None])[0] == "run"]
+    assert trainers == ["streamvi"]
+    trainer = services["streamvi"]
+    trainer_settings = compose_settings(stack, "streamvi")
+    assert trainer_settings.training.publish_latents is False, "the replicas publish the latents"
+    encoders = encoder_services(stack)
+    assert len(encoders) == 2 and all(s["command"] == ["serve"] for s in encoders.values())
+
+    snapshots = str(trainer_settings.snapshots.dir)
+    assert snapshots == SNAPSHOTS
+    trainer_mount = [v for v in trainer["volumes"] if v.split(":")[1] == snapshots]
+    assert trainer_mount == [f"snapshots:{snapshots}"], "the trainer writes its snapshots"
+    assert "snapshots" in stack["volumes"]
+    hostnames, host_ports = set(), set()
+    for name, encoder in encoders.items():
+        assert encoder["image"] == trainer["image"]
+        settings = compose_settings(stack, name)
+        # the same configuration file: the replicas load the trainer's snapshots
+        assert settings.model == trainer_settings.model and settings.input == trainer_settings.input
+        assert settings.kafka == trainer_settings.kafka
+        assert settings.serving.group_id != settings.kafka.group_id
+        assert settings.metrics.host == "0.0.0.0"
+        assert str(settings.snapshots.dir) == snapshots
+        assert f"snapshots:{snapshots}:ro" in encoder["volumes"], f"{name}: the shared volume, read-only"
+        assert encoder["depends_on"]["kafka"]["condition"] == "service_healthy"
+        assert encoder["restart"] == "unless-stopped"
+        assert int(encoder["stop_grace_period"].rstrip("s")) > settings.processing.shutdown_grace_seconds
+        # exactly_once: <serving.group_id>-<hostname>-1 must differ between replicas
+        hostnames.add(encoder["hostname"])
+        host_ports.update(p.rsplit(":", 1)[0] for p in encoder["ports"])
+        assert all(p.endswith(f":{settings.metrics.port}") for p in encoder["ports"])
+        assert all(p.startswith("127.0.0.1:") for p in encoder["ports"])
+    assert len(hostnames) == len(encoders) and len(host_ports) == len(encoders)
+    assert not host_ports & {p.rsplit(":", 1)[0] for p in trainer["ports"]}
+    # one partition per replica at least, or a replica idles; created by whichever starts first
+    assert trainer_settings.kafka.create_topics
+    assert trainer_settings.kafka.topic_partitions >= len(encoders) >= 2
+    # Prometheus scrapes all three, under the job names the rules and the dashboard use
+    port = trainer_settings.metrics.port
+    assert sorted(scrape_targets(ENCODER_JOB)) == sorted(f"{name}:{port}" for name in encoders)
+    assert set(services["prometheus"]["depends_on"]) >= {"streamvi", *encoders}
 
 
 def test_grafana_provisioning_points_at_the_dashboard_and_prometheus():
@@ -223,9 +295,16 @@ def test_alert_rules_cover_the_failure_modes_and_each_is_unit_tested():
         "StreamVISnapshotStale": "streamvi_last_snapshot_timestamp_seconds",
         "StreamVINonFiniteUpdates": "streamvi_nonfinite_updates_total",
         "StreamVITrainingDiverged": "streamvi_training_diverged",
+        "StreamVIEncoderModelStale": "streamvi_snapshot_age_seconds",
+        "StreamVIEncoderNoModel": "streamvi_snapshot_age_seconds",
+        "StreamVISnapshotReloadFailed": "streamvi_snapshot_reload_failures_total",
     }
     for name, metric in required.items():
         assert name in alerts and metric in alerts[name]["expr"], name
+    down = alerts["StreamVIDown"]["expr"]
+    jobs = re.search(r'up\{job=~"([^"]+)"\}', down).group(1)  # Prometheus anchors the regex
+    assert re.fullmatch(jobs, TRAINER_JOB) and re.fullmatch(jobs, ENCODER_JOB), "both roles are watched"
+    assert "[15m]" in alerts["StreamVISnapshotReloadFailed"]["expr"]
     for rule in alerts.values():
         assert rule["labels"]["severity"] in ("warning", "critical")
         assert rule["annotations"]["summary"] and rule["annotations"]["description"]
@@ -237,6 +316,68 @@ def test_alert_rules_cover_the_failure_modes_and_each_is_unit_tested():
         if case.get("exp_alerts")
     }
     assert tested == set(alerts), "every alert has a test in which it fires"
+    quiet = {
+        case["alertname"]
+        for test in tests["tests"]
+        for case in test.get("alert_rule_test", [])
+        if not case.get("exp_alerts")
+    }
+    assert {"StreamVIEncoderModelStale", "StreamVIEncoderNoModel", "StreamVISnapshotReloadFailed"} <= quiet
+    # a replica without a model (NaN age) is a tested case, not an accident of the input
+    nan_cases = [
+        case["alertname"]
+        for test in tests["tests"]
+        if any(
+            "streamvi_snapshot_age_seconds" in s["series"] and "NaN" in s["values"]
+            for s in test["input_series"]
+        )
+        for case in test.get("alert_rule_test", [])
+    ]
+    assert {"StreamVIEncoderModelStale", "StreamVIEncoderNoModel"} <= set(nan_cases)
+
+
+def exported_metric_names(metrics_class) -> set[str]:
+    """The sample names a role's registry exports (labelled series included before their first use)."""
+    registry = CollectorRegistry()
+    metrics_class(registry)
+    suffixes = {
+        "counter": ["_total"],
+        "gauge": [""],
+        "histogram": ["_bucket", "_sum", "_count"],
+        "info": ["_info"],
+    }
+    return {family.name + suffix for family in registry.collect() for suffix in suffixes[family.type]}
+
+
+def queried_metric_names(text: str) -> set[str]:
+    return set(re.findall(r"\bstreamvi_[a-z0-9_]+", text))
+
+
+def test_rules_and_dashboard_query_only_metrics_a_trainer_or_a_replica_exports():
+    trainer, encoder = exported_metric_names(Metrics), exported_metric_names(EncoderMetrics)
+    rules = yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            assert queried_metric_names(rule["expr"]) <= trainer | encoder, rule["alert"]
+    dashboard = json.loads(DASHBOARD.read_text())
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            assert queried_metric_names(expr) <= trainer | encoder, panel["title"]
+            if "$encoder_job" in expr:  # a replica panel asks the replicas for what they export
+                assert queried_metric_names(expr) <= encoder, panel["title"]
+    for variable in dashboard["templating"]["list"]:
+        assert queried_metric_names(variable["query"]["query"]) <= trainer | encoder, variable["name"]
+    # the metrics this deployment is about, on the role that exports them
+    assert {
+        "streamvi_model_step",
+        "streamvi_snapshot_age_seconds",
+        "streamvi_snapshot_reloads_total",
+        "streamvi_snapshot_reload_failures_total",
+        "streamvi_records_encoded_total",
+        "streamvi_consumer_lag_records",
+    } <= encoder
+    assert "streamvi_records_encoded_total" not in trainer and "streamvi_train_steps_total" not in encoder
 
 
 def test_promtool_catches_a_broken_rule(tmp_path):
@@ -281,6 +422,47 @@ def test_dashboard_shows_what_operators_need():
         assert box["x"] >= 0 and box["x"] + box["w"] <= 24
 
 
+def test_dashboard_shows_the_encoder_replicas():
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert {"job", "instance", "encoder_job"} <= set(variables)
+    encoder_job = variables["encoder_job"]
+    assert "streamvi_records_encoded_total" in encoder_job["query"]["query"]
+    assert encoder_job["current"]["value"] == ENCODER_JOB
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    rows = [p["title"] for p in dashboard["panels"] if p["type"] == "row"]
+    assert any("encoder" in title.lower() for title in rows)
+
+    def panel_with(*needles: str) -> dict:
+        found = [p for p in panels if all(n in " ".join(t["expr"] for t in p["targets"]) for n in needles)]
+        assert found, needles
+        return found[0]
+
+    replica = 'job="$encoder_job"'
+    step = panel_with(f"streamvi_model_step{{{replica}}}", 'streamvi_model_step{job="$job"')
+    legends = [t["legendFormat"] for t in step["targets"]]
+    assert "{{instance}}" in legends and "trainer" in legends, "each replica's step against the trainer's"
+    age = panel_with(f"streamvi_snapshot_age_seconds{{{replica}}}")
+    assert (
+        age["fieldConfig"]["defaults"]["unit"] == "s" and age["targets"][0]["legendFormat"] == "{{instance}}"
+    )
+    reloads = panel_with(
+        "rate(streamvi_snapshot_reloads_total", "rate(streamvi_snapshot_reload_failures_total"
+    )
+    assert any(
+        "sum by (reason)" in t["expr"] and "{{reason}}" in t["legendFormat"] for t in reloads["targets"]
+    )
+    encoded = panel_with(f"sum by (instance) (rate(streamvi_records_encoded_total{{{replica}}}")
+    lag = panel_with(f"sum by (instance) (streamvi_consumer_lag_records{{{replica}}})")
+    for panel in (encoded, lag):
+        assert panel["targets"][0]["legendFormat"] == "{{instance}}"
+        assert panel["fieldConfig"]["defaults"]["custom"]["stacking"]["mode"] == "normal", (
+            "the top is the group"
+        )
+    # the trainer's panels still show the trainer
+    assert any('streamvi_consumer_lag_records{job="$job"' in t["expr"] for p in panels for t in p["targets"])
+
+
 def test_dashboard_panels_do_not_overlap():
     dashboard = json.loads(DASHBOARD.read_text())
     cells = set()
@@ -294,27 +476,76 @@ def test_dashboard_panels_do_not_overlap():
 
 
 # -- Kubernetes ----------------------------------------------------------------------------------
-def k8s_objects(directory: Path = K8S) -> dict[str, dict]:
+def k8s_documents(directory: Path = K8S) -> list[dict]:
     kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    objects = {}
+    documents = []
     for resource in kustomization["resources"]:
         for document in yaml.safe_load_all((directory / resource).read_text()):
             assert document["apiVersion"] and document["metadata"]["name"], resource
-            objects[document["kind"]] = document
-    return objects
+            documents.append(document)
+    return documents
+
+
+def k8s_objects(directory: Path = K8S) -> dict[tuple[str, str], dict]:
+    return {(d["kind"], d["metadata"]["name"]): d for d in k8s_documents(directory)}
+
+
+def only(objects: dict[tuple[str, str], dict], kind: str, name: str | None = None) -> dict:
+    found = [o for (k, n), o in objects.items() if k == kind and name in (None, n)]
+    assert len(found) == 1, f"one {kind} {name or ''} expected, found {len(found)}"
+    return found[0]
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    return selector.items() <= labels.items()
+
+
+def container_settings(objects, pod: dict, container: dict):
+    """The ConfigMap's config plus the container's environment (Secret values filled in)."""
+    config = only(objects, "ConfigMap")["data"]["streamvi.yaml"]
+    secret = only(objects, "Secret")
+    env = {}
+    for item in container["env"]:
+        if "value" in item:
+            env[item["name"]] = item["value"]
+        else:
+            ref = item["valueFrom"]["secretKeyRef"]
+            assert ref["name"] == secret["metadata"]["name"]
+            env[item["name"]] = secret["stringData"][ref["key"]]
+    config_path = env.pop("STREAMVI_CONFIG")
+    config_mount = next(m for m in container["volumeMounts"] if m["mountPath"] == config_path)
+    volume = next(v for v in pod["spec"]["volumes"] if v["name"] == config_mount["name"])
+    assert volume["configMap"]["name"] == only(objects, "ConfigMap")["metadata"]["name"]
+    assert "sasl_password" not in config, "secrets come from the Secret, not the ConfigMap"
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as handle:
+        handle.write(config)
+        handle.flush()
+        return load_settings(handle.name, environ=env)
+
+
+def snapshot_claim(objects, pod: dict, container: dict, settings) -> tuple[dict, dict]:
+    """The PersistentVolumeClaim mounted at snapshots.dir, and that mount."""
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == str(settings.snapshots.dir))
+    volume = next(v for v in pod["spec"]["volumes"] if v["name"] == mount["name"])
+    return only(objects, "PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"]), mount
 
 
 def test_k8s_manifests_are_complete_and_consistent():
     objects = k8s_objects()
-    assert set(objects) >= {"StatefulSet", "ConfigMap", "Secret", "Service", "ServiceMonitor"}
-    statefulset, service, monitor = objects["StatefulSet"], objects["Service"], objects["ServiceMonitor"]
+    kinds = {kind for kind, _ in objects}
+    assert kinds >= {"StatefulSet", "Deployment", "ConfigMap", "Secret", "Service", "ServiceMonitor"}
+    assert kinds >= {"PersistentVolumeClaim"}
+    statefulset = only(objects, "StatefulSet")
+    service = only(objects, "Service", statefulset["spec"]["serviceName"])
+    monitor = only(objects, "ServiceMonitor", TRAINER_JOB)
     pod = statefulset["spec"]["template"]
     labels = pod["metadata"]["labels"]
     assert statefulset["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    assert statefulset["spec"]["serviceName"] == service["metadata"]["name"]
     assert service["spec"]["selector"].items() <= labels.items()
+    assert service["metadata"]["name"] == TRAINER_JOB, "the ServiceMonitor's job is the Service's name"
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     container = pod["spec"]["containers"][0]
+    assert container["args"] == ["run"]
     port_names = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert monitor["spec"]["endpoints"][0]["port"] in {p["name"] for p in service["spec"]["ports"]}
     assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
@@ -324,40 +555,134 @@ def test_k8s_manifests_are_complete_and_consistent():
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     # grace period: a step (seconds) plus a snapshot (seconds, more on slow volumes), with margin
     assert pod["spec"]["terminationGracePeriodSeconds"] >= 60
-    claim = statefulset["spec"]["volumeClaimTemplates"][0]
-    mounts = {m["name"]: m for m in container["volumeMounts"]}
-    assert claim["metadata"]["name"] in mounts
 
-    # the ConfigMap's config plus the container's environment (Secret values filled in) is valid
-    config = objects["ConfigMap"]["data"]["streamvi.yaml"]
-    secret = objects["Secret"]["stringData"]
-    env = {}
-    for item in container["env"]:
-        if "value" in item:
-            env[item["name"]] = item["value"]
-        else:
-            ref = item["valueFrom"]["secretKeyRef"]
-            assert ref["name"] == objects["Secret"]["metadata"]["name"]
-            env[item["name"]] = secret[ref["key"]]
-    config_path = env.pop("STREAMVI_CONFIG")
-    config_mount = next(m for m in container["volumeMounts"] if m["mountPath"] == config_path)
-    volume = next(v for v in pod["spec"]["volumes"] if v["name"] == config_mount["name"])
-    assert volume["configMap"]["name"] == objects["ConfigMap"]["metadata"]["name"]
-    assert "sasl_password" not in config, "secrets come from the Secret, not the ConfigMap"
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as handle:
-        handle.write(config)
-        handle.flush()
-        settings = load_settings(handle.name, environ=env)
+    settings = container_settings(objects, pod, container)
+    secret = only(objects, "Secret")["stringData"]
     assert settings.kafka.security_protocol == "SASL_SSL"
     assert settings.kafka.sasl_mechanism.startswith("SCRAM")
     assert settings.kafka.sasl_password.get_secret_value() == secret["sasl-password"]
-    assert str(settings.snapshots.dir) == mounts[claim["metadata"]["name"]]["mountPath"]
+    assert settings.training.publish_latents is False, "the encoder replicas publish the latents"
     assert port_names["metrics"] == settings.metrics.port and settings.metrics.host == "0.0.0.0"
+    # the snapshots: the shared ReadWriteMany claim, read-write, not a per-pod volumeClaimTemplate
+    assert "volumeClaimTemplates" not in statefulset["spec"]
+    claim, mount = snapshot_claim(objects, pod, container, settings)
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert not mount.get("readOnly"), "the trainer writes the snapshots"
     ca_dir = str(settings.kafka.ssl_cafile.parent)
     tls_mount = next(m for m in container["volumeMounts"] if m["mountPath"] == ca_dir)
     tls_volume = next(v for v in pod["spec"]["volumes"] if v["name"] == tls_mount["name"])
     assert settings.kafka.ssl_cafile.name in {i["path"] for i in tls_volume["secret"]["items"]}
-    assert tls_volume["secret"]["secretName"] == objects["Secret"]["metadata"]["name"]
+    assert tls_volume["secret"]["secretName"] == only(objects, "Secret")["metadata"]["name"]
+
+
+def test_k8s_encoder_deployment_serves_from_the_shared_claim_read_only():
+    objects = k8s_objects()
+    trainer = only(objects, "StatefulSet")
+    deployment = only(objects, "Deployment")
+    pod = deployment["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    assert selects(deployment["spec"]["selector"]["matchLabels"], labels)
+    assert "replicas" not in deployment["spec"], "the autoscaler (or kubectl scale) owns the count"
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0, (
+        "a surplus replica never turns ready"
+    )
+    container = pod["spec"]["containers"][0]
+    trainer_container = trainer["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"] == ["serve"]
+    assert container["image"] == trainer_container["image"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["spec"]["terminationGracePeriodSeconds"] >= 30
+
+    settings = container_settings(objects, pod, container)
+    trainer_settings = container_settings(objects, trainer["spec"]["template"], trainer_container)
+    assert settings.model == trainer_settings.model and settings.input == trainer_settings.input
+    assert settings.serving.group_id != settings.kafka.group_id == trainer_settings.kafka.group_id
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["metrics"] == settings.metrics.port and settings.metrics.host == "0.0.0.0"
+    assert settings.snapshots.dir == trainer_settings.snapshots.dir
+    claim, mount = snapshot_claim(objects, pod, container, settings)
+    trainer_claim, _ = snapshot_claim(
+        objects, trainer["spec"]["template"], trainer_container, trainer_settings
+    )
+    assert claim is trainer_claim and claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert mount["readOnly"] is True, "a replica never writes into snapshots.dir"
+    volume = next(v for v in pod["spec"]["volumes"] if v["name"] == mount["name"])
+    assert volume["persistentVolumeClaim"]["readOnly"] is True
+
+    # metrics: a Service and a ServiceMonitor of their own, the job name the rules expect
+    service = only(objects, "Service", ENCODER_JOB)
+    assert selects(service["spec"]["selector"], labels)
+    assert not selects(service["spec"]["selector"], trainer["spec"]["template"]["metadata"]["labels"])
+    trainer_service = only(objects, "Service", TRAINER_JOB)
+    assert not selects(trainer_service["spec"]["selector"], labels), "the trainer's job stays the trainer"
+    assert service["spec"]["publishNotReadyAddresses"] is True, "a replica waiting for a model is scraped"
+    monitor = only(objects, "ServiceMonitor", ENCODER_JOB)
+    assert selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+    assert not selects(monitor["spec"]["selector"]["matchLabels"], trainer_service["metadata"]["labels"])
+    endpoint = monitor["spec"]["endpoints"][0]
+    assert (
+        endpoint["port"] in {p["name"] for p in service["spec"]["ports"]} and endpoint["path"] == "/metrics"
+    )
+    assert {"sourceLabels": ["__meta_kubernetes_pod_name"], "targetLabel": "instance"} in endpoint[
+        "relabelings"
+    ]
+
+
+def test_k8s_keda_scaled_object_scales_the_encoders_on_the_serving_groups_lag():
+    base = k8s_documents()
+    assert not [d for d in base if d["apiVersion"].startswith("keda.sh/")], "the default needs no KEDA CRD"
+    assert {d["apiVersion"] for d in base} <= {"v1", "apps/v1", "monitoring.coreos.com/v1"}
+    kustomization = yaml.safe_load((K8S / "keda" / "kustomization.yaml").read_text())
+    assert kustomization["namespace"] == only(k8s_objects(), "Namespace")["metadata"]["name"]
+    keda = {(d["kind"], d["metadata"]["name"]): d for d in k8s_documents(K8S / "keda")}
+    scaled = only(keda, "ScaledObject")
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+    objects = k8s_objects()
+    deployment = only(objects, "Deployment")
+    target = scaled["spec"]["scaleTargetRef"]
+    assert (
+        target["name"] == deployment["metadata"]["name"] and target.get("kind", "Deployment") == "Deployment"
+    )
+    pod = deployment["spec"]["template"]
+    settings = container_settings(objects, pod, pod["spec"]["containers"][0])
+    (trigger,) = scaled["spec"]["triggers"]
+    meta = trigger["metadata"]
+    assert trigger["type"] == "kafka"
+    assert meta["consumerGroup"] == settings.serving.group_id != settings.kafka.group_id
+    assert meta["topic"] == settings.kafka.input_topic
+    assert meta["bootstrapServers"].split(",") == settings.kafka.bootstrap_servers
+    assert int(meta["lagThreshold"]) > 0
+    assert meta["offsetResetPolicy"] == "earliest", "as the replicas' consumer"
+    assert meta.get("allowIdleConsumers", "false") == "false", "no more replicas than partitions"
+    keda_sasl = {"PLAIN": "plaintext", "SCRAM-SHA-256": "scram_sha256", "SCRAM-SHA-512": "scram_sha512"}
+    assert meta["sasl"] == keda_sasl[settings.kafka.sasl_mechanism]
+    assert meta["tls"] == ("enable" if settings.kafka.security_protocol.endswith("SSL") else "disable")
+    assert 1 <= scaled["spec"]["minReplicaCount"] <= scaled["spec"]["maxReplicaCount"]
+    auth = only(keda, "TriggerAuthentication", trigger["authenticationRef"]["name"])
+    secret = only(objects, "Secret")
+    refs = {ref["parameter"]: ref for ref in auth["spec"]["secretTargetRef"]}
+    assert set(refs) == {"username", "password", "ca"}
+    for ref in refs.values():
+        assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
+
+
+@pytest.mark.parametrize("overlay", ["", "keda"])
+def test_k8s_kustomizations_render(overlay):
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed")
+    result = subprocess.run(
+        [kubectl, "kustomize", str(K8S / overlay)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    rendered = [d for d in yaml.safe_load_all(result.stdout) if d]
+    assert rendered
+    for document in rendered:
+        if document["kind"] != "Namespace":
+            assert document["metadata"]["namespace"] == "streamvi", document["metadata"]["name"]
 
 
 def test_k8s_gpu_overlay_requests_a_gpu_and_the_gpu_image():
@@ -366,7 +691,7 @@ def test_k8s_gpu_overlay_requests_a_gpu_and_the_gpu_image():
     patch = yaml.safe_load((K8S / "gpu" / kustomization["patches"][0]["path"]).read_text())
     assert (
         patch["kind"] == "StatefulSet"
-        and patch["metadata"]["name"] == k8s_objects()["StatefulSet"]["metadata"]["name"]
+        and patch["metadata"]["name"] == only(k8s_objects(), "StatefulSet")["metadata"]["name"]
     )
     container = patch["spec"]["template"]["spec"]["containers"][0]
     assert container["image"].endswith("-gpu")
