@@ -110,10 +110,12 @@ class SnapshotWatcher:
             self._thread.start()
 
     def stop(self) -> None:
+        """Stop looking (waits for a load in progress); ``start`` may start again."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        self._stop.clear()
 
     def _watch(self) -> None:
         while not self._stop.wait(self.interval_seconds):

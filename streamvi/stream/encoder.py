@@ -173,6 +173,9 @@ class EncoderLoop(StreamProcessor):
     def _before_run(self) -> None:
         self.watcher.start()
 
+    def _after_run(self) -> None:
+        self.watcher.stop()
+
     def _between_batches(self) -> None:
         newer = self.watcher.take()
         if newer is not None:

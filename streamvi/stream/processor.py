@@ -133,6 +133,9 @@ class StreamProcessor(ABC):
     def _before_run(self) -> None:  # noqa: B027 -- optional hook
         """Called once as ``run`` starts, before the first poll."""
 
+    def _after_run(self) -> None:  # noqa: B027 -- optional hook
+        """Called once as ``run`` returns, after the final checkpoint."""
+
     def _between_batches(self) -> None:  # noqa: B027 -- optional hook
         """Called before each batch is submitted and at each turn of the loop: no batch is being
         scored by the loop's thread (queued ones keep what they were submitted with)."""
@@ -223,6 +226,7 @@ class StreamProcessor(ABC):
         self._update_lag()
         self.pipeline.shutdown()
         self.recovery.close()
+        self._after_run()
         return self.counts
 
     def _poll_timeout(self) -> float:

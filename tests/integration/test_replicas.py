@@ -10,6 +10,8 @@ import shutil
 import signal
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -157,19 +159,36 @@ def test_two_replicas_encode_every_record_of_a_four_partition_topic(settings_fac
     check_against_encode(settings, latents, tmp_path)
 
 
-def test_a_killed_replicas_partitions_are_taken_over(settings_factory, tmp_path):
+def readiness(process: DaemonProcess) -> int:
+    assert process.metrics_url is not None
+    try:
+        with urllib.request.urlopen(process.metrics_url.replace("/metrics", "/readyz"), timeout=2) as answer:
+            return int(answer.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+
+
+def test_replicas_started_before_any_snapshot_wait_and_a_killed_ones_partitions_are_taken_over(
+    settings_factory, tmp_path
+):
     settings = settings_factory(*replica_overrides("at_least_once"))
     kafka = settings.kafka
     bootstrap = kafka.bootstrap_servers[0]
     ensure_topics(kafka)
     records = 4000
     produce(bootstrap, kafka.input_topic, sequenced_records(0, 400))
-    trainer = DaemonProcess(settings, tmp_path / "trainer.log", "--idle-timeout", "3")
-    assert trainer.wait(300) == 0, trainer.log_text()[-3000:]
+    # no snapshot yet: the replicas wait, not ready, encoding nothing
     survivor = DaemonProcess(settings, tmp_path / "survivor.log", "--idle-timeout", "8", command="serve")
     victim = DaemonProcess(settings, tmp_path / "victim.log", command="serve")
     for process in (survivor, victim):
         process.wait_for_metrics()
+    time.sleep(2)
+    assert [readiness(p) for p in (survivor, victim)] == [503, 503]
+    assert [p.sample("streamvi_records_encoded_total") for p in (survivor, victim)] == [0, 0]
+    trainer = DaemonProcess(settings, tmp_path / "trainer.log", "--idle-timeout", "3")
+    assert trainer.wait(300) == 0, trainer.log_text()[-3000:]
+    for process in (survivor, victim):
+        process.wait_for("streamvi_model_step", 1, timeout=60)
     produce(bootstrap, kafka.input_topic, sequenced_records(400, records - 400))
     victim.wait_for("streamvi_records_encoded_total", 300)
     victim.signal(signal.SIGKILL)

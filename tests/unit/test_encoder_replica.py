@@ -253,3 +253,57 @@ def test_a_trainer_with_latents_scores_every_record_and_trains_on_its_share(tmp_
     assert fetch.keep is None
     assert fetch.train.sum() == sum(TrainingSample(0.5).selects(r) for r in stream)
     assert fetch.outside_share == 60 - fetch.train.sum()
+
+
+class RebalancingSource(MemorySource):
+    """Revokes every partition and assigns them again (at the committed offsets) at poll ``at``,
+    once ``before`` is set: a rebalance at a chosen moment."""
+
+    def __init__(self, records, at: int, before: threading.Event, after: threading.Event) -> None:
+        super().__init__(records)
+        self.at, self.before, self.after = at, before, after
+        self.polls = 0
+        self.rebalanced = False
+
+    def poll(self, timeout_seconds, max_records):
+        self.polls += 1
+        if self.polls == self.at:
+            assert self.before.wait(60)
+            self._on_revoked(self._partitions())
+            self._assigned = False  # the next poll assigns them again, from the committed offsets
+            self.rebalanced = True
+            self.after.set()
+        return super().poll(timeout_seconds, max_records)
+
+
+def test_a_rebalance_while_a_reload_is_in_progress_loses_nothing_and_duplicates_nothing(tmp_path):
+    store = SnapshotStore(tmp_path, keep=10)
+    trainer_loop = make_loop(MemorySource(records(60)), MemorySink(), store, every_steps=3)
+    trainer_loop.run(max_records=24)
+    first = store.latest()
+    loading, rebalanced = threading.Event(), threading.Event()
+    config = settings()
+
+    def slow_build():
+        """The reload of the newer snapshot starts, and waits until the partitions moved."""
+        loading.set()
+        assert rebalanced.wait(60)
+        return build_trainer(config)
+
+    metrics = EncoderMetrics(CollectorRegistry())
+    watch = SnapshotWatcher(
+        store, DurableTrust(), lambda: build_trainer(config), None, 0.05, Failures(metrics)
+    )
+    source = RebalancingSource(records(40), at=4, before=loading, after=rebalanced)
+    sink = MemorySink(transactional=True)
+    loop = replica(source, sink, watch, metrics, exactly_once=True)
+    trainer_loop.run(max_records=24)  # a newer snapshot for the watcher's thread to load
+    newer = store.latest()
+    watch.build_trainer = slow_build
+    loop.run(max_records=40)
+    assert source.rebalanced
+    out = latents(sink)
+    assert sorted(m["offset"] for m in out) == list(range(40))  # each once: exactly-once in memory
+    assert source.committed == {("in", 0): 40}
+    steps = [m["model_step"] for m in sorted(out, key=lambda m: m["offset"])]
+    assert set(steps) <= {first.step, newer.step} and steps == sorted(steps)
