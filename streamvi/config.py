@@ -404,6 +404,61 @@ class ServingSettings(_Section):
         return self.transactional_id or f"{self.group_id}-{socket.gethostname()}-{os.getpid()}"
 
 
+_MULTI_WORKER = AppliesWhen("strategy", ("multi_worker",))
+
+
+class DistributionSettings(_Section):
+    """Synchronous data-parallel training over several trainer workers (one model), with
+    TensorFlow's ``MultiWorkerMirroredStrategy``; ``none`` (one process) is the default.
+
+    The cluster is ``workers`` with this worker's ``worker_index``, or, with ``workers`` empty, the
+    ``TF_CONFIG`` environment variable as TensorFlow reads it. It is resolved and checked at start
+    by :func:`streamvi.cluster.resolve_cluster`.
+    """
+
+    applies_when: ClassVar[Mapping[str, tuple[AppliesWhen, ...]]] = dict.fromkeys(
+        ("workers", "worker_index", "collective_timeout_seconds"), (_MULTI_WORKER,)
+    )
+
+    strategy: Literal["none", "multi_worker"] = "none"
+    #: Every worker's ``host:port`` (its collective gRPC server), in worker order, the same list on
+    #: every worker; empty: read the cluster from ``TF_CONFIG``.
+    workers: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    #: This worker's position in ``workers`` (worker 0 is the chief). Only with ``workers``.
+    worker_index: int | None = Field(None, ge=0)
+    #: How long a collective (the step's all-reduce) may wait for the other workers before it fails:
+    #: the bound on noticing that a worker died. It also bounds how long workers may drift apart.
+    collective_timeout_seconds: float = Field(60.0, gt=0.0)
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _split_workers(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return yaml.safe_load(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check_cluster(self) -> DistributionSettings:
+        if self.strategy != "multi_worker":
+            return self
+        if self.workers and self.worker_index is None:
+            raise ValueError("distribution.worker_index is required with distribution.workers")
+        if self.worker_index is not None and not self.workers:
+            raise ValueError(
+                "distribution.worker_index needs distribution.workers (with TF_CONFIG, this worker's "
+                "index is TF_CONFIG's task.index)"
+            )
+        if self.worker_index is not None and self.worker_index >= len(self.workers):
+            raise ValueError(
+                f"distribution.worker_index={self.worker_index} is not a position in distribution.workers "
+                f"({len(self.workers)} workers)"
+            )
+        return self
+
+
 class Settings(BaseSettings):
     """The whole configuration of a streamvi process."""
 
@@ -423,6 +478,7 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     processing: ProcessingSettings = Field(default_factory=ProcessingSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)
+    distribution: DistributionSettings = Field(default_factory=DistributionSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -455,6 +511,24 @@ class Settings(BaseSettings):
             raise ValueError(
                 "serving.group_id must differ from kafka.group_id: encoder replicas consume every "
                 "record in a group of their own beside the trainer's"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _distributable(self) -> Settings:
+        """What the all-reduced step cannot (yet) keep identical on every worker is refused."""
+        if self.distribution.strategy != "multi_worker":
+            return self
+        training = self.training
+        if training.estimator == "score_function" and training.baseline != "none":
+            raise ValueError(
+                "distribution.strategy=multi_worker needs training.baseline=none with "
+                "training.estimator=score_function: the baseline's running average is per worker"
+            )
+        if training.mixed_precision == "mixed_float16":
+            raise ValueError(
+                "distribution.strategy=multi_worker does not support training.mixed_precision="
+                "mixed_float16 (per-worker loss scales); use off or mixed_bfloat16"
             )
         return self
 

@@ -16,7 +16,9 @@ from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
 from streamvi import __version__
+from streamvi.cluster import resolve_cluster
 from streamvi.config import KafkaSettings, Settings
+from streamvi.errors import ConfigError
 from streamvi.estimators import build_estimator
 from streamvi.io.base import OutputSink, RecordSource
 from streamvi.io.codecs import RecordDecoder, Support
@@ -245,10 +247,21 @@ def kafka_clients(
     return sink, source
 
 
+def check_single_process(settings: Settings) -> None:
+    """Resolve the trainer cluster (every bad setting or TF_CONFIG field is named) and refuse a
+    multi-worker one: the daemon's loop does not yet run steps in lockstep with other workers."""
+    if resolve_cluster(settings.distribution) is not None:
+        raise ConfigError(
+            "distribution.strategy=multi_worker: the trainer daemon runs as one process for now "
+            "(the all-reduced step is streamvi.training.distributed); set distribution.strategy=none"
+        )
+
+
 def build_daemon(settings: Settings, registry: CollectorRegistry | None = None) -> Daemon:
     """Create topics if allowed, connect to Kafka, restore the newest snapshot and start /metrics."""
     from streamvi.io.admin import ensure_topics
 
+    check_single_process(settings)
     registry = registry if registry is not None else CollectorRegistry()
     metrics = Metrics(registry)
     metrics.set_build_info(versions())

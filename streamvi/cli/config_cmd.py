@@ -6,6 +6,7 @@ import click
 import yaml
 
 from streamvi.cli.common import CliContext, fail, pass_cli
+from streamvi.cluster import resolve_cluster
 from streamvi.errors import StreamVIError
 
 
@@ -28,9 +29,10 @@ def show(cli_ctx: CliContext) -> None:
 @config_group.command("validate")
 @pass_cli
 def validate(cli_ctx: CliContext) -> None:
-    """Check the configuration; exit 2 with a message naming each bad setting."""
+    """Check the configuration (and the trainer cluster it names, TF_CONFIG included); exit 2
+    with a message naming each bad setting."""
     try:
-        cli_ctx.settings()
+        resolve_cluster(cli_ctx.settings().distribution)
     except StreamVIError as exc:
         fail(exc)
     click.echo("configuration is valid")

@@ -139,17 +139,31 @@ class Estimator(tf.Module, ABC):
         """
         return -masked_mean(terms.surrogate, weights)
 
+    def summed_loss(self, terms: BoundTerms, weights: tf.Tensor) -> tf.Tensor:
+        """``loss`` times the batch's total weight: the negative weighted sum of the surrogate.
+
+        Sums add across workers, so the all-reduced sum divided by the all-reduced weight is the
+        loss of the union of their batches (streamvi/training/distributed.py).
+        """
+        return -masked_sum(terms.surrogate, weights)
+
     def update_state(self, terms: BoundTerms, weights: tf.Tensor) -> None:
         """Fold a batch into the estimator's own running state (none by default). The trainer calls
         it inside the step, only when the batch's update is applied."""
         return
 
 
+def masked_sum(values: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
+    """Weighted sum of ``values`` [B] over the rows of positive weight (the others are selected
+    out, so an infinite value there adds nothing); 0 when there are none."""
+    weights = tf.cast(weights, values.dtype)
+    return tf.reduce_sum(tf.where(weights > 0, values * weights, tf.zeros_like(values)))
+
+
 def masked_mean(values: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
     """Weighted mean of ``values`` [B] over the rows of positive weight; 0 when there are none."""
-    weights = tf.cast(weights, values.dtype)
-    kept = tf.where(weights > 0, values * weights, tf.zeros_like(values))
-    return tf.reduce_sum(kept) / tf.maximum(tf.reduce_sum(weights), 1.0)
+    total = tf.reduce_sum(tf.cast(weights, values.dtype))
+    return masked_sum(values, weights) / tf.maximum(total, 1.0)
 
 
 def elbo_parts(draws: Draws) -> tuple[tf.Tensor, tf.Tensor]:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -20,65 +19,7 @@ import tf_keras
 from streamvi.config import TrainingSettings
 from streamvi.estimators.base import BoundTerms, Estimator, log_likelihood_estimate
 from streamvi.model.vae import VAE
-
-
-@dataclass(frozen=True)
-class BatchScores:
-    """Per-record results for the real records of a batch, computed before any update."""
-
-    bound: np.ndarray
-    kl: np.ndarray
-    reconstruction: np.ndarray
-    z_loc: np.ndarray
-    z_scale: np.ndarray
-
-    @classmethod
-    def unpack(cls, packed: np.ndarray, n: int, summary_size: int) -> BatchScores:
-        rows = packed[:n]
-        return cls(
-            bound=rows[:, 0],
-            kl=rows[:, 1],
-            reconstruction=rows[:, 2],
-            z_loc=rows[:, 3 : 3 + summary_size],
-            z_scale=rows[:, 3 + summary_size : 3 + 2 * summary_size],
-        )
-
-    @property
-    def size(self) -> int:
-        return int(self.bound.shape[0])
-
-
-@dataclass(frozen=True)
-class StepResult:
-    """What one step reports: the prequential per-record scores and the update's figures.
-
-    ``trained`` is False when no row of the batch was trainable (all held out): it was only scored.
-    """
-
-    scores: BatchScores
-    step: int
-    loss: float
-    grad_norm: float
-    learning_rate: float
-    duration_seconds: float
-    trained_records: int
-    #: False when the loss or the gradients were not finite and the update was skipped.
-    applied: bool = True
-    #: True when the model's gradient norm exceeded ``training.clip_grad_norm`` and was clipped
-    #: (the update is then a biased estimate of the bound's gradient).
-    clipped: bool = False
-
-    @property
-    def trained(self) -> bool:
-        return self.trained_records > 0
-
-    def summary(self) -> dict[str, float]:
-        """Batch means of the prequential bound and its parts."""
-        return {
-            "elbo": float(np.mean(self.scores.bound)),
-            "kl": float(np.mean(self.scores.kl)),
-            "reconstruction": float(np.mean(self.scores.reconstruction)),
-        }
+from streamvi.training.results import BatchScores, StepResult
 
 
 def build_optimizer(settings: TrainingSettings) -> tf_keras.optimizers.Optimizer:
@@ -93,6 +34,22 @@ def build_optimizer(settings: TrainingSettings) -> tf_keras.optimizers.Optimizer
     if settings.mixed_precision == "mixed_float16":
         optimizer = tf_keras.mixed_precision.LossScaleOptimizer(optimizer)
     return optimizer
+
+
+def block_seed(seed: tf.Tensor, block: int | tf.Tensor) -> tf.Tensor:
+    """The stateless seed of block ``block`` of a step whose seed is ``seed``: worker k's batch in
+    an N-worker step, or block k of a single-process reference step of N blocks."""
+    return tf.random.experimental.stateless_fold_in(seed, tf.cast(block, tf.int32))
+
+
+def concat_terms(parts: list[BoundTerms]) -> BoundTerms:
+    """The terms of consecutive blocks of a batch as the terms of the whole batch."""
+
+    def joined(name: str) -> tf.Tensor | None:
+        values = [getattr(part, name) for part in parts]
+        return None if values[0] is None else tf.concat(values, axis=0)
+
+    return BoundTerms(**{name: joined(name) for name in BoundTerms.__dataclass_fields__})
 
 
 #: Figures of a step that follow its scores, in one extra row: loss, gradient norm, learning rate,
@@ -113,8 +70,13 @@ class Trainer:
         seed: int = 0,
         jit_compile: bool = True,
         device: str | None = None,
+        draw_blocks: int = 1,
     ) -> None:
+        if draw_blocks < 1 or batch_size % draw_blocks:
+            raise ValueError(f"draw_blocks must divide batch_size {batch_size}, got {draw_blocks}")
         self.model = model
+        #: Equal blocks of a batch whose latent draws are seeded apart (see ``_terms``).
+        self.draw_blocks = draw_blocks
         self.estimator = estimator
         self.optimizer = optimizer
         self.batch_size = batch_size
@@ -131,7 +93,9 @@ class Trainer:
         self._loglik_fns: dict[int, Any] = {}
 
     @classmethod
-    def from_settings(cls, model: VAE, estimator: Estimator, settings: TrainingSettings) -> Trainer:
+    def from_settings(
+        cls, model: VAE, estimator: Estimator, settings: TrainingSettings, draw_blocks: int = 1
+    ) -> Trainer:
         return cls(
             model=model,
             estimator=estimator,
@@ -141,6 +105,7 @@ class Trainer:
             seed=settings.seed,
             jit_compile=settings.jit_compile,
             device=settings.device,
+            draw_blocks=draw_blocks,
         )
 
     def _placement(self) -> Any:
@@ -189,26 +154,76 @@ class Trainer:
     def _seed(self) -> tf.Tensor:
         return tf.cast(self.rng.make_seeds(1)[:, 0], tf.int32)
 
-    def _train_step(self, rows: tf.Tensor) -> tf.Tensor:
-        """One update from the [x | c | weight] rows; returns the per-record scores with one more
-        row for the step's figures, so one copy goes in and one comes out."""
+    def _split(self, rows: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """The x, c and weight columns of [x | c | weight] rows."""
         dim, context = self.model.input_dim, self.context_dim
-        x, c, weights = rows[:, :dim], rows[:, dim : dim + context], rows[:, dim + context]
+        return rows[:, :dim], rows[:, dim : dim + context], rows[:, dim + context]
+
+    def _terms(self, x: tf.Tensor, c: tf.Tensor, seed: tf.Tensor) -> BoundTerms:
+        """The estimator's per-record terms. With ``draw_blocks`` N > 1 the batch is N equal blocks
+        whose draws come from the step seed folded with the block's index, as N workers' batches do
+        (streamvi/training/distributed.py); with 1, the step seed itself."""
+        if self.draw_blocks == 1:
+            return self.estimator.terms(self.model, x, c, seed, self.step_counter)
+        size = self.batch_size // self.draw_blocks
+        return concat_terms(
+            [
+                self.estimator.terms(
+                    self.model,
+                    x[k * size : (k + 1) * size],
+                    c[k * size : (k + 1) * size],
+                    block_seed(seed, k),
+                    self.step_counter,
+                )
+                for k in range(self.draw_blocks)
+            ]
+        )
+
+    def _gradients(
+        self, x: tf.Tensor, c: tf.Tensor, weights: tf.Tensor, seed: tf.Tensor, summed: bool = False
+    ) -> tuple[BoundTerms, tf.Tensor, list[tf.Tensor]]:
+        """The terms, the loss and its (unscaled) gradient for every trainable variable (zeros where
+        a variable has none). ``summed``: the loss is summed over the weighted rows rather than
+        averaged, the form whose gradients add up across workers."""
         variables = self.trainable_variables
         with tf.GradientTape() as tape:
-            terms = self.estimator.terms(self.model, x, c, self._seed(), self.step_counter)
-            loss = self.estimator.loss(terms, weights)
+            terms = self._terms(x, c, seed)
+            loss = (self.estimator.summed_loss if summed else self.estimator.loss)(terms, weights)
             scaled = self.optimizer.get_scaled_loss(loss) if self._loss_scaled else loss
         grads = tape.gradient(scaled, variables)
         if self._loss_scaled:
             grads = self.optimizer.get_unscaled_gradients(grads)
         grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables, strict=True)]
+        return terms, loss, grads
+
+    def _train_step(self, rows: tf.Tensor) -> tf.Tensor:
+        """One update from the [x | c | weight] rows; returns the per-record scores with one more
+        row for the step's figures, so one copy goes in and one comes out."""
+        x, c, weights = self._split(rows)
+        terms, loss, grads = self._gradients(x, c, weights, self._seed())
+
+        def fold_state() -> None:
+            self.estimator.update_state(terms, weights)
+
+        return self._apply(self._pack(terms), loss, grads, tf.reduce_any(weights > 0), fold_state)
+
+    def _apply(
+        self,
+        packed: tf.Tensor,
+        loss: tf.Tensor,
+        grads: list[tf.Tensor],
+        trains: tf.Tensor,
+        fold_state: Callable[[], None] = lambda: None,
+    ) -> tf.Tensor:
+        """Clip and apply ``grads`` when ``trains`` and they are finite, count the step, and return
+        the ``packed`` scores with the step's figures as one more row. ``trains``: whether any row
+        (of any worker) is trained; ``fold_state`` runs with an applied update."""
+        variables = self.trainable_variables
         grads, grad_norm, clipped = self._clip_model_gradients(grads)
         # A non-finite loss or gradient (a global norm is non-finite iff any entry is) skips the
         # update on the device, with no host round-trip. Under loss scaling, overflowing gradients
         # are the LossScaleOptimizer's to skip (it lowers the scale), so only the loss is checked.
         # A batch with no trainable row (the warm-up's) changes no state at all.
-        trains = tf.reduce_any(weights > 0)
         finite = tf.math.is_finite(loss)
         if not self._loss_scaled:
             finite = tf.logical_and(finite, tf.math.is_finite(tf.linalg.global_norm(grads)))
@@ -216,7 +231,7 @@ class Trainer:
         def apply() -> tf.Tensor:
             self.optimizer.apply_gradients(zip(grads, variables, strict=True))
             # the estimator's running state (a baseline's average) follows applied updates only
-            self.estimator.update_state(terms, weights)
+            fold_state()
             return tf.constant(True)
 
         gate = trains if self._loss_scaled else tf.logical_and(trains, finite)
@@ -233,7 +248,6 @@ class Trainer:
             tf.logical_and(clipped, gate),
         ]
         figures_row = tf.stack([tf.cast(v, tf.float32) for v in figures])[None, :]
-        packed = self._pack(terms)
         width = max(int(packed.shape[1]), _FIGURES)
         return tf.concat(
             [

@@ -1,0 +1,66 @@
+"""What a step returns: the prequential per-record scores and the update's figures."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class BatchScores:
+    """Per-record results for the real records of a batch, computed before any update."""
+
+    bound: np.ndarray
+    kl: np.ndarray
+    reconstruction: np.ndarray
+    z_loc: np.ndarray
+    z_scale: np.ndarray
+
+    @classmethod
+    def unpack(cls, packed: np.ndarray, n: int, summary_size: int) -> BatchScores:
+        rows = packed[:n]
+        return cls(
+            bound=rows[:, 0],
+            kl=rows[:, 1],
+            reconstruction=rows[:, 2],
+            z_loc=rows[:, 3 : 3 + summary_size],
+            z_scale=rows[:, 3 + summary_size : 3 + 2 * summary_size],
+        )
+
+    @property
+    def size(self) -> int:
+        return int(self.bound.shape[0])
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one step reports: the prequential per-record scores and the update's figures.
+
+    ``trained`` is False when no row of the batch was trainable (all held out): it was only scored.
+    """
+
+    scores: BatchScores
+    step: int
+    loss: float
+    grad_norm: float
+    learning_rate: float
+    duration_seconds: float
+    trained_records: int
+    #: False when the loss or the gradients were not finite and the update was skipped.
+    applied: bool = True
+    #: True when the model's gradient norm exceeded ``training.clip_grad_norm`` and was clipped
+    #: (the update is then a biased estimate of the bound's gradient).
+    clipped: bool = False
+
+    @property
+    def trained(self) -> bool:
+        return self.trained_records > 0
+
+    def summary(self) -> dict[str, float]:
+        """Batch means of the prequential bound and its parts."""
+        return {
+            "elbo": float(np.mean(self.scores.bound)),
+            "kl": float(np.mean(self.scores.kl)),
+            "reconstruction": float(np.mean(self.scores.reconstruction)),
+        }
