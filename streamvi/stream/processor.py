@@ -21,6 +21,7 @@ from streamvi.io.base import OutputSink, Partition, RawRecord, RecordSource
 from streamvi.io.codecs import DecodeError, RecordDecoder
 from streamvi.metrics import Health, Metrics
 from streamvi.snapshots.compatibility import check_snapshot_matches
+from streamvi.snapshots.sample import SAMPLE_FILE, encode_sample, load_sample
 from streamvi.snapshots.store import SnapshotInfo, SnapshotStore
 from streamvi.stream.batching import MicroBatcher
 from streamvi.stream.checkpoint import Checkpoints
@@ -95,6 +96,9 @@ class OnlineLoop:
         self.recovery = self._recovery()
         self.checkpoints = self._checkpoints(policy)
         self._last_lag_time = 0.0
+        #: Some assigned partition has no lag exported yet: compute it on every iteration until it
+        #: has (the high-water mark arrives with the first fetch response after an assignment).
+        self._lag_pending = False
         self._warmed_up = False
         source.set_rebalance_callbacks(self.on_assigned, self.on_revoked)
 
@@ -121,6 +125,7 @@ class OnlineLoop:
             pipeline=self.pipeline,
             state=lambda: self.stream,
             snapshot_meta=self.snapshot_meta,
+            snapshot_files=self._snapshot_files,
             drain=self._train_and_drain,
             rewind=self._rewind,
             pending_rewind=lambda: self.recovery.pending,
@@ -153,7 +158,15 @@ class OnlineLoop:
         info = self.committer.trusted_snapshot(self._check_matches_config)
         if info is not None:
             self.stream = self.recovery.load(info)
-            log.info("restored snapshot %s at step %d, offsets %s", info.path.name, info.step, info.offsets)
+            self._restore_heldout(info)
+            log.info(
+                "snapshot: restored %s at step %d, resuming at offsets %s",
+                info.path.name,
+                info.step,
+                info.offsets or "(none recorded)",
+            )
+        else:
+            log.info("snapshot: none in %s, starting a new model from training.seed", self.store.directory)
         if not self.processing.exactly_once:
             self._count_replays(info)
         self.pipeline.submitted_step = self.trainer.step
@@ -162,6 +175,28 @@ class OnlineLoop:
         self.health.set(model_loaded=True)
         self.metrics.model_step.set(self.trainer.step)
         return info
+
+    def _snapshot_files(self) -> dict[str, bytes]:
+        """The held-out sample saved with a snapshot (streamvi/snapshots/sample.py), when kept."""
+        evaluation = self.evaluation
+        if evaluation is None or evaluation.snapshot_sample_records <= 0 or not len(evaluation.reservoir):
+            return {}
+        x, c = evaluation.reservoir.newest(evaluation.snapshot_sample_records)
+        return {SAMPLE_FILE: encode_sample(x, c)}
+
+    def _restore_heldout(self, info: SnapshotInfo) -> None:
+        """Refill the held-out reservoir from the snapshot's sample: the evaluation goes on with the
+        newest held-out records seen before the restart, and the next snapshot keeps them."""
+        evaluation = self.evaluation
+        sample = load_sample(info) if evaluation is not None else None
+        if evaluation is None or sample is None:
+            return
+        x, c = sample
+        reservoir = evaluation.reservoir
+        if x.shape[1] != reservoir.x.shape[1] or c.shape[1] != reservoir.c.shape[1]:
+            return  # written for another input shape (refused by the compatibility check anyway)
+        for row in range(max(0, len(x) - reservoir.capacity), len(x)):
+            reservoir.add(x[row], c[row])
 
     def _check_matches_config(self, info: SnapshotInfo) -> None:
         """Refuse a snapshot written under other structural settings than the ones this loop's
@@ -182,6 +217,7 @@ class OnlineLoop:
     # -- rebalance hooks (called from inside source.poll on this thread) -----------------------------
     def on_assigned(self, partitions: Sequence[Partition]) -> None:
         self.health.set(partitions_assigned=bool(self.source.assignment()) or bool(partitions))
+        self._lag_pending = True
 
     def on_revoked(self, partitions: Sequence[Partition]) -> None:
         """Checkpoint what was consumed before the partitions go (their offsets can be committed
@@ -197,6 +233,8 @@ class OnlineLoop:
             for partition in partitions:
                 self.state.next_offsets.pop(partition, None)
                 self.checkpoints.interval.offsets.pop(partition, None)
+        for topic, number in partitions:  # no longer ours: its lag is another consumer's to report
+            self.metrics.consumer_lag.remove(topic, str(number))
         self.health.set(partitions_assigned=False)
 
     # -- the loop ------------------------------------------------------------------------------------
@@ -235,8 +273,8 @@ class OnlineLoop:
                 self._submit_batch()
             if self.checkpoints.due():
                 self.run_checkpoint(reason="interval")
-            if now - self._last_lag_time >= self.lag_interval_seconds:
-                self._update_lag()
+            if self._lag_pending or now - self._last_lag_time >= self.lag_interval_seconds:
+                self._lag_pending = not self._update_lag()
                 self._last_lag_time = now
         self.run_checkpoint(reason="shutdown")
         self._update_lag()
@@ -377,13 +415,25 @@ class OnlineLoop:
         self.stream.loop = LoopState(last_summary=self.state.last_summary)
         self.checkpoints.interval.offsets = {}
 
-    def _update_lag(self) -> None:
+    def _update_lag(self) -> bool:
+        """Export each assigned partition's lag: high-water mark minus the next offset to process
+        (the loop's, or before its first record from that partition the consumer's position).
+
+        Only known values are exported, never a guess: the high-water mark comes with fetch
+        responses, so a partition has its lag from the first fetch after its assignment. True when
+        every assigned partition has one.
+        """
+        complete = True
         for partition in self.source.assignment():
             highwater = self.source.highwater(partition)
             position = self.state.next_offsets.get(partition)
+            if position is None and highwater is not None:
+                position = self.source.position(partition)
             if highwater is None or position is None:
+                complete = False
                 continue
             topic, number = partition
             self.metrics.consumer_lag.labels(topic=topic, partition=str(number)).set(
                 max(0, highwater - position)
             )
+        return complete
