@@ -317,6 +317,12 @@ class SnapshotSettings(_Section):
     every_steps: int = Field(500, ge=1)
     every_seconds: float = Field(60.0, gt=0.0)
     keep: int = Field(3, ge=1)
+    #: The newest held-out records (at most this many) saved in every snapshot, inside its
+    #: checksums, so ``streamvi report`` draws the latent map and the reconstructions from the
+    #: snapshot alone and a restart resumes the held-out evaluation with them; each costs
+    #: (input.dim + input.context_dim) x 4 bytes. 0 saves none; nothing is saved while
+    #: evaluation.heldout_fraction is 0.
+    sample_records: int = Field(256, ge=0, le=100_000)
 
     @field_validator("dir", mode="before")
     @classmethod

@@ -23,6 +23,7 @@ from streamvi.runtime import (
     output_topics,
     processing_policy,
     record_decoder,
+    startup_lines,
     versions,
     watch_broker,
 )
@@ -139,6 +140,11 @@ def build_replica(settings: Settings, registry: CollectorRegistry | None = None)
     model is loaded when ``run`` starts (readiness stays 503 until then)."""
     from streamvi.io.admin import ensure_topics
 
+    for line in startup_lines(settings, replica_kafka(settings)):
+        log.info("%s", line)
+    log.info(
+        "role: encoder replica, snapshots from %s (%s)", settings.snapshots.dir, settings.processing.guarantee
+    )
     registry = registry if registry is not None else CollectorRegistry()
     metrics = EncoderMetrics(registry)
     metrics.set_build_info(versions())

@@ -71,7 +71,9 @@ def evaluation_policy(settings: Settings) -> EvaluationPolicy | None:
         settings.input.dim,
         settings.input.context_dim,
     )
-    return EvaluationPolicy(reservoir, evaluation.every_steps, evaluation.importance_samples)
+    return EvaluationPolicy(
+        reservoir, evaluation.every_steps, evaluation.importance_samples, settings.snapshots.sample_records
+    )
 
 
 def snapshot_meta(settings: Settings) -> dict[str, Any]:
@@ -245,10 +247,50 @@ def kafka_clients(
     return sink, source
 
 
+def describe_device(device: str | None) -> str:
+    """Where the training step runs: ``training.device``, else TensorFlow's choice (its first GPU)."""
+    import tensorflow as tf
+
+    gpus = [gpu.name.removeprefix("/physical_device:") for gpu in tf.config.list_physical_devices("GPU")]
+    visible = f"GPUs visible: {', '.join(gpus)}" if gpus else "no GPU visible to TensorFlow"
+    if device:
+        return f"{device} (training.device; {visible})"
+    return f"/GPU:0 ({visible})" if gpus else f"CPU ({visible})"
+
+
+def startup_lines(settings: Settings, kafka: KafkaSettings | None = None) -> list[str]:
+    """What a daemon is about to do, for the first lines of its log: broker, topics, model, device
+    (``kafka``: the role's Kafka settings when they are not ``settings.kafka``, e.g. a replica's group)."""
+    kafka = kafka if kafka is not None else settings.kafka
+    model, training = settings.model, settings.training
+    latent = (
+        f"gaussian z of {model.latent_dim}"
+        if model.latent == "gaussian"
+        else f"gumbel_softmax z of {model.categorical_variables} x {model.categories} classes"
+    )
+    context = f" + {settings.input.context_dim} context" if settings.input.context_dim else ""
+    return [
+        f"streamvi {__version__}: broker {','.join(kafka.bootstrap_servers)} ({kafka.client}, "
+        f"{kafka.security_protocol}), consumer group {kafka.group_id}, {settings.processing.guarantee}",
+        f"topics: input {kafka.input_topic} ({settings.input.format}, {settings.input.dim} values{context}), "(
+            f"latents {kafka.latents_topic}, metrics {kafka.metrics_topic}, "
+            f"dead letters {kafka.dead_letter_topic}"
+            if training.publish_latents
+            else f"metrics {kafka.metrics_topic} (latents and dead letters: the encoder replicas')"
+        ),
+        f"model: {latent}, encoder {model.encoder_hidden}, decoder {model.decoder_widths}, "
+        f"{model.likelihood} likelihood; estimator {training.estimator}, batch {training.batch_size}, "
+        f"{training.optimizer} lr {training.learning_rate}",
+        f"device: {describe_device(training.device)}",
+    ]
+
+
 def build_daemon(settings: Settings, registry: CollectorRegistry | None = None) -> Daemon:
     """Create topics if allowed, connect to Kafka, restore the newest snapshot and start /metrics."""
     from streamvi.io.admin import ensure_topics
 
+    for line in startup_lines(settings):
+        log.info("%s", line)
     registry = registry if registry is not None else CollectorRegistry()
     metrics = Metrics(registry)
     metrics.set_build_info(versions())

@@ -117,6 +117,9 @@ class StreamProcessor(ABC):
         self.ingest = Ingest(decoder, evaluation, share)
         self.publisher = Publisher(sink, topics, trainer, self.metrics, self.progress)
         self._last_lag_time = 0.0
+        #: Some assigned partition has no lag exported yet: compute it on every iteration until it
+        #: has (the high-water mark arrives with the first fetch response after an assignment).
+        self._lag_pending = False
         source.set_rebalance_callbacks(self.on_assigned, self.on_revoked)
 
     # -- the role's parts ----------------------------------------------------------------------------
@@ -165,6 +168,7 @@ class StreamProcessor(ABC):
     # -- rebalance hooks (called from inside source.poll on this thread) -----------------------------
     def on_assigned(self, partitions: Sequence[Partition]) -> None:
         self.health.set(partitions_assigned=bool(self.source.assignment()) or bool(partitions))
+        self._lag_pending = True
 
     def on_revoked(self, partitions: Sequence[Partition]) -> None:
         """Checkpoint what was consumed before the partitions go (their offsets can be committed
@@ -180,6 +184,8 @@ class StreamProcessor(ABC):
             for partition in partitions:
                 self.state.next_offsets.pop(partition, None)
             self.checkpoints.forget(partitions)
+        for topic, number in partitions:  # no longer ours: its lag is another consumer's to report
+            self.metrics.consumer_lag.remove(topic, str(number))
         self.health.set(partitions_assigned=False)
 
     # -- the loop ------------------------------------------------------------------------------------
@@ -219,8 +225,8 @@ class StreamProcessor(ABC):
                 self._submit_batch()
             if self.checkpoints.due():
                 self.run_checkpoint(reason="interval")
-            if now - self._last_lag_time >= self.lag_interval_seconds:
-                self._update_lag()
+            if self._lag_pending or now - self._last_lag_time >= self.lag_interval_seconds:
+                self._lag_pending = not self._update_lag()
                 self._last_lag_time = now
         self.run_checkpoint(reason="shutdown")
         self._update_lag()
@@ -344,13 +350,25 @@ class StreamProcessor(ABC):
         self.stream = self.recovery.rewind(reason, self.stream)
         self.checkpoints.restart(self.state.next_offsets)
 
-    def _update_lag(self) -> None:
+    def _update_lag(self) -> bool:
+        """Export each assigned partition's lag: high-water mark minus the next offset to process
+        (the loop's, or before its first record from that partition the consumer's position).
+
+        Only known values are exported, never a guess: the high-water mark comes with fetch
+        responses, so a partition has its lag from the first fetch after its assignment. True when
+        every assigned partition has one.
+        """
+        complete = True
         for partition in self.source.assignment():
             highwater = self.source.highwater(partition)
             position = self.state.next_offsets.get(partition)
+            if position is None and highwater is not None:
+                position = self.source.position(partition)
             if highwater is None or position is None:
+                complete = False
                 continue
             topic, number = partition
             self.metrics.consumer_lag.labels(topic=topic, partition=str(number)).set(
                 max(0, highwater - position)
             )
+        return complete

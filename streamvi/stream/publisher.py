@@ -38,6 +38,9 @@ class _NoOpMetric:
     def observe(self, value: float) -> None:
         return None
 
+    def remove(self, *labelvalues: str) -> None:
+        return None
+
 
 class NullMetrics:
     """A stand-in for :class:`streamvi.metrics.Metrics` whose every metric is a no-op."""
