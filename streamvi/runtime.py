@@ -269,15 +269,17 @@ def startup_lines(settings: Settings, kafka: KafkaSettings | None = None) -> lis
         else f"gumbel_softmax z of {model.categorical_variables} x {model.categories} classes"
     )
     context = f" + {settings.input.context_dim} context" if settings.input.context_dim else ""
+    outputs = (
+        f"latents {kafka.latents_topic}, metrics {kafka.metrics_topic}, "
+        f"dead letters {kafka.dead_letter_topic}"
+        if training.publish_latents
+        else f"metrics {kafka.metrics_topic} (latents and dead letters: the encoder replicas')"
+    )
     return [
         f"streamvi {__version__}: broker {','.join(kafka.bootstrap_servers)} ({kafka.client}, "
         f"{kafka.security_protocol}), consumer group {kafka.group_id}, {settings.processing.guarantee}",
-        f"topics: input {kafka.input_topic} ({settings.input.format}, {settings.input.dim} values{context}), "(
-            f"latents {kafka.latents_topic}, metrics {kafka.metrics_topic}, "
-            f"dead letters {kafka.dead_letter_topic}"
-            if training.publish_latents
-            else f"metrics {kafka.metrics_topic} (latents and dead letters: the encoder replicas')"
-        ),
+        f"topics: input {kafka.input_topic} ({settings.input.format}, {settings.input.dim} values{context}), "
+        + outputs,
         f"model: {latent}, encoder {model.encoder_hidden}, decoder {model.decoder_widths}, "
         f"{model.likelihood} likelihood; estimator {training.estimator}, batch {training.batch_size}, "
         f"{training.optimizer} lr {training.learning_rate}",
