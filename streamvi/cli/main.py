@@ -1,4 +1,4 @@
-"""The ``streamvi`` command: run, produce, demo, encode, report, snapshots, config."""
+"""The ``streamvi`` command: run, produce, demo, encode, report, snapshots, config, schema."""
 
 from __future__ import annotations
 
@@ -45,9 +45,10 @@ def _register() -> None:
     from streamvi.cli.produce import produce
     from streamvi.cli.report import report
     from streamvi.cli.run import run
+    from streamvi.cli.schema_cmd import schema_group
     from streamvi.cli.snapshots import snapshots_group
 
-    for command in (run, produce, demo, encode, report, snapshots_group, config_group):
+    for command in (run, produce, demo, encode, report, snapshots_group, config_group, schema_group):
         cli.add_command(command)
 
 

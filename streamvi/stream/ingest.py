@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from streamvi.io.base import RawRecord
-from streamvi.io.codecs import DecodedBatch, DecodeError, RecordDecoder
+from streamvi.io.codecs import BatchDecoder, DecodedBatch, DecodeError
 from streamvi.stream.state import EvaluationPolicy
 
 
@@ -41,7 +41,7 @@ class Block:
 class Ingest:
     """Decodes fetches and cuts them into blocks that fit the open micro-batch."""
 
-    def __init__(self, decoder: RecordDecoder, evaluation: EvaluationPolicy | None) -> None:
+    def __init__(self, decoder: BatchDecoder, evaluation: EvaluationPolicy | None) -> None:
         self.decoder = decoder
         self.evaluation = evaluation
 

@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from streamvi.io.base import OutputSink, Partition, RawRecord, RecordSource
-from streamvi.io.codecs import DecodeError, RecordDecoder
+from streamvi.io.codecs import BatchDecoder, DecodeError
 from streamvi.metrics import Health, Metrics
 from streamvi.snapshots.compatibility import check_snapshot_matches
 from streamvi.snapshots.store import SnapshotInfo, SnapshotStore
@@ -54,7 +54,7 @@ class OnlineLoop:
         *,
         source: RecordSource,
         sink: OutputSink,
-        decoder: RecordDecoder,
+        decoder: BatchDecoder,
         trainer: Trainer,
         store: SnapshotStore,
         topics: OutputTopics,
@@ -87,6 +87,7 @@ class OnlineLoop:
             decoder.dim,
             decoder.context_dim,
             self.keepalive,
+            count_observed=getattr(decoder, "reports_observed", False),
         )
         self.progress = OutputProgress(store, lambda count: self.metrics.replayed_records.inc(count))
         self.committer = committer_for(self.processing.exactly_once, source, sink, store, self.progress)
@@ -351,7 +352,9 @@ class OnlineLoop:
             return
         result = finished.result
         self.checkpoints.finished_step = result.step
-        self.publisher.batch(finished.records, finished.record_ids, result, finished.heldout, self.stream)
+        self.publisher.batch(
+            finished.records, finished.record_ids, result, finished.heldout, self.stream, finished.observed
+        )
         self.recovery.note_step(result)
         if self.recovery.diverged:
             self._drain()  # the steps queued behind it ran on the diverged parameters

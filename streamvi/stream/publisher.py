@@ -82,9 +82,11 @@ class Publisher:
         result: StepResult,
         heldout: dict[str, Any] | None,
         state: StreamState,
+        observed: np.ndarray | None = None,
     ) -> None:
         """Send a finished batch's latents and step metrics (and a held-out evaluation run right
-        after its step), and account for its step."""
+        after its step), and account for its step; ``observed`` counts each record's observed
+        dimensions under a feature schema."""
         n = len(records)
         scores = result.scores
         estimator = self.trainer.estimator
@@ -98,6 +100,7 @@ class Publisher:
                 scores.bound,
                 result.step - 1 if result.trained else result.step,  # the parameters that scored it
                 estimator.bound_name,
+                observed,
             )
         )
         self.progress.mark_sent(records)
