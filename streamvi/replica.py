@@ -17,12 +17,12 @@ from streamvi.io.base import OutputSink, RecordSource
 from streamvi.io.group_offsets import GroupOffsets
 from streamvi.metrics import EncoderMetrics, Health, MetricsServer
 from streamvi.runtime import (
+    build_decoder,
     build_trainer,
     gil_switch_interval,
     kafka_clients,
     output_topics,
     processing_policy,
-    record_decoder,
     startup_lines,
     versions,
     watch_broker,
@@ -91,7 +91,7 @@ class ReplicaDaemon:
         return EncoderLoop(
             source=self.source,
             sink=self.sink,
-            decoder=record_decoder(settings),
+            decoder=build_decoder(settings),
             watcher=self.watcher,
             model=model,
             topics=output_topics(settings),

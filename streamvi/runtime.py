@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from streamvi import __version__
 from streamvi.config import KafkaSettings, Settings
 from streamvi.estimators import build_estimator
+from streamvi.features.decoder import FeatureDecoder
 from streamvi.io.base import OutputSink, RecordSource
 from streamvi.io.codecs import RecordDecoder, Support
 from streamvi.io.kafka_core import Backoff
@@ -56,8 +57,30 @@ def versions() -> dict[str, str]:
 
 def build_trainer(settings: Settings) -> Trainer:
     """Model, estimator and optimizer as configured, ready to train or to restore into."""
-    model = build_vae(settings.model, settings.training, settings.input.dim, settings.input.context_dim)
+    model = build_vae(
+        settings.model, settings.training, settings.input.dim, settings.input.context_dim, settings.input
+    )
     return Trainer.from_settings(model, build_estimator(settings), settings.training)
+
+
+def build_decoder(settings: Settings) -> RecordDecoder | FeatureDecoder:
+    """The input decoder: model-ready vectors, or events under the feature schema ``input.features``."""
+    inputs = settings.input
+    if inputs.features is not None:
+        return FeatureDecoder(
+            inputs.features,
+            inputs.format,
+            inputs.max_record_bytes,
+            inputs.avro_schema,
+            inputs.avro_schema_ids,
+        )
+    return RecordDecoder(
+        inputs.format,
+        inputs.dim,
+        inputs.max_record_bytes,
+        inputs.context_dim,
+        support=Support.of_likelihood(settings.model.likelihood),
+    )
 
 
 def evaluation_policy(settings: Settings) -> EvaluationPolicy | None:
@@ -193,17 +216,6 @@ def gil_switch_interval(milliseconds: float) -> Iterator[None]:
         sys.setswitchinterval(previous)
 
 
-def record_decoder(settings: Settings) -> RecordDecoder:
-    """The input decoder and validator every role uses: same records, same dead letters."""
-    return RecordDecoder(
-        settings.input.format,
-        settings.input.dim,
-        settings.input.max_record_bytes,
-        settings.input.context_dim,
-        support=Support.of_likelihood(settings.model.likelihood),
-    )
-
-
 def record_source(kafka: KafkaSettings, isolation_level: str = "read_uncommitted") -> RecordSource:
     """The record source on the client library ``kafka.client`` names, subscribed to the input topic."""
     if kafka.client == "librdkafka":
@@ -317,7 +329,7 @@ def build_daemon(settings: Settings, registry: CollectorRegistry | None = None) 
         loop = OnlineLoop(
             source=source,
             sink=sink,
-            decoder=record_decoder(settings),
+            decoder=build_decoder(settings),
             trainer=trainer,
             store=store,
             topics=output_topics(settings, per_record=settings.training.publish_latents),

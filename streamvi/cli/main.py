@@ -1,4 +1,4 @@
-"""The ``streamvi`` command: run, serve, produce, demo, encode, report, snapshots, config."""
+"""The ``streamvi`` command: run, serve, produce, demo, encode, report, snapshots, config, schema."""
 
 from __future__ import annotations
 
@@ -47,10 +47,11 @@ def _register() -> None:
     from streamvi.cli.produce import produce
     from streamvi.cli.report import report
     from streamvi.cli.run import run
+    from streamvi.cli.schema_cmd import schema_group
     from streamvi.cli.serve import serve
     from streamvi.cli.snapshots import snapshots_group
 
-    for command in (run, serve, produce, demo, encode, report, snapshots_group, config_group):
+    for command in (run, serve, produce, demo, encode, report, snapshots_group, config_group, schema_group):
         cli.add_command(command)
 
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 from streamvi.io.base import OutputSink, RecordSource
-from streamvi.io.codecs import RecordDecoder
+from streamvi.io.codecs import BatchDecoder
 from streamvi.metrics import EncoderMetrics, Health
 from streamvi.snapshots.watcher import LoadedModel, SnapshotWatcher
 from streamvi.stream.checkpoint import OffsetCommits
@@ -97,7 +97,7 @@ class EncoderLoop(StreamProcessor):
         *,
         source: RecordSource,
         sink: OutputSink,
-        decoder: RecordDecoder,
+        decoder: BatchDecoder,
         watcher: SnapshotWatcher,
         model: LoadedModel,
         topics: OutputTopics,

@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from streamvi.io.base import OutputSink, RecordSource
-from streamvi.io.codecs import RecordDecoder
+from streamvi.io.codecs import BatchDecoder
 from streamvi.metrics import Health, Metrics
 from streamvi.snapshots.compatibility import check_snapshot_matches
 from streamvi.snapshots.sample import SAMPLE_FILE, encode_sample, load_sample
@@ -48,7 +48,7 @@ class OnlineLoop(StreamProcessor):
         *,
         source: RecordSource,
         sink: OutputSink,
-        decoder: RecordDecoder,
+        decoder: BatchDecoder,
         trainer: Trainer,
         store: SnapshotStore,
         topics: OutputTopics,

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from streamvi.io.base import OutputSink, Partition, RawRecord, RecordSource
-from streamvi.io.codecs import DecodeError, RecordDecoder
+from streamvi.io.codecs import BatchDecoder, DecodeError
 from streamvi.metrics import Health
 from streamvi.snapshots.store import SnapshotInfo
 from streamvi.stream.batching import MicroBatcher
@@ -82,7 +82,7 @@ class StreamProcessor(ABC):
         *,
         source: RecordSource,
         sink: OutputSink,
-        decoder: RecordDecoder,
+        decoder: BatchDecoder,
         trainer: Trainer,
         topics: OutputTopics,
         progress: OutputProgress,
@@ -112,6 +112,7 @@ class StreamProcessor(ABC):
             decoder.dim,
             decoder.context_dim,
             self.keepalive,
+            count_observed=getattr(decoder, "reports_observed", False),
         )
         self.progress = progress
         self.ingest = Ingest(decoder, evaluation, share)
@@ -332,7 +333,13 @@ class StreamProcessor(ABC):
         result = finished.result
         self.checkpoints.finished_step = result.step
         self.publisher.batch(
-            finished.records, finished.record_ids, result, finished.heldout, self.stream, finished.model
+            finished.records,
+            finished.record_ids,
+            result,
+            finished.heldout,
+            self.stream,
+            finished.model,
+            finished.observed,
         )
         self._step_published(result, len(finished.records))
         self.recovery.note_step(result)

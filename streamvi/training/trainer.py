@@ -195,6 +195,7 @@ class Trainer:
         dim, context = self.model.input_dim, self.context_dim
         x, c, weights = rows[:, :dim], rows[:, dim : dim + context], rows[:, dim + context]
         variables = self.trainable_variables
+        ready = self.model.ready()  # False while the online normaliser warms up
         with tf.GradientTape() as tape:
             terms = self.estimator.terms(self.model, x, c, self._seed(), self.step_counter)
             loss = self.estimator.loss(terms, weights)
@@ -207,7 +208,8 @@ class Trainer:
         # A non-finite loss or gradient (a global norm is non-finite iff any entry is) skips the
         # update on the device, with no host round-trip. Under loss scaling, overflowing gradients
         # are the LossScaleOptimizer's to skip (it lowers the scale), so only the loss is checked.
-        # A batch with no trainable row (the warm-up's) changes no state at all.
+        # A batch with no trainable row (the warm-up's) changes no state at all. While the
+        # normaliser warms up (``ready`` false) a batch only feeds it and the parameters stay.
         trains = tf.reduce_any(weights > 0)
         finite = tf.math.is_finite(loss)
         if not self._loss_scaled:
@@ -219,8 +221,11 @@ class Trainer:
             self.estimator.update_state(terms, weights)
             return tf.constant(True)
 
-        gate = trains if self._loss_scaled else tf.logical_and(trains, finite)
+        gate = tf.logical_and(trains if self._loss_scaled else tf.logical_and(trains, finite), ready)
         tf.cond(gate, apply, lambda: tf.constant(False))
+        # the running input statistics follow the trained rows of batches whose update applies
+        # (or that only feed the warm-up), after the scores above were computed with the old ones
+        self.model.fold(x, tf.logical_and(weights > 0, tf.logical_or(finite, ~ready)))
         step = self.step_counter.assign_add(tf.cast(trains, tf.int64))
         # The step count travels as two float32 halves of 24 bits each, exact up to 2**48 steps.
         figures = [
