@@ -18,6 +18,8 @@ checked too:
 from __future__ import annotations
 
 import ast
+import itertools
+import json
 import os
 import re
 import shlex
@@ -59,7 +61,10 @@ RUNNABLE = {
     ("snapshots", "export"),
     ("encode",),
     ("report",),
+    ("schema", "infer"),
 }
+#: Shell operators after which a documented command's own words end.
+REDIRECTIONS = frozenset({">", ">>", "<", "|", "2>", "2>&1", "&>"})
 PLACEHOLDER = re.compile(r"^(?:\.\.\.|[A-Z][A-Z_]*|<.*>|.*\.\.\..*)$")
 
 
@@ -73,7 +78,12 @@ class Documented:
     fenced: bool
 
     def words(self) -> list[str]:
-        return shlex.split(self.text, comments=True)
+        """The command's words, without a shell redirection or pipe and what follows it."""
+        words = shlex.split(self.text, comments=True)
+        for i, word in enumerate(words):
+            if word in REDIRECTIONS:
+                return words[:i]
+        return words
 
 
 def _spans_outside_fences(text: str) -> Iterator[tuple[int, str]]:
@@ -242,8 +252,13 @@ def test_documented_streamvi_commands_name_real_commands_options_and_settings():
     for path in sorted({parsed.path for _, parsed in commands}):
         helped = CliRunner().invoke(cli, [*path, "--help"])
         assert helped.exit_code == 0 and "Usage:" in helped.output, (path, helped.output)
+    # files the documents write with `> FILE` (e.g. an inferred schema) exist only once that ran:
+    # commands reading them run for real in test_documented_commands_that_need_no_broker_run
+    written = {target for item, _ in commands if (target := redirected_to(item)) is not None}
     for item, parsed in commands:
         if any(PLACEHOLDER.match(value.partition("=")[2]) for value in parsed.overrides):
+            continue
+        if any(value.partition("=")[2] in written for value in parsed.overrides):
             continue
         config = ROOT / parsed.config if parsed.config else None
         if config is not None:
@@ -298,6 +313,15 @@ def make_snapshot(directory: Path) -> None:
     loop.run(max_records=len(records))
 
 
+def redirected_to(item: Documented) -> str | None:
+    """The file a documented command's standard output is redirected to (``> FILE``), if any."""
+    words = shlex.split(item.text, comments=True)
+    for word, following in itertools.pairwise(words):
+        if word == ">":
+            return following
+    return None
+
+
 @pytest.fixture
 def sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A working directory like the repository's top for the documented relative paths, with a
@@ -306,6 +330,19 @@ def sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         (tmp_path / name).symlink_to(ROOT / name)
     make_snapshot(tmp_path / "snapshots")
     np.save(tmp_path / "data.npy", load_digits().x[:100])
+    # raw events as the README's worked example shows them, for `schema infer --input sample.jsonl`
+    events = [
+        {
+            "id": f"web-{i % 3}/{i:04d}",
+            "host": f"web-{i % 3}",
+            "kind": ["web", "batch", "cron"][i % 3],
+            "up": i % 7 != 0,
+            "metrics": {"cpu": (i % 10) / 10, "mem_mb": 1000.0 + i, "latency_ms": 20.0 + i % 30},
+            "errors": i % 4,
+        }
+        for i in range(200)
+    ]
+    (tmp_path / "sample.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
     for name in [n for n in os.environ if n.startswith("STREAMVI_")]:
         monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
@@ -321,6 +358,9 @@ def test_documented_commands_that_need_no_broker_run(sandbox):
             continue  # a path inside the container image
         result = CliRunner().invoke(cli, parsed.words)
         assert result.exit_code == 0, f"{item.where}: `{item.text}` failed:\n{result.output}"
+        target = redirected_to(item)
+        if target is not None:  # `> FILE`: what the next documented command reads
+            (sandbox / target).write_text(result.stdout)
         ran.add(parsed.path)
     assert ran == RUNNABLE, f"documented complete commands that ran: {sorted(ran)}"
     assert {p.name for p in (sandbox / "report").iterdir()} == {
