@@ -121,6 +121,9 @@ class StreamProcessor(ABC):
         #: Some assigned partition has no lag exported yet: compute it on every iteration until it
         #: has (the high-water mark arrives with the first fetch response after an assignment).
         self._lag_pending = False
+        #: When partitions were last assigned: an idle timeout counts from then, not from the start
+        #: (joining the group is not an idle stream). None until the first assignment.
+        self._assigned_at: float | None = None
         source.set_rebalance_callbacks(self.on_assigned, self.on_revoked)
 
     # -- the role's parts ----------------------------------------------------------------------------
@@ -170,6 +173,7 @@ class StreamProcessor(ABC):
     def on_assigned(self, partitions: Sequence[Partition]) -> None:
         self.health.set(partitions_assigned=bool(self.source.assignment()) or bool(partitions))
         self._lag_pending = True
+        self._assigned_at = time.monotonic()
 
     def on_revoked(self, partitions: Sequence[Partition]) -> None:
         """Checkpoint what was consumed before the partitions go (their offsets can be committed
@@ -217,8 +221,11 @@ class StreamProcessor(ABC):
             if records:
                 last_record_time, consumed = now, consumed + len(records)
                 self.handle(records)
-            elif idle_timeout_seconds is not None and now - last_record_time >= idle_timeout_seconds:
-                log.info("no input for %.1fs; stopping", idle_timeout_seconds)
+            elif (
+                idle_timeout_seconds is not None
+                and self._idle_for(now, last_record_time) >= idle_timeout_seconds
+            ):
+                log.info("no input for %.1fs since partitions were assigned; stopping", idle_timeout_seconds)
                 break
             # A partial batch past its latency bound goes as soon as the step thread is idle; while
             # steps are queued it keeps filling, since it could not start any sooner.
@@ -235,6 +242,12 @@ class StreamProcessor(ABC):
         self.recovery.close()
         self._after_run()
         return self.counts
+
+    def _idle_for(self, now: float, last_record_time: float) -> float:
+        """Seconds without input while partitions are assigned (0 before the first assignment)."""
+        if self._assigned_at is None:
+            return 0.0
+        return now - max(last_record_time, self._assigned_at)
 
     def _poll_timeout(self) -> float:
         wait = self.pipeline.batcher.time_left()
