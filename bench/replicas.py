@@ -55,7 +55,7 @@ from streamvi.io.codecs import latent_messages
 from streamvi.io.embedded import EmbeddedBroker
 from streamvi.io.rdkafka_options import rdkafka_config
 from streamvi.replica import build_replica, replica_kafka
-from streamvi.runtime import build_trainer, kafka_clients, record_decoder, versions
+from streamvi.runtime import build_decoder, build_trainer, kafka_clients, versions
 from streamvi.snapshots import SnapshotStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -99,7 +99,7 @@ def raw_rate(settings: Settings, count: int) -> dict[str, float]:
     record; from the first record to the final flush."""
     kafka = replica_kafka(settings).model_copy(update={"group_id": f"{settings.serving.group_id}-raw"})
     sink, source = kafka_clients(settings, kafka)
-    decoder = record_decoder(settings)
+    decoder = build_decoder(settings)
     width = settings.model.latent_dim
     seen, started, cpu_started = 0, 0.0, 0.0
     try:

@@ -39,6 +39,7 @@ from pydantic_settings import (
 )
 
 from streamvi.errors import ConfigError, StreamVIError
+from streamvi.features.schema import FeatureSpec, check_input_settings, read_features
 
 ENV_PREFIX = "STREAMVI_"
 ENV_NESTED_DELIMITER = "__"
@@ -53,6 +54,30 @@ class AppliesWhen:
 
     def holds(self, value: Any) -> bool:
         return value in self.values
+
+    def needed(self, name: str) -> str:
+        """The condition in words, for ``name`` (the dotted name of ``setting``)."""
+        return f"{name}=" + " or ".join(_shown(v) for v in self.values)
+
+    def fix(self, name: str) -> str:
+        """A setting that makes the condition hold."""
+        return f"{name}={_shown(self.values[0])}"
+
+
+@dataclass(frozen=True)
+class AppliesWhenGiven(AppliesWhen):
+    """A setting applies only while another setting is given (not null)."""
+
+    values: tuple[Any, ...] = ()
+
+    def holds(self, value: Any) -> bool:
+        return value is not None
+
+    def needed(self, name: str) -> str:
+        return f"{name} given"
+
+    def fix(self, name: str) -> str:
+        return f"{name} (give it)"
 
 
 class _Section(BaseModel):
@@ -168,13 +193,62 @@ def _client_error_text(exc: BaseException) -> str:
     return str(exc)
 
 
-class InputSettings(_Section):
-    """How input records are encoded and what they must contain."""
+_FEATURES_GIVEN = AppliesWhenGiven("features")
 
-    format: Literal["json", "f32"] = "json"
+
+class InputSettings(_Section):
+    """How input records are encoded and what they must contain.
+
+    Without ``features`` a record is a model-ready vector of ``dim`` values. With a feature schema
+    (a list, or the path of a YAML/JSON file holding one; see :mod:`streamvi.features.schema`) a
+    record is an event with named fields (``json`` or ``avro``), ``dim`` is the number of features,
+    and numeric features are standardised online (``normalise``).
+    """
+
+    applies_when: ClassVar[Mapping[str, tuple[AppliesWhen, ...]]] = {
+        "normalise": (_FEATURES_GIVEN,),
+        "normalise_warmup": (_FEATURES_GIVEN, AppliesWhen("normalise", (True,))),
+        "avro_schema": (AppliesWhen("format", ("avro",)),),
+        "avro_schema_ids": (AppliesWhen("format", ("avro",)),),
+    }
+
+    format: Literal["json", "f32", "avro"] = "json"
     dim: int = Field(64, ge=1)
     context_dim: int = Field(0, ge=0)
     max_record_bytes: int = Field(1_048_576, ge=16)
+    features: list[FeatureSpec] | None = None
+    #: Standardise numeric features by their running mean and variance over the records trained on.
+    normalise: bool = True
+    #: Records folded into the normaliser before the model's parameters are first updated.
+    normalise_warmup: int = Field(256, ge=1)
+    #: Avro without a wire header: the writer schema (.avsc) of every record.
+    avro_schema: Path | None = None
+    #: Avro in the Confluent wire format (magic byte 0, 4-byte schema id): each id's schema file.
+    avro_schema_ids: dict[int, Path] = Field(default_factory=dict)
+
+    @field_validator("features", mode="before")
+    @classmethod
+    def _read_features(cls, value: Any) -> Any:
+        return read_features(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_dim(cls, data: Any) -> Any:
+        """With a feature schema, ``dim`` is the number of features."""
+        if isinstance(data, Mapping) and data.get("features") is not None and "dim" not in data:
+            features = read_features(data["features"])
+            if isinstance(features, list):
+                return {**data, "features": features, "dim": max(1, len(features))}
+        return data
+
+    @model_validator(mode="after")
+    def _check_features(self) -> InputSettings:
+        if self.features is None:
+            if self.format == "avro":
+                raise ValueError("input.format=avro needs input.features (the fields to read)")
+            return self
+        check_input_settings(self)
+        return self
 
 
 _GAUSSIAN_LATENT = AppliesWhen("latent", ("gaussian",))
@@ -199,6 +273,7 @@ class ModelSettings(_Section):
             ),
             (_GUMBEL_LATENT,),
         ),
+        "likelihood": (AppliesWhen("input.features", (None,)),),  # each feature's type chooses it
         "observation_scale": (_GAUSSIAN_LIKELIHOOD,),
         "learn_observation_scale": (_GAUSSIAN_LIKELIHOOD,),
         "min_observation_scale": (_GAUSSIAN_LIKELIHOOD, AppliesWhen("learn_observation_scale", (True,))),
@@ -317,6 +392,12 @@ class SnapshotSettings(_Section):
     every_steps: int = Field(500, ge=1)
     every_seconds: float = Field(60.0, gt=0.0)
     keep: int = Field(3, ge=1)
+    #: The newest held-out records (at most this many) saved in every snapshot, inside its
+    #: checksums, so ``streamvi report`` draws the latent map and the reconstructions from the
+    #: snapshot alone and a restart resumes the held-out evaluation with them; each costs
+    #: (input.dim + input.context_dim) x 4 bytes. 0 saves none; nothing is saved while
+    #: evaluation.heldout_fraction is 0.
+    sample_records: int = Field(256, ge=0, le=100_000)
 
     @field_validator("dir", mode="before")
     @classmethod
@@ -566,6 +647,8 @@ def _setting_value(config: Settings | Mapping[str, Any], section: str, key: str)
 def _shown(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, list | dict):
+        return "given"
     return "null" if value is None else str(value)
 
 
@@ -578,18 +661,18 @@ def inapplicable_reason(config: Settings | Mapping[str, Any], name: str) -> str 
     section, key = name.split(".", 1)
     model = _section_model(section)
     conditions = model.applies_when.get(key, ()) if model is not None else ()
+    # a condition's setting is in the same section, or named in full ("input.features")
+    where = {c: c.setting if "." in c.setting else f"{section}.{c.setting}" for c in conditions}
     unmet = [
         (condition, value)
         for condition in conditions
-        if not condition.holds(value := _setting_value(config, section, condition.setting))
+        if not condition.holds(value := _setting_value(config, *where[condition].split(".", 1)))
     ]
     if not unmet:
         return None
-    needed = " and ".join(
-        f"{section}.{c.setting}=" + " or ".join(_shown(v) for v in c.values) for c in conditions
-    )
-    found = ", ".join(f"{section}.{c.setting} is {_shown(value)}" for c, value in unmet)
-    fix = " and ".join(f"{section}.{c.setting}={_shown(c.values[0])}" for c, _ in unmet)
+    needed = " and ".join(c.needed(where[c]) for c in conditions)
+    found = ", ".join(f"{where[c]} is {_shown(value)}" for c, value in unmet)
+    fix = " and ".join(c.fix(where[c]) for c, _ in unmet)
     return f"{name} applies only with {needed} ({found}); remove it or set {fix}"
 
 

@@ -17,12 +17,13 @@ from streamvi.io.base import OutputSink, RecordSource
 from streamvi.io.group_offsets import GroupOffsets
 from streamvi.metrics import EncoderMetrics, Health, MetricsServer
 from streamvi.runtime import (
+    build_decoder,
     build_trainer,
     gil_switch_interval,
     kafka_clients,
     output_topics,
     processing_policy,
-    record_decoder,
+    startup_lines,
     versions,
     watch_broker,
 )
@@ -90,7 +91,7 @@ class ReplicaDaemon:
         return EncoderLoop(
             source=self.source,
             sink=self.sink,
-            decoder=record_decoder(settings),
+            decoder=build_decoder(settings),
             watcher=self.watcher,
             model=model,
             topics=output_topics(settings),
@@ -139,6 +140,11 @@ def build_replica(settings: Settings, registry: CollectorRegistry | None = None)
     model is loaded when ``run`` starts (readiness stays 503 until then)."""
     from streamvi.io.admin import ensure_topics
 
+    for line in startup_lines(settings, replica_kafka(settings)):
+        log.info("%s", line)
+    log.info(
+        "role: encoder replica, snapshots from %s (%s)", settings.snapshots.dir, settings.processing.guarantee
+    )
     registry = registry if registry is not None else CollectorRegistry()
     metrics = EncoderMetrics(registry)
     metrics.set_build_info(versions())

@@ -1,5 +1,9 @@
 """PNG plots of a snapshot: the training history, the latent space and inputs beside reconstructions.
 
+The latent map and the reconstructions need records to encode: given ``data`` (``--input``), those;
+otherwise the held-out sample the snapshot keeps (streamvi/snapshots/sample.py), so a snapshot alone
+gives all three pictures.
+
 Drawn with matplotlib's Agg renderer through ``Figure`` objects (no pyplot, no display, no global
 state), so reports can be written from a server, a container or a test.
 """
@@ -18,6 +22,7 @@ from matplotlib.figure import Figure
 from streamvi.datasets import Dataset
 from streamvi.errors import StreamVIError
 from streamvi.model.vae import VAE
+from streamvi.snapshots.sample import load_sample
 from streamvi.snapshots.store import SnapshotInfo
 from streamvi.training.history import FIELDS, StepHistory
 
@@ -39,6 +44,8 @@ class Report:
     files: list[Path]
     history_points: int
     records_encoded: int
+    #: Where the encoded records came from ("" when none were).
+    records_from: str = ""
 
 
 def _history(info: SnapshotInfo) -> StepHistory:
@@ -84,12 +91,25 @@ def _project_2d(z: np.ndarray) -> tuple[np.ndarray, str, str]:
     return xy, f"PC 1 ({explained[0]:.0%} of variance)", f"PC 2 ({explained[1]:.0%})"
 
 
-def plot_latents(z_mean: np.ndarray, labels: np.ndarray | None, path: Path, title: str = "") -> Path:
-    """Posterior means in 2-D (principal components when latent_dim > 2), coloured by label if any."""
+def plot_latents(
+    z_mean: np.ndarray,
+    labels: np.ndarray | None,
+    path: Path,
+    title: str = "",
+    scores: np.ndarray | None = None,
+    score_name: str = "ELBO (nats)",
+) -> Path:
+    """Posterior means in 2-D (principal components when latent_dim > 2), coloured by label if
+    any, else by each record's ``scores`` (its bound: low = unusual) if given."""
     xy, xlabel, ylabel = _project_2d(np.asarray(z_mean, dtype=np.float64))
     figure = Figure(figsize=(8, 7), layout="constrained")
     ax = figure.add_subplot()
-    if labels is None:
+    if labels is None and scores is not None:
+        values = np.asarray(scores, dtype=np.float64)
+        finite = np.isfinite(values)
+        points = ax.scatter(xy[finite, 0], xy[finite, 1], c=values[finite], s=10, alpha=0.8, cmap="viridis")
+        figure.colorbar(points, ax=ax, label=score_name)
+    elif labels is None:
         ax.scatter(xy[:, 0], xy[:, 1], s=6, alpha=0.6, color="tab:blue")
     else:
         classes = sorted({str(v) for v in labels.tolist()})
@@ -151,15 +171,33 @@ def plot_reconstructions(x: np.ndarray, x_hat: np.ndarray, path: Path, title: st
     return path
 
 
+def heldout_sample(info: SnapshotInfo) -> Dataset | None:
+    """The held-out records ``info`` keeps, as a dataset (None when it keeps none)."""
+    sample = load_sample(info)
+    if sample is None or len(sample[0]) == 0:
+        return None
+    x, c = sample
+    return Dataset(x=x, ids=[f"heldout-{i}" for i in range(len(x))], context=c if c.shape[1] else None)
+
+
 def write_report(
     info: SnapshotInfo, out: str | Path, data: Dataset | None = None, limit: int = 2000, examples: int = 16
 ) -> Report:
-    """Write the history plot, and with ``data`` the latent-space and reconstruction plots, into ``out``."""
+    """Write the history plot, the latent-space plot and the reconstructions into ``out``.
+
+    The last two encode ``data``, or without it the snapshot's held-out sample; a snapshot that
+    keeps none (written with evaluation.heldout_fraction=0 or snapshots.sample_records=0) gives the
+    history alone.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     history = _history(info)
     name = f"{info.path.name} (step {info.step})"
     files = [plot_history(history, out / HISTORY_PNG, f"training history: {name}")]
+    records_from = "the input given"
+    if data is None:
+        data = heldout_sample(info)
+        records_from = f"the snapshot's held-out sample ({len(data) if data is not None else 0} records)"
     if data is None or len(data) == 0:
         return Report(files, len(history), 0)
 
@@ -179,13 +217,29 @@ def write_report(
         )
     labels = data.labels[:limit] if data.labels is not None else None
     scores = trainer.evaluate(x, c)
-    files.append(plot_latents(scores.z_loc, labels, out / LATENTS_PNG, f"latent space: {name}"))
+    files.append(
+        plot_latents(
+            scores.z_loc,
+            labels,
+            out / LATENTS_PNG,
+            f"latent space: {name}, {x.shape[0]} records from {records_from}",
+            scores=scores.bound,
+            score_name=f"{trainer.estimator.bound_name} (nats per record)",
+        )
+    )
     shown = x[:examples]
     x_hat = reconstruct(
         trainer.model, scores.z_loc[: shown.shape[0]], None if c is None else c[: shown.shape[0]]
     )
-    files.append(plot_reconstructions(shown, x_hat, out / RECONSTRUCTIONS_PNG))
-    return Report(files, len(history), int(x.shape[0]))
+    files.append(
+        plot_reconstructions(
+            shown,
+            x_hat,
+            out / RECONSTRUCTIONS_PNG,
+            f"inputs beside reconstructions (decoder mean at the posterior mean), from {records_from}",
+        )
+    )
+    return Report(files, len(history), int(x.shape[0]), records_from)
 
 
 def reconstruct(model: VAE, z: np.ndarray, c: np.ndarray | None = None) -> np.ndarray:
@@ -198,6 +252,15 @@ def reconstruct(model: VAE, z: np.ndarray, c: np.ndarray | None = None) -> np.nd
     return np.asarray(tf.cast(mean, tf.float32).numpy())
 
 
-def describe(files: Sequence[Path]) -> str:
-    """One line per file written, for the CLI."""
-    return "\n".join(f"wrote {path}" for path in files)
+def describe(files: Sequence[Path], report: Report | None = None) -> str:
+    """One line per file written, for the CLI, and where the encoded records came from."""
+    lines = [f"wrote {path}" for path in files]
+    if report is not None and report.records_encoded:
+        lines.append(f"encoded {report.records_encoded} records from {report.records_from}")
+    elif report is not None:
+        lines.append(
+            "no latents.png or reconstructions.png: the snapshot keeps no held-out sample "
+            "(it was written with evaluation.heldout_fraction=0 or snapshots.sample_records=0); "
+            "pass --input to encode records"
+        )
+    return "\n".join(lines)

@@ -20,6 +20,7 @@ from streamvi.cluster import resolve_cluster
 from streamvi.config import KafkaSettings, Settings
 from streamvi.errors import ConfigError
 from streamvi.estimators import build_estimator
+from streamvi.features.decoder import FeatureDecoder
 from streamvi.io.base import OutputSink, RecordSource
 from streamvi.io.codecs import RecordDecoder, Support
 from streamvi.io.kafka_core import Backoff
@@ -58,8 +59,30 @@ def versions() -> dict[str, str]:
 
 def build_trainer(settings: Settings) -> Trainer:
     """Model, estimator and optimizer as configured, ready to train or to restore into."""
-    model = build_vae(settings.model, settings.training, settings.input.dim, settings.input.context_dim)
+    model = build_vae(
+        settings.model, settings.training, settings.input.dim, settings.input.context_dim, settings.input
+    )
     return Trainer.from_settings(model, build_estimator(settings), settings.training)
+
+
+def build_decoder(settings: Settings) -> RecordDecoder | FeatureDecoder:
+    """The input decoder: model-ready vectors, or events under the feature schema ``input.features``."""
+    inputs = settings.input
+    if inputs.features is not None:
+        return FeatureDecoder(
+            inputs.features,
+            inputs.format,
+            inputs.max_record_bytes,
+            inputs.avro_schema,
+            inputs.avro_schema_ids,
+        )
+    return RecordDecoder(
+        inputs.format,
+        inputs.dim,
+        inputs.max_record_bytes,
+        inputs.context_dim,
+        support=Support.of_likelihood(settings.model.likelihood),
+    )
 
 
 def evaluation_policy(settings: Settings) -> EvaluationPolicy | None:
@@ -73,7 +96,9 @@ def evaluation_policy(settings: Settings) -> EvaluationPolicy | None:
         settings.input.dim,
         settings.input.context_dim,
     )
-    return EvaluationPolicy(reservoir, evaluation.every_steps, evaluation.importance_samples)
+    return EvaluationPolicy(
+        reservoir, evaluation.every_steps, evaluation.importance_samples, settings.snapshots.sample_records
+    )
 
 
 def snapshot_meta(settings: Settings) -> dict[str, Any]:
@@ -193,17 +218,6 @@ def gil_switch_interval(milliseconds: float) -> Iterator[None]:
         sys.setswitchinterval(previous)
 
 
-def record_decoder(settings: Settings) -> RecordDecoder:
-    """The input decoder and validator every role uses: same records, same dead letters."""
-    return RecordDecoder(
-        settings.input.format,
-        settings.input.dim,
-        settings.input.max_record_bytes,
-        settings.input.context_dim,
-        support=Support.of_likelihood(settings.model.likelihood),
-    )
-
-
 def record_source(kafka: KafkaSettings, isolation_level: str = "read_uncommitted") -> RecordSource:
     """The record source on the client library ``kafka.client`` names, subscribed to the input topic."""
     if kafka.client == "librdkafka":
@@ -257,11 +271,53 @@ def check_single_process(settings: Settings) -> None:
         )
 
 
+def describe_device(device: str | None) -> str:
+    """Where the training step runs: ``training.device``, else TensorFlow's choice (its first GPU)."""
+    import tensorflow as tf
+
+    gpus = [gpu.name.removeprefix("/physical_device:") for gpu in tf.config.list_physical_devices("GPU")]
+    visible = f"GPUs visible: {', '.join(gpus)}" if gpus else "no GPU visible to TensorFlow"
+    if device:
+        return f"{device} (training.device; {visible})"
+    return f"/GPU:0 ({visible})" if gpus else f"CPU ({visible})"
+
+
+def startup_lines(settings: Settings, kafka: KafkaSettings | None = None) -> list[str]:
+    """What a daemon is about to do, for the first lines of its log: broker, topics, model, device
+    (``kafka``: the role's Kafka settings when they are not ``settings.kafka``, e.g. a replica's group)."""
+    kafka = kafka if kafka is not None else settings.kafka
+    model, training = settings.model, settings.training
+    latent = (
+        f"gaussian z of {model.latent_dim}"
+        if model.latent == "gaussian"
+        else f"gumbel_softmax z of {model.categorical_variables} x {model.categories} classes"
+    )
+    context = f" + {settings.input.context_dim} context" if settings.input.context_dim else ""
+    outputs = (
+        f"latents {kafka.latents_topic}, metrics {kafka.metrics_topic}, "
+        f"dead letters {kafka.dead_letter_topic}"
+        if training.publish_latents
+        else f"metrics {kafka.metrics_topic} (latents and dead letters: the encoder replicas')"
+    )
+    return [
+        f"streamvi {__version__}: broker {','.join(kafka.bootstrap_servers)} ({kafka.client}, "
+        f"{kafka.security_protocol}), consumer group {kafka.group_id}, {settings.processing.guarantee}",
+        f"topics: input {kafka.input_topic} ({settings.input.format}, {settings.input.dim} values{context}), "
+        + outputs,
+        f"model: {latent}, encoder {model.encoder_hidden}, decoder {model.decoder_widths}, "
+        f"{model.likelihood} likelihood; estimator {training.estimator}, batch {training.batch_size}, "
+        f"{training.optimizer} lr {training.learning_rate}",
+        f"device: {describe_device(training.device)}",
+    ]
+
+
 def build_daemon(settings: Settings, registry: CollectorRegistry | None = None) -> Daemon:
     """Create topics if allowed, connect to Kafka, restore the newest snapshot and start /metrics."""
     from streamvi.io.admin import ensure_topics
 
     check_single_process(settings)
+    for line in startup_lines(settings):
+        log.info("%s", line)
     registry = registry if registry is not None else CollectorRegistry()
     metrics = Metrics(registry)
     metrics.set_build_info(versions())
@@ -286,7 +342,7 @@ def build_daemon(settings: Settings, registry: CollectorRegistry | None = None) 
         loop = OnlineLoop(
             source=source,
             sink=sink,
-            decoder=record_decoder(settings),
+            decoder=build_decoder(settings),
             trainer=trainer,
             store=store,
             topics=output_topics(settings, per_record=settings.training.publish_latents),

@@ -5,6 +5,11 @@ input.context_dim] when the model is conditioned on a context) and returns ``z_m
 ``z_scale`` [batch, summary size] (latent_dim for Gaussian latents, M x K class probabilities
 for Gumbel-softmax ones), computed exactly as the daemon computes the latents it
 publishes. The model's variables are exported; no optimizer state, no Python objects.
+
+Under a feature schema ``x`` holds the raw value of each feature in schema order (NaN where not
+observed, a categorical's vocabulary index, a hashed one's bucket): the online normaliser's state
+is part of the export, so clients send raw values. ``assets.extra/streamvi_export.json`` lists
+the features.
 """
 
 from __future__ import annotations
@@ -107,5 +112,6 @@ def _export_info(info: SnapshotInfo, settings: Settings) -> dict[str, Any]:
         "context_dim": context_dim(settings),
         "latent": settings.model.latent,
         "summary_size": _summary_size(settings),
+        "features": settings.public_dict()["input"].get("features"),
         "versions": info.meta.get("versions", {}),
     }

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +17,8 @@ from streamvi.errors import StreamVIError
 
 @dataclass
 class CliContext:
+    """What the shared options said, before the subcommand and after it (the later one wins)."""
+
     config_path: str | None
     overrides: list[str] = field(default_factory=list)
 
@@ -26,17 +27,6 @@ class CliContext:
 
 
 pass_cli = click.make_pass_decorator(CliContext)
-
-
-def configure_logging(level: str) -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("kafka", "rdkafka", "absl", "tensorflow"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def fail(error: StreamVIError) -> None:

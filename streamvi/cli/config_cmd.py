@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import click
 import yaml
 
@@ -29,10 +31,17 @@ def show(cli_ctx: CliContext) -> None:
 @config_group.command("validate")
 @pass_cli
 def validate(cli_ctx: CliContext) -> None:
-    """Check the configuration (and the trainer cluster it names, TF_CONFIG included); exit 2
-    with a message naming each bad setting."""
+    """Check the configuration (a feature schema, and the trainer cluster it names with TF_CONFIG);
+    exit 2 with a message naming each bad setting."""
     try:
-        resolve_cluster(cli_ctx.settings().distribution)
+        settings = cli_ctx.settings()
+        resolve_cluster(settings.distribution)
     except StreamVIError as exc:
         fail(exc)
-    click.echo("configuration is valid")
+    features = settings.input.features
+    if features is None:
+        click.echo("configuration is valid")
+        return
+    kinds = Counter(feature.type for feature in features)
+    summary = ", ".join(f"{count} {kind}" for kind, count in kinds.most_common())
+    click.echo(f"configuration is valid; input.features: {len(features)} features ({summary})")

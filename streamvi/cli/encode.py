@@ -6,12 +6,14 @@ import sys
 from typing import TYPE_CHECKING, BinaryIO
 
 import click
+import numpy as np
 import orjson
 
 from streamvi.cli.common import fail
 from streamvi.errors import StreamVIError
 
 if TYPE_CHECKING:
+    from streamvi.config import Settings
     from streamvi.datasets import Dataset
     from streamvi.io.codecs import Support
 
@@ -23,7 +25,12 @@ if TYPE_CHECKING:
     type=click.Path(exists=True, file_okay=False),
     help="A snapshot directory, or a snapshots directory (its newest valid snapshot is used).",
 )
-@click.option("--input", "input_path", required=True, help="A .npy/.csv/.jsonl file, or 'digits'.")
+@click.option(
+    "--input",
+    "input_path",
+    required=True,
+    help="A .npy/.csv/.jsonl file, or 'digits'; raw JSON events (.jsonl) for a feature-schema snapshot.",
+)
 @click.option("--output", type=click.File("wb"), default="-", help="JSON lines out [default: stdout].")
 @click.option(
     "--importance-samples",
@@ -33,21 +40,16 @@ if TYPE_CHECKING:
 def encode(snapshot: str, input_path: str, output: BinaryIO, importance_samples: int | None) -> None:
     """Write one JSON line per input row: id, z_mean, z_scale and the bound under the snapshot's model."""
     from streamvi.datasets import load_dataset
-    from streamvi.io.codecs import Support
     from streamvi.snapshots.loading import find_snapshot, load_trainer
 
     try:
         info = find_snapshot(snapshot)
         settings, trainer = load_trainer(info)
-        data = load_dataset(input_path)
-        if data.x.shape[1] != settings.input.dim:
-            raise StreamVIError(
-                f"{input_path}: rows have {data.x.shape[1]} values, "
-                f"the snapshot's model expects {settings.input.dim}"
-            )
-        if data.context is None and settings.input.context_dim:
-            raise StreamVIError(f"{input_path}: the snapshot's model needs a context 'c' per record")
-        _check_support(input_path, data, Support.of_likelihood(settings.model.likelihood))
+        if settings.input.features is not None:
+            data = load_events(settings, input_path)
+        else:
+            data = load_dataset(input_path)
+            _check_vectors(input_path, data, settings)
         scores = trainer.evaluate(data.x, data.context)
         log_likelihood = (
             trainer.log_likelihood(data.x, data.context, importance_samples) if importance_samples else None
@@ -65,10 +67,49 @@ def encode(snapshot: str, input_path: str, output: BinaryIO, importance_samples:
             "z_scale": scores.z_scale[i],
             "elbo": float(scores.bound[i]),
         }
+        if settings.input.features is not None:  # the bound is on the observed dimensions
+            row["observed"] = int(np.count_nonzero(~np.isnan(data.x[i])))
         if log_likelihood is not None:
             row["log_likelihood"] = float(log_likelihood[i])
             row["importance_samples"] = importance_samples
         out.write(orjson.dumps(row, option=option))
+
+
+def _check_vectors(input_path: str, data: Dataset, settings: Settings) -> None:
+    """Model-ready rows must have the model's width, a context if it takes one, and lie in the support."""
+    from streamvi.io.codecs import Support
+
+    if data.x.shape[1] != settings.input.dim:
+        raise StreamVIError(
+            f"{input_path}: rows have {data.x.shape[1]} values, "
+            f"the snapshot's model expects {settings.input.dim}"
+        )
+    if data.context is None and settings.input.context_dim:
+        raise StreamVIError(f"{input_path}: the snapshot's model needs a context 'c' per record")
+    _check_support(input_path, data, Support.of_likelihood(settings.model.likelihood))
+
+
+def load_events(settings: Settings, input_path: str) -> Dataset:
+    """Raw JSON events, one per line, decoded under the snapshot's feature schema; a line that the
+    daemon would dead-letter is an error naming the line and the reason."""
+    from streamvi.datasets import Dataset
+    from streamvi.io.base import RawRecord
+    from streamvi.runtime import build_decoder
+
+    if settings.input.format != "json":
+        raise StreamVIError(f"{input_path}: encode reads JSON events; the snapshot's input.format is avro")
+    try:
+        with open(input_path, "rb") as handle:
+            lines = [line.rstrip(b"\r\n") for line in handle if line.strip()]
+    except OSError as exc:
+        raise StreamVIError(f"{input_path}: {exc.strerror or exc}") from exc
+    records = [RawRecord("file", 0, i, None, line) for i, line in enumerate(lines)]
+    batch = build_decoder(settings).decode_many(records)
+    for number, error in enumerate(batch.errors, start=1):
+        if error is not None:
+            raise StreamVIError(f"{input_path}, line {number}: {error.reason}: {error.detail}")
+    ids = [record_id or f"line-{i + 1}" for i, record_id in enumerate(batch.record_ids)]
+    return Dataset(x=batch.x, ids=ids)
 
 
 def _check_support(input_path: str, data: Dataset, support: Support) -> None:

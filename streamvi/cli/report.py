@@ -20,15 +20,16 @@ from streamvi.errors import StreamVIError
     "--input",
     "input_path",
     help="Records to encode for the latent and reconstruction plots: a .npy/.csv/.jsonl file or "
-    "'digits' (labels from a .jsonl 'label' field colour the latent plot). Without it only the "
-    "history is plotted.",
+    "'digits' (labels from a .jsonl 'label' field colour the latent plot). Without it, the "
+    "held-out records the snapshot keeps (snapshots.sample_records) are encoded.",
 )
 @click.option(
     "--limit", type=click.IntRange(min=1), default=2000, show_default=True, help="Records to encode at most."
 )
 def report(snapshot: str, out: str, input_path: str | None, limit: int) -> None:
-    """Write history.png (ELBO, KL, reconstruction per step) and, with --input, latents.png and
-    reconstructions.png."""
+    """Write history.png (ELBO, KL and reconstruction per step), latents.png (posterior means in
+    2-D) and reconstructions.png (inputs beside their reconstructions), from the snapshot alone or
+    from --input."""
     from streamvi.datasets import load_dataset
     from streamvi.report import describe, write_report
     from streamvi.snapshots.loading import find_snapshot
@@ -39,4 +40,4 @@ def report(snapshot: str, out: str, input_path: str | None, limit: int) -> None:
         result = write_report(info, out, data, limit=limit)
     except StreamVIError as exc:
         fail(exc)
-    click.echo(describe(result.files))
+    click.echo(describe(result.files, result))

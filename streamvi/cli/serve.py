@@ -17,7 +17,7 @@ from streamvi.errors import StreamVIError
 @click.option(
     "--idle-timeout",
     type=click.FloatRange(min=0.1),
-    help="Stop cleanly after this many seconds without input (counted once a model is loaded).",
+    help="Stop cleanly after this many seconds without input, counted once partitions are assigned.",
 )
 @pass_cli
 def serve(cli_ctx: CliContext, max_records: int | None, idle_timeout: float | None) -> None:

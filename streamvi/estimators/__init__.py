@@ -8,6 +8,7 @@ from streamvi.estimators.base import BoundTerms, Estimator, log_likelihood_estim
 from streamvi.estimators.iwae import DoublyReparameterized, ImportanceWeighted
 from streamvi.estimators.score_function import ScoreFunction
 from streamvi.estimators.sgvb import SGVBAnalyticKL, SGVBMonteCarlo, StickingTheLanding
+from streamvi.features.schema import FeatureLayout
 
 ESTIMATORS: dict[str, type[Estimator]] = {
     cls.name: cls
@@ -22,6 +23,13 @@ ESTIMATORS: dict[str, type[Estimator]] = {
 }
 
 
+def _input_width(settings: Settings) -> int:
+    """Columns the encoder (and a learned baseline) sees per record."""
+    features = settings.input.features
+    width = FeatureLayout(tuple(features)).encoder_width if features is not None else settings.input.dim
+    return width + settings.input.context_dim
+
+
 def build_estimator(settings: Settings) -> Estimator:
     """The estimator named by ``training.estimator`` with its hyperparameters from the settings."""
     training = settings.training
@@ -30,7 +38,7 @@ def build_estimator(settings: Settings) -> Estimator:
             samples=training.samples,
             baseline=training.baseline,
             decay=training.baseline_decay,
-            input_width=settings.input.dim + settings.input.context_dim,
+            input_width=_input_width(settings),
             hidden=training.baseline_hidden,
             seed=training.seed,
         )

@@ -74,7 +74,8 @@ class ScoreFunction(Estimator):
     def terms(self, model: VAE, x: tf.Tensor, c: tf.Tensor, seed: tf.Tensor, step: tf.Tensor) -> BoundTerms:
         draws = draw(model, x, c, self.samples, seed, step, reparameterized=False)
         signal = tf.stop_gradient(draws.log_weight)  # [S, B], the learning signal per draw
-        baseline = self._baseline(x, c)  # [B]
+        # the baseline sees what the encoder sees (under a feature schema: the prepared features)
+        baseline = self._baseline(x if model.inputs is None else model.inputs(x), c)  # [B]
         advantage = signal - tf.stop_gradient(baseline)
         # A non-finite signal (an outlier's infinite term) gets no gradient: in a held-out or padding
         # row the loss's zero weight would meet it as 0 x inf = NaN; in a trained row the loss

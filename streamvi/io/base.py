@@ -78,6 +78,11 @@ class RecordSource(ABC):
         """Leave the group and release connections."""
 
     # -- optional capabilities (fault handling); the defaults suit a source that never fails --------
+    def position(self, partition: Partition) -> int | None:
+        """The next offset the consumer will fetch from ``partition``, if known without waiting on
+        the broker (lag of a partition the loop has no record from yet); None when not known."""
+        return None
+
     def committed_offsets(self, partitions: Sequence[Partition]) -> dict[Partition, int]:
         """The group's committed next offset of each of ``partitions`` that has one."""
         return {}

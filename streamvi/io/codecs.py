@@ -20,7 +20,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import orjson
@@ -42,6 +42,9 @@ DEAD_LETTER_REASONS = (
     "non_finite",
     "missing_context",
     "out_of_range",
+    "unknown_category",
+    "schema_mismatch",
+    "unknown_schema",
 )
 
 HEADER_REASON = "streamvi.error.reason"
@@ -77,6 +80,9 @@ class DecodedBatch:
     c: np.ndarray
     record_ids: list[str | None]
     errors: list[DecodeError | None]
+    #: Under a feature schema, True where a value was observed (x holds NaN elsewhere); None when
+    #: every value is observed (model-ready vectors).
+    observed: np.ndarray | None = None
 
     @property
     def all_valid(self) -> bool:
@@ -152,6 +158,17 @@ class Support:
 REAL_LINE = Support()
 
 
+class BatchDecoder(Protocol):
+    """What the stream path needs of an input decoder: widths and whole-fetch decoding."""
+
+    dim: int
+    context_dim: int
+    #: True when rows may hold NaN (not observed) and the latents say how much was observed.
+    reports_observed: bool
+
+    def decode_many(self, records: Sequence[RawRecord]) -> DecodedBatch: ...
+
+
 class _NotFast(Exception):
     """The fast JSON path cannot decode this record whole; the reference decoder decides."""
 
@@ -159,6 +176,9 @@ class _NotFast(Exception):
 class RecordDecoder:
     """Validates and decodes raw record values of one configured format and dimension, with x
     inside ``support`` (the real line unless the likelihood needs less)."""
+
+    #: Model-ready vectors are observed whole; the latents do not say how much was observed.
+    reports_observed = False
 
     def __init__(
         self, fmt: str, dim: int, max_bytes: int, context_dim: int = 0, support: Support = REAL_LINE
@@ -369,9 +389,13 @@ def latent_messages(
     model_step: int,
     bound_name: str,
     snapshot: str | None = None,
+    observed: np.ndarray | None = None,
 ) -> list[OutputMessage]:
     """One latents message per record, keyed like its input (DESIGN.md latents contract); an
     encoder replica adds ``snapshot``, the name of the snapshot whose parameters scored it.
+
+    ``observed`` (under a feature schema) is the number of dimensions of each record that were
+    observed: its bound is then a bound on the density of those dimensions alone.
 
     The numbers of the whole batch are serialised by three orjson calls over the arrays (non-finite
     values become null); each record's value is then one join of byte strings, with no Python
@@ -388,6 +412,7 @@ def latent_messages(
     if snapshot is not None:
         middle += b',"snapshot":' + orjson.dumps(snapshot)
     prefixes: dict[tuple[str, int], bytes] = {}  # the origin fields, per input partition
+    tails = [b"}"] * n if observed is None else [b',"observed":%d}' % k for k in observed[:n].tolist()]
     messages = []
     for i, record in enumerate(records):
         origin = (record.topic, record.partition)
@@ -408,7 +433,7 @@ def latent_messages(
                 scales[i],
                 b'],"elbo":',
                 elbos[i],
-                b"}",
+                tails[i],
             )
         )
         messages.append(OutputMessage(topic=topic, key=record.key, value=value))

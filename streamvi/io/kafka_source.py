@@ -137,6 +137,16 @@ class KafkaRecordSource(GroupSource):
         value = self._consumer.highwater(TopicPartition(*partition))
         return None if value is None else int(value)
 
+    def position(self, partition: Partition) -> int | None:
+        tp = TopicPartition(*partition)
+        if self._consumer.highwater(tp) is None:
+            return None  # no fetch answered yet: the position may still need the broker
+        try:
+            value = self._consumer.position(tp, timeout_ms=0)
+        except KafkaError:
+            return None
+        return None if value is None else int(value)
+
     def close(self) -> None:
         self._consumer.close(autocommit=False)
 

@@ -65,6 +65,9 @@ class MemorySource(RecordSource):
         offsets = [r.offset for r in self.records if (r.topic, r.partition) == partition]
         return max(offsets) + 1 if offsets else 0
 
+    def position(self, partition: Partition) -> int | None:
+        return self._positions.get(partition) if self._assigned else None
+
     def close(self) -> None:
         self.closed = True
 

@@ -143,6 +143,19 @@ class RdKafkaTransactionalSink(TransactionalSink, RdKafkaOutputSink):
     """librdkafka's transactional producer (see :class:`~streamvi.io.kafka_core.TransactionalSink`).
     A producer that fails in a way librdkafka cannot abort is replaced like a fenced one."""
 
+    _fenced_delivery = False  # a send of the open transaction failed because the producer was fenced
+
+    def _create_producer(self) -> Producer:
+        self._fenced_delivery = False
+        return super()._create_producer()
+
+    def _delivered(self, error: KafkaError | None, message: Message) -> None:
+        # A fenced producer's sends fail first; the commit after them fails only with "erroneous
+        # state", so the fencing is remembered here.
+        if error is not None and error.code() in _FENCED:
+            self._fenced_delivery = True
+        super()._delivered(error, message)
+
     def _config(self) -> dict[str, Any]:
         config = super()._config()
         config.update(
@@ -184,7 +197,7 @@ class RdKafkaTransactionalSink(TransactionalSink, RdKafkaOutputSink):
 
     def _unrecoverable(self, exc: Exception) -> bool:
         error = kafka_error(exc) if isinstance(exc, KafkaException) else None
-        return error is not None and (error.fatal() or error.code() in _FENCED)
+        return self._fenced_delivery or (error is not None and (error.fatal() or error.code() in _FENCED))
 
     def _abort(self) -> None:
         self._producer.abort_transaction(self._timeout)

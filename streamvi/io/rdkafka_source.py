@@ -297,6 +297,14 @@ class RdKafkaRecordSource(GroupSource):
             return None
         return int(high) if high is not None and high >= 0 else None
 
+    def position(self, partition: Partition) -> int | None:
+        # the fetch position librdkafka holds locally; negative (OFFSET_INVALID) until it is known
+        try:
+            (found,) = self._consumer.position([TopicPartition(*partition)])
+        except KafkaException:
+            return None
+        return int(found.offset) if found.offset >= 0 else None
+
     def close(self) -> None:
         if self._closed:
             return

@@ -9,8 +9,10 @@ from __future__ import annotations
 import tensorflow as tf
 from tensorflow_probability import distributions as tfd
 
-from streamvi.config import ModelSettings, TrainingSettings
+from streamvi.config import InputSettings, ModelSettings, TrainingSettings
 from streamvi.errors import ConfigError
+from streamvi.features.normaliser import RunningMoments
+from streamvi.features.schema import FeatureLayout
 from streamvi.model.base import LatentFamily, Likelihood
 from streamvi.model.latents import DiagonalGaussian, GumbelSoftmax
 from streamvi.model.likelihoods import (
@@ -19,11 +21,16 @@ from streamvi.model.likelihoods import (
     GaussianLikelihood,
     PoissonLikelihood,
 )
+from streamvi.model.mixed import FeatureInputs, MixedLikelihood
 from streamvi.model.networks import mlp
 
 
 class VAE(tf.Module):
-    """Encoder and decoder networks joined to a latent family and a likelihood."""
+    """Encoder and decoder networks joined to a latent family and a likelihood.
+
+    Under a feature schema, ``inputs`` turns the raw model vector (NaN where not observed) into the
+    encoder's input and keeps the online normaliser, whose state the trainer folds batches into.
+    """
 
     def __init__(
         self,
@@ -36,14 +43,16 @@ class VAE(tf.Module):
         dtype_policy: str = "float32",
         seed: int = 0,
         context_dim: int = 0,
+        inputs: FeatureInputs | None = None,
     ) -> None:
         super().__init__(name="vae")
         self.input_dim = input_dim
         self.context_dim = context_dim
         self.latent = latent
         self.likelihood = likelihood
+        self.inputs = inputs
         self.encoder = mlp(
-            input_dim + context_dim,
+            (inputs.width if inputs is not None else input_dim) + context_dim,
             encoder_hidden,
             latent.param_size,
             activation,
@@ -72,7 +81,18 @@ class VAE(tf.Module):
 
     def encode(self, x: tf.Tensor, c: tf.Tensor) -> tf.Tensor:
         """Encoder outputs (the parameters of q(z|x, c)) for x [B, D] and c [B, C]."""
+        if self.inputs is not None:
+            x = self.inputs(x)
         return self.encoder(tf.concat([x, c], axis=-1) if self.context_dim else x)
+
+    def ready(self) -> tf.Tensor:
+        """False while the online normaliser warms up: the trainer then leaves the parameters alone."""
+        return tf.constant(True) if self.inputs is None else self.inputs.ready()
+
+    def fold(self, x: tf.Tensor, rows: tf.Tensor) -> None:
+        """Fold the rows of x where ``rows`` is true into the model's running input statistics."""
+        if self.inputs is not None:
+            self.inputs.fold(x, rows)
 
     def observation(self, z: tf.Tensor, c: tf.Tensor) -> tfd.Distribution:
         """p(x|z, c) for z [..., B, latent_size]; the context is broadcast over the leading sample axes."""
@@ -118,13 +138,33 @@ def build_likelihood(settings: ModelSettings, input_dim: int) -> Likelihood:
     raise ConfigError(f"model.likelihood: unsupported value {settings.likelihood!r}")
 
 
-def build_vae(model: ModelSettings, training: TrainingSettings, input_dim: int, context_dim: int = 0) -> VAE:
-    """The VAE described by the model settings, under the training dtype policy."""
+def build_vae(
+    model: ModelSettings,
+    training: TrainingSettings,
+    input_dim: int,
+    context_dim: int = 0,
+    inputs: InputSettings | None = None,
+) -> VAE:
+    """The VAE described by the model settings, under the training dtype policy; with a feature
+    schema in ``inputs``, its mixed-type likelihood and (unless turned off) online normaliser."""
     policy = "float32" if training.mixed_precision == "off" else training.mixed_precision
+    features: FeatureInputs | None = None
+    likelihood: Likelihood
+    if inputs is not None and inputs.features is not None:
+        layout = FeatureLayout(tuple(inputs.features))
+        normaliser = (
+            RunningMoments(len(layout.numeric), inputs.normalise_warmup) if inputs.normalise else None
+        )
+        features = FeatureInputs(layout, normaliser)
+        likelihood = MixedLikelihood(layout, features)
+        input_dim = layout.dim
+    else:
+        likelihood = build_likelihood(model, input_dim)
     return VAE(
         input_dim=input_dim,
         latent=build_latent(model),
-        likelihood=build_likelihood(model, input_dim),
+        likelihood=likelihood,
+        inputs=features,
         encoder_hidden=list(model.encoder_hidden),
         decoder_hidden=model.decoder_widths,
         activation=model.activation,

@@ -32,6 +32,8 @@ STRUCTURAL_SETTINGS: dict[str, str] = {
     "model.*": "the encoder, decoder, latent family and likelihood: their variables and what z means",
     "input.dim": "the width of the encoder's input and of the decoder's output",
     "input.context_dim": "the width of the conditioning context fed to encoder and decoder",
+    "input.features": "what each column of the model vector is, and the decoder's likelihood per feature",
+    "input.normalise": "whether the model holds a normaliser and learns on standardised values",
     "training.estimator": "the estimator's own variables (e.g. its baseline) are checkpointed",
     "training.baseline": "which control-variate baseline exists, and so which variables are checkpointed",
     "training.baseline_hidden": "the width of the learned baseline's network",

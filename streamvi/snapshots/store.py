@@ -18,7 +18,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -90,12 +90,20 @@ class SnapshotStore(SnapshotReader):
         return SnapshotLock(self.directory)
 
     def write(
-        self, checkpoint: tf.train.Checkpoint, step: int, meta: dict[str, Any], *, prune: bool = True
+        self,
+        checkpoint: tf.train.Checkpoint,
+        step: int,
+        meta: dict[str, Any],
+        *,
+        prune: bool = True,
+        files: Mapping[str, bytes] | None = None,
     ) -> SnapshotInfo:
         """Write ``checkpoint`` with ``meta`` (offsets, counts, config...) and prune old snapshots.
 
-        ``prune=False`` leaves pruning to the caller: an exactly-once snapshot is not trusted until
-        its transaction commits, so the older ones must survive until then.
+        ``files`` (name: content) are written beside them, in the same atomic write and covered
+        by the same checksums (e.g. the held-out sample). ``prune=False`` leaves pruning to the
+        caller: an exactly-once snapshot is not trusted until its transaction commits, so the older
+        ones must survive until then.
         """
         self.directory.mkdir(parents=True, exist_ok=True)
         name = f"{_PREFIX}{step:012d}-{time.time_ns():020d}"
@@ -103,8 +111,12 @@ class SnapshotStore(SnapshotReader):
         try:
             temp.mkdir()
             checkpoint.write(str(temp / CHECKPOINT_DIR / CHECKPOINT_PREFIX))
-            files = {str(p.relative_to(temp)): _sha256(p) for p in _files(temp)}
-            full_meta = dict(meta, step=int(step), format_version=FORMAT_VERSION, files=files)
+            for relative, content in (files or {}).items():
+                if relative in (META_FILE, CHECKPOINT_DIR) or "/" in relative or relative.startswith("."):
+                    raise ValueError(f"snapshot file name {relative!r} is reserved or not a plain name")
+                (temp / relative).write_bytes(content)
+            checksums = {str(p.relative_to(temp)): _sha256(p) for p in _files(temp)}
+            full_meta = dict(meta, step=int(step), format_version=FORMAT_VERSION, files=checksums)
             full_meta.setdefault("created_at", time.time())
             meta_path = temp / META_FILE
             meta_path.write_text(json.dumps(full_meta, indent=2, sort_keys=True), encoding="utf-8")

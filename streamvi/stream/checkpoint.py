@@ -4,7 +4,8 @@ Trainer commit order (the contract downstream users and restarts rely on):
 
     1. the open micro-batch is trained and its latents queued (nothing consumed is left pending);
     2. outputs flushed    -- every latent, metric and dead letter so far is acknowledged by the broker;
-    3. snapshot durable   -- model, optimizer, step, RNG and next offsets are fsynced and renamed;
+    3. snapshot durable   -- model, optimizer, step, RNG and next offsets (and the held-out
+                             sample) are fsynced and renamed;
     4. offsets committed  -- the consumer group moves to the same offsets the snapshot holds
                              (exactly-once: one transaction commits the outputs and the offsets);
     5. exactly-once only: older snapshots pruned (never before 4: a trusted one must survive).
@@ -108,6 +109,7 @@ class Checkpoints(IntervalClock):
         pipeline: StepPipeline,
         state: Callable[[], StreamState],
         snapshot_meta: dict[str, Any],
+        snapshot_files: Callable[[], dict[str, bytes]] | None = None,
         drain: Callable[[], bool],
         rewind: Callable[[str], None],
         pending_rewind: Callable[[], str | None],
@@ -120,6 +122,7 @@ class Checkpoints(IntervalClock):
         self.trainer = trainer
         self.checkpoint = checkpoint
         self.snapshot_meta = snapshot_meta
+        self._snapshot_files = snapshot_files or dict
         self._drain = drain
         self._rewind = rewind
         self._pending_rewind = pending_rewind
@@ -156,8 +159,11 @@ class Checkpoints(IntervalClock):
         offsets = dict(state.loop.next_offsets)
         state.counts.snapshots += 1
         meta = self._meta(state, offsets)
+        files = self._snapshot_files()  # read here, on the loop thread that fills them
         step = self.trainer.step
-        info = self.pipeline.run_guarded(lambda: self.committer.write_snapshot(self.checkpoint, step, meta))
+        info = self.pipeline.run_guarded(
+            lambda: self.committer.write_snapshot(self.checkpoint, step, meta, files)
+        )
         pending = self._pending_rewind()
         if pending is not None:
             self.committer.snapshot_abandoned(info)

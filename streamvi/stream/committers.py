@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import tensorflow as tf
 
@@ -52,9 +52,13 @@ class Committer(ABC):
 
     @abstractmethod
     def write_snapshot(
-        self, checkpoint: tf.train.Checkpoint, step: int, meta: dict[str, object]
+        self,
+        checkpoint: tf.train.Checkpoint,
+        step: int,
+        meta: dict[str, object],
+        files: Mapping[str, bytes] | None = None,
     ) -> SnapshotInfo:
-        """Step 3: the snapshot made durable."""
+        """Step 3: the snapshot made durable (with ``files`` beside it, see SnapshotStore.write)."""
 
     def snapshot_abandoned(self, info: SnapshotInfo) -> None:
         """Partitions were revoked while the snapshot was written: it will not be committed."""
@@ -90,9 +94,13 @@ class AtLeastOnceCommitter(Committer):
         self.progress.persist()
 
     def write_snapshot(
-        self, checkpoint: tf.train.Checkpoint, step: int, meta: dict[str, object]
+        self,
+        checkpoint: tf.train.Checkpoint,
+        step: int,
+        meta: dict[str, object],
+        files: Mapping[str, bytes] | None = None,
     ) -> SnapshotInfo:
-        return self.store.write(checkpoint, step, meta)
+        return self.store.write(checkpoint, step, meta, files=files)
 
     def commit(self, info: SnapshotInfo, offsets: dict[Partition, int]) -> str | None:
         try:
@@ -150,10 +158,14 @@ class ExactlyOnceCommitter(Committer):
         return None
 
     def write_snapshot(
-        self, checkpoint: tf.train.Checkpoint, step: int, meta: dict[str, object]
+        self,
+        checkpoint: tf.train.Checkpoint,
+        step: int,
+        meta: dict[str, object],
+        files: Mapping[str, bytes] | None = None,
     ) -> SnapshotInfo:
         # pending until its transaction commits: the older snapshots must survive until then
-        return self.store.write(checkpoint, step, meta, prune=False)
+        return self.store.write(checkpoint, step, meta, prune=False, files=files)
 
     def snapshot_abandoned(self, info: SnapshotInfo) -> None:
         self.store.discard(info, "partitions revoked before its transaction committed")

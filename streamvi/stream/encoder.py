@@ -10,11 +10,10 @@ group's committed offsets.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 
 from streamvi.io.base import OutputSink, RecordSource
-from streamvi.io.codecs import RecordDecoder
+from streamvi.io.codecs import BatchDecoder
 from streamvi.metrics import EncoderMetrics, Health
 from streamvi.snapshots.watcher import LoadedModel, SnapshotWatcher
 from streamvi.stream.checkpoint import OffsetCommits
@@ -22,13 +21,14 @@ from streamvi.stream.ingest import TrainingShare
 from streamvi.stream.processor import StreamProcessor
 from streamvi.stream.progress import OutputProgress
 from streamvi.stream.publisher import NullMetrics
+from streamvi.stream.recovery import RewindBackoff
 from streamvi.stream.state import CheckpointPolicy, LoopState, OutputTopics, ProcessingPolicy, StreamState
 from streamvi.training.trainer import StepResult
 
 log = logging.getLogger(__name__)
 
 
-class ReplicaRecovery:
+class ReplicaRecovery(RewindBackoff):
     """A replica's rewind: drop the interval's outputs (exactly-once: abort the transaction) and
     its queued batches, and consume again from the group's committed offsets. A replica does not
     train, so nothing can diverge."""
@@ -41,25 +41,14 @@ class ReplicaRecovery:
         cancel: Callable[[], None],
         progress: OutputProgress,
     ) -> None:
-        self.processing = processing
+        super().__init__(processing)
         self.source = source
         self.sink = sink
         self._cancel = cancel
         self.progress = progress
-        self.epoch = 0
-        self.pending: str | None = None
-        self._failures = 0
 
     def rewind(self, reason: str, state: StreamState) -> StreamState:
-        self.pending = None
-        self.epoch += 1
-        self._failures += 1
-        delay = min(
-            self.processing.retry_max_seconds,
-            self.processing.retry_initial_seconds * 2 ** (self._failures - 1),
-        )
-        log.error("rewinding to the committed offsets in %.1fs: %s", delay, reason)
-        time.sleep(delay)
+        self.begin_rewind(reason, "the committed offsets")
         if self.processing.exactly_once:
             try:
                 self.sink.abort_transaction()
@@ -72,7 +61,7 @@ class ReplicaRecovery:
         return StreamState(state.counts, LoopState(), state.history)
 
     def committed(self) -> None:
-        self._failures = 0
+        self.checkpoint_committed()
 
     def note_step(self, result: StepResult) -> None:
         return None
@@ -97,7 +86,7 @@ class EncoderLoop(StreamProcessor):
         *,
         source: RecordSource,
         sink: OutputSink,
-        decoder: RecordDecoder,
+        decoder: BatchDecoder,
         watcher: SnapshotWatcher,
         model: LoadedModel,
         topics: OutputTopics,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from streamvi.io.base import RawRecord
-from streamvi.io.codecs import DecodedBatch, DecodeError, RecordDecoder
+from streamvi.io.codecs import BatchDecoder, DecodedBatch, DecodeError
 from streamvi.stream.state import EvaluationPolicy
 from streamvi.training.sampling import TrainingSample
 
@@ -68,7 +68,7 @@ class Ingest:
 
     def __init__(
         self,
-        decoder: RecordDecoder,
+        decoder: BatchDecoder,
         evaluation: EvaluationPolicy | None,
         share: TrainingShare | None = None,
     ) -> None:

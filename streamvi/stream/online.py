@@ -15,9 +15,10 @@ import numpy as np
 import tensorflow as tf
 
 from streamvi.io.base import OutputSink, RecordSource
-from streamvi.io.codecs import RecordDecoder
+from streamvi.io.codecs import BatchDecoder
 from streamvi.metrics import Health, Metrics
 from streamvi.snapshots.compatibility import check_snapshot_matches
+from streamvi.snapshots.sample import SAMPLE_FILE, encode_sample, load_sample
 from streamvi.snapshots.store import SnapshotInfo, SnapshotStore
 from streamvi.stream.checkpoint import Checkpoints
 from streamvi.stream.committers import committer_for
@@ -47,7 +48,7 @@ class OnlineLoop(StreamProcessor):
         *,
         source: RecordSource,
         sink: OutputSink,
-        decoder: RecordDecoder,
+        decoder: BatchDecoder,
         trainer: Trainer,
         store: SnapshotStore,
         topics: OutputTopics,
@@ -106,6 +107,7 @@ class OnlineLoop(StreamProcessor):
             pipeline=self.pipeline,
             state=lambda: self.stream,
             snapshot_meta=self.snapshot_meta,
+            snapshot_files=self._snapshot_files,
             drain=self._train_and_drain,
             rewind=self._rewind,
             pending_rewind=lambda: self._recovery.pending,
@@ -127,7 +129,15 @@ class OnlineLoop(StreamProcessor):
         info = self.committer.trusted_snapshot(self._check_matches_config)
         if info is not None:
             self.stream = self.recovery.load(info)
-            log.info("restored snapshot %s at step %d, offsets %s", info.path.name, info.step, info.offsets)
+            self._restore_heldout(info)
+            log.info(
+                "snapshot: restored %s at step %d, resuming at offsets %s",
+                info.path.name,
+                info.step,
+                info.offsets or "(none recorded)",
+            )
+        else:
+            log.info("snapshot: none in %s, starting a new model from training.seed", self.store.directory)
         if not self.processing.exactly_once:
             self._count_replays(info)
         self.pipeline.submitted_step = self.trainer.step
@@ -136,6 +146,28 @@ class OnlineLoop(StreamProcessor):
         self.health.set(model_loaded=True)
         self.metrics.model_step.set(self.trainer.step)
         return info
+
+    def _snapshot_files(self) -> dict[str, bytes]:
+        """The held-out sample saved with a snapshot (streamvi/snapshots/sample.py), when kept."""
+        evaluation = self.evaluation
+        if evaluation is None or evaluation.snapshot_sample_records <= 0 or not len(evaluation.reservoir):
+            return {}
+        x, c = evaluation.reservoir.newest(evaluation.snapshot_sample_records)
+        return {SAMPLE_FILE: encode_sample(x, c)}
+
+    def _restore_heldout(self, info: SnapshotInfo) -> None:
+        """Refill the held-out reservoir from the snapshot's sample: the evaluation goes on with the
+        newest held-out records seen before the restart, and the next snapshot keeps them."""
+        evaluation = self.evaluation
+        sample = load_sample(info) if evaluation is not None else None
+        if evaluation is None or sample is None:
+            return
+        x, c = sample
+        reservoir = evaluation.reservoir
+        if x.shape[1] != reservoir.x.shape[1] or c.shape[1] != reservoir.c.shape[1]:
+            return  # written for another input shape (refused by the compatibility check anyway)
+        for row in range(max(0, len(x) - reservoir.capacity), len(x)):
+            reservoir.add(x[row], c[row])
 
     def _check_matches_config(self, info: SnapshotInfo) -> None:
         """Refuse a snapshot written under other structural settings than the ones this loop's

@@ -77,6 +77,8 @@ class Finished:
     result: StepResult
     heldout: dict[str, Any] | None
     model: str | None = None
+    #: Observed dimensions per record (under a feature schema), else None.
+    observed: np.ndarray | None = None
 
 
 class StepPipeline:
@@ -90,12 +92,14 @@ class StepPipeline:
         dim: int,
         context_dim: int,
         keepalive: KeepAlive,
+        count_observed: bool = False,
     ) -> None:
         if depth < 1:
             raise ValueError("pipeline_depth must be at least 1")
         self.trainer = trainer
         self.depth = depth
         self.keepalive = keepalive
+        self.count_observed = count_observed
         self._free = [
             MicroBatcher(trainer.batch_size, dim, max_latency_seconds, context_dim=context_dim)
             for _ in range(depth + 1)
@@ -162,7 +166,9 @@ class StepPipeline:
         result = self.keepalive.wait(entry.step)
         heldout = self.keepalive.wait(entry.heldout) if entry.heldout is not None else None
         batch = entry.batch
-        finished = Finished(batch.records, batch.record_ids, result, heldout, entry.model)
+        n = len(batch.records)
+        observed = np.count_nonzero(~np.isnan(batch.x[:n]), axis=1) if self.count_observed else None
+        finished = Finished(batch.records, batch.record_ids, result, heldout, entry.model, observed)
         batch.clear()
         self._free.append(batch)
         return finished

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from streamvi.io.base import OutputSink, Partition, RawRecord, RecordSource
-from streamvi.io.codecs import DecodeError, RecordDecoder
+from streamvi.io.codecs import BatchDecoder, DecodeError
 from streamvi.metrics import Health
 from streamvi.snapshots.store import SnapshotInfo
 from streamvi.stream.batching import MicroBatcher
@@ -82,7 +82,7 @@ class StreamProcessor(ABC):
         *,
         source: RecordSource,
         sink: OutputSink,
-        decoder: RecordDecoder,
+        decoder: BatchDecoder,
         trainer: Trainer,
         topics: OutputTopics,
         progress: OutputProgress,
@@ -112,11 +112,18 @@ class StreamProcessor(ABC):
             decoder.dim,
             decoder.context_dim,
             self.keepalive,
+            count_observed=getattr(decoder, "reports_observed", False),
         )
         self.progress = progress
         self.ingest = Ingest(decoder, evaluation, share)
         self.publisher = Publisher(sink, topics, trainer, self.metrics, self.progress)
         self._last_lag_time = 0.0
+        #: Some assigned partition has no lag exported yet: compute it on every iteration until it
+        #: has (the high-water mark arrives with the first fetch response after an assignment).
+        self._lag_pending = False
+        #: When partitions were last assigned: an idle timeout counts from then, not from the start
+        #: (joining the group is not an idle stream). None until the first assignment.
+        self._assigned_at: float | None = None
         source.set_rebalance_callbacks(self.on_assigned, self.on_revoked)
 
     # -- the role's parts ----------------------------------------------------------------------------
@@ -165,6 +172,8 @@ class StreamProcessor(ABC):
     # -- rebalance hooks (called from inside source.poll on this thread) -----------------------------
     def on_assigned(self, partitions: Sequence[Partition]) -> None:
         self.health.set(partitions_assigned=bool(self.source.assignment()) or bool(partitions))
+        self._lag_pending = True
+        self._assigned_at = time.monotonic()
 
     def on_revoked(self, partitions: Sequence[Partition]) -> None:
         """Checkpoint what was consumed before the partitions go (their offsets can be committed
@@ -180,6 +189,8 @@ class StreamProcessor(ABC):
             for partition in partitions:
                 self.state.next_offsets.pop(partition, None)
             self.checkpoints.forget(partitions)
+        for topic, number in partitions:  # no longer ours: its lag is another consumer's to report
+            self.metrics.consumer_lag.remove(topic, str(number))
         self.health.set(partitions_assigned=False)
 
     # -- the loop ------------------------------------------------------------------------------------
@@ -210,8 +221,11 @@ class StreamProcessor(ABC):
             if records:
                 last_record_time, consumed = now, consumed + len(records)
                 self.handle(records)
-            elif idle_timeout_seconds is not None and now - last_record_time >= idle_timeout_seconds:
-                log.info("no input for %.1fs; stopping", idle_timeout_seconds)
+            elif (
+                idle_timeout_seconds is not None
+                and self._idle_for(now, last_record_time) >= idle_timeout_seconds
+            ):
+                log.info("no input for %.1fs since partitions were assigned; stopping", idle_timeout_seconds)
                 break
             # A partial batch past its latency bound goes as soon as the step thread is idle; while
             # steps are queued it keeps filling, since it could not start any sooner.
@@ -219,8 +233,8 @@ class StreamProcessor(ABC):
                 self._submit_batch()
             if self.checkpoints.due():
                 self.run_checkpoint(reason="interval")
-            if now - self._last_lag_time >= self.lag_interval_seconds:
-                self._update_lag()
+            if self._lag_pending or now - self._last_lag_time >= self.lag_interval_seconds:
+                self._lag_pending = not self._update_lag()
                 self._last_lag_time = now
         self.run_checkpoint(reason="shutdown")
         self._update_lag()
@@ -228,6 +242,12 @@ class StreamProcessor(ABC):
         self.recovery.close()
         self._after_run()
         return self.counts
+
+    def _idle_for(self, now: float, last_record_time: float) -> float:
+        """Seconds without input while partitions are assigned (0 before the first assignment)."""
+        if self._assigned_at is None:
+            return 0.0
+        return now - max(last_record_time, self._assigned_at)
 
     def _poll_timeout(self) -> float:
         wait = self.pipeline.batcher.time_left()
@@ -326,7 +346,13 @@ class StreamProcessor(ABC):
         result = finished.result
         self.checkpoints.finished_step = result.step
         self.publisher.batch(
-            finished.records, finished.record_ids, result, finished.heldout, self.stream, finished.model
+            finished.records,
+            finished.record_ids,
+            result,
+            finished.heldout,
+            self.stream,
+            finished.model,
+            finished.observed,
         )
         self._step_published(result, len(finished.records))
         self.recovery.note_step(result)
@@ -344,13 +370,25 @@ class StreamProcessor(ABC):
         self.stream = self.recovery.rewind(reason, self.stream)
         self.checkpoints.restart(self.state.next_offsets)
 
-    def _update_lag(self) -> None:
+    def _update_lag(self) -> bool:
+        """Export each assigned partition's lag: high-water mark minus the next offset to process
+        (the loop's, or before its first record from that partition the consumer's position).
+
+        Only known values are exported, never a guess: the high-water mark comes with fetch
+        responses, so a partition has its lag from the first fetch after its assignment. True when
+        every assigned partition has one.
+        """
+        complete = True
         for partition in self.source.assignment():
             highwater = self.source.highwater(partition)
             position = self.state.next_offsets.get(partition)
+            if position is None and highwater is not None:
+                position = self.source.position(partition)
             if highwater is None or position is None:
+                complete = False
                 continue
             topic, number = partition
             self.metrics.consumer_lag.labels(topic=topic, partition=str(number)).set(
                 max(0, highwater - position)
             )
+        return complete

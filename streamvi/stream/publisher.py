@@ -38,6 +38,9 @@ class _NoOpMetric:
     def observe(self, value: float) -> None:
         return None
 
+    def remove(self, *labelvalues: str) -> None:
+        return None
+
 
 class NullMetrics:
     """A stand-in for :class:`streamvi.metrics.Metrics` whose every metric is a no-op."""
@@ -93,10 +96,12 @@ class Publisher:
         heldout: dict[str, Any] | None,
         state: StreamState,
         snapshot: str | None = None,
+        observed: np.ndarray | None = None,
     ) -> None:
         """Send a finished batch's latents (when there is a latents topic) and step metrics (and a
         held-out evaluation run right after its step), and account for its step. ``snapshot``
-        names the snapshot whose parameters scored the batch (an encoder replica's)."""
+        names the snapshot whose parameters scored the batch (an encoder replica's); ``observed``
+        counts each record's observed dimensions under a feature schema."""
         n = len(records)
         scores = result.scores
         estimator = self.trainer.estimator
@@ -112,6 +117,7 @@ class Publisher:
                     result.step - 1 if result.trained else result.step,  # the parameters that scored it
                     estimator.bound_name,
                     snapshot,
+                    observed,
                 )
             )
             self.progress.mark_sent(records)

@@ -29,7 +29,37 @@ from streamvi.training.trainer import StepResult, Trainer
 log = logging.getLogger(__name__)
 
 
-class Recovery:
+class RewindBackoff:
+    """What every role's rewind shares: the epoch that marks fetched records stale, the rewind
+    pending behind a running step, and the back-off between consecutive failed checkpoints
+    (``processing.retry_initial_seconds``, doubling up to ``retry_max_seconds``)."""
+
+    def __init__(self, processing: ProcessingPolicy) -> None:
+        self.processing = processing
+        #: Bumped by every rewind: records fetched before it are stale.
+        self.epoch = 0
+        #: A rewind to carry out as soon as the running step or snapshot returns.
+        self.pending: str | None = None
+        self._failures = 0  # consecutive failed checkpoints, for the back-off
+
+    def begin_rewind(self, reason: str, target: str) -> None:
+        """Start a rewind to ``target``: a new epoch, then wait out the back-off."""
+        self.pending = None
+        self.epoch += 1
+        self._failures += 1
+        delay = min(
+            self.processing.retry_max_seconds,
+            self.processing.retry_initial_seconds * 2 ** (self._failures - 1),
+        )
+        log.error("rewinding to %s in %.1fs: %s", target, delay, reason)
+        time.sleep(delay)
+
+    def checkpoint_committed(self) -> None:
+        """A checkpoint committed: the back-off starts again from its first delay."""
+        self._failures = 0
+
+
+class Recovery(RewindBackoff):
     """Owns what a failure goes back to (the trusted snapshot, or the initial state) and how."""
 
     def __init__(
@@ -45,7 +75,7 @@ class Recovery:
         progress: OutputProgress,
         metrics: Any,
     ) -> None:
-        self.processing = processing
+        super().__init__(processing)
         self.trainer = trainer
         self.checkpoint = checkpoint
         self.store = store
@@ -56,11 +86,6 @@ class Recovery:
         self.metrics = metrics
         #: The snapshot a rewind goes back to.
         self.trusted: SnapshotInfo | None = None
-        #: Bumped by every rewind: records fetched before it are stale.
-        self.epoch = 0
-        #: A rewind to carry out as soon as the running step or snapshot returns.
-        self.pending: str | None = None
-        self._failures = 0  # consecutive failed checkpoints, for the back-off
         self._nonfinite_run = 0
         self._initial_state: Path | None = None
 
@@ -87,20 +112,12 @@ class Recovery:
     def committed(self, info: SnapshotInfo) -> None:
         """A checkpoint committed: ``info`` is the new rewind target and the back-off resets."""
         self.trusted = info
-        self._failures = 0
+        self.checkpoint_committed()
 
     # -- rewind --------------------------------------------------------------------------------------
     def rewind(self, reason: str, state: StreamState) -> StreamState:
         """Go back to the trusted snapshot (or the initial state) and return the state to go on with."""
-        self.pending = None
-        self.epoch += 1
-        self._failures += 1
-        delay = min(
-            self.processing.retry_max_seconds,
-            self.processing.retry_initial_seconds * 2 ** (self._failures - 1),
-        )
-        log.error("rewinding to the last snapshot in %.1fs: %s", delay, reason)
-        time.sleep(delay)
+        self.begin_rewind(reason, "the last snapshot")
         self.committer.abort()
         self.pipeline.cancel()  # steps still queued or running belong to the abandoned interval
         if self.trusted is not None:

@@ -53,6 +53,8 @@ class EvaluationPolicy:
     reservoir: HeldOutReservoir
     every_steps: int
     importance_samples: int
+    #: The newest held-out records saved with every snapshot (``snapshots.sample_records``).
+    snapshot_sample_records: int = 0
 
 
 @dataclass

@@ -42,6 +42,12 @@ class HeldOutReservoir:
         self._next = (self._next + 1) % self.capacity
         self._size = min(self._size + 1, self.capacity)
 
+    def newest(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of the newest ``count`` held-out rows kept (x, c), oldest first."""
+        x, c = self.contents()
+        start = max(0, len(x) - count)
+        return x[start:].copy(), c[start:].copy()
+
     def contents(self) -> tuple[np.ndarray, np.ndarray]:
         """The held-out rows currently kept (x, c), oldest first once the ring has wrapped."""
         if self._size < self.capacity:

@@ -205,7 +205,12 @@ class Trainer:
         def fold_state() -> None:
             self.estimator.update_state(terms, weights)
 
-        return self._apply(self._pack(terms), loss, grads, tf.reduce_any(weights > 0), fold_state)
+        def fold_inputs(applies: tf.Tensor) -> None:
+            self.model.fold(x, tf.logical_and(weights > 0, applies))
+
+        return self._apply(
+            self._pack(terms), loss, grads, tf.reduce_any(weights > 0), fold_state, fold_inputs
+        )
 
     def _apply(
         self,
@@ -214,16 +219,20 @@ class Trainer:
         grads: list[tf.Tensor],
         trains: tf.Tensor,
         fold_state: Callable[[], None] = lambda: None,
+        fold_inputs: Callable[[tf.Tensor], None] = lambda applies: None,
     ) -> tf.Tensor:
         """Clip and apply ``grads`` when ``trains`` and they are finite, count the step, and return
         the ``packed`` scores with the step's figures as one more row. ``trains``: whether any row
-        (of any worker) is trained; ``fold_state`` runs with an applied update."""
+        (of any worker) is trained; ``fold_state`` runs with an applied update; ``fold_inputs``
+        feeds the running input statistics, told whether the batch counts for them."""
         variables = self.trainable_variables
         grads, grad_norm, clipped = self._clip_model_gradients(grads)
         # A non-finite loss or gradient (a global norm is non-finite iff any entry is) skips the
         # update on the device, with no host round-trip. Under loss scaling, overflowing gradients
         # are the LossScaleOptimizer's to skip (it lowers the scale), so only the loss is checked.
-        # A batch with no trainable row (the warm-up's) changes no state at all.
+        # A batch with no trainable row (the warm-up's) changes no state at all. While the
+        # normaliser warms up (``ready`` false) a batch only feeds it and the parameters stay.
+        ready = self.model.ready()
         finite = tf.math.is_finite(loss)
         if not self._loss_scaled:
             finite = tf.logical_and(finite, tf.math.is_finite(tf.linalg.global_norm(grads)))
@@ -234,8 +243,11 @@ class Trainer:
             fold_state()
             return tf.constant(True)
 
-        gate = trains if self._loss_scaled else tf.logical_and(trains, finite)
+        gate = tf.logical_and(trains if self._loss_scaled else tf.logical_and(trains, finite), ready)
         tf.cond(gate, apply, lambda: tf.constant(False))
+        # the running input statistics follow the trained rows of batches whose update applies
+        # (or that only feed the warm-up), after the scores above were computed with the old ones
+        fold_inputs(tf.logical_or(finite, ~ready))
         step = self.step_counter.assign_add(tf.cast(trains, tf.int64))
         # The step count travels as two float32 halves of 24 bits each, exact up to 2**48 steps.
         figures = [

@@ -250,9 +250,10 @@ def test_transactions_commit_abort_and_recover_from_fencing(rdkafka_settings):
         sink.commit_transaction({partition: 20}, group)
         assert committed_offsets(bootstrap, kafka.group_id) == {partition: 20}
 
-        # a second instance with the same transactional id fences the first one ...
-        sink.send(OutputMessage(kafka.latents_topic, None, b"zombie"))
+        # a second instance with the same transactional id fences the first one; its send fails
+        # first, and the commit after it names the fencing ...
         newer = RdKafkaTransactionalSink(kafka, f"tx-{kafka.group_id}", 60_000)
+        sink.send(OutputMessage(kafka.latents_topic, None, b"zombie"))
         with pytest.raises(CommitError, match="fence"):
             sink.commit_transaction({partition: 30}, group)
         sink.abort_transaction()

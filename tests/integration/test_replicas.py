@@ -156,7 +156,8 @@ def test_two_replicas_encode_every_record_of_a_four_partition_topic(settings_fac
     trusted = trusted_snapshots(settings)
     assert {m["snapshot"] for m in latents} <= set(trusted)  # never a snapshot that was not trusted
     assert all(trusted[m["snapshot"]] == m["model_step"] for m in latents)
-    check_against_encode(settings, latents, tmp_path)
+    figures = check_against_encode(settings, latents, tmp_path)
+    print(f"\n{guarantee}: {len(latents)} latents, {figures}")  # the stated difference, with -s
 
 
 def readiness(process: DaemonProcess) -> int:

@@ -27,6 +27,7 @@ from streamvi.report import write_report
 from streamvi.runtime import build_daemon
 from streamvi.serving import export_saved_model
 from streamvi.snapshots.loading import find_snapshot, load_trainer
+from streamvi.snapshots.sample import load_sample
 from tests.integration.conftest import produce_values
 from tests.integration.test_daemon import digits_records
 
@@ -227,9 +228,18 @@ def test_report_writes_history_latent_space_and_reconstructions(trained, tmp_pat
     assert png_distinct_colours(out / "latents.png") >= 20
     assert png_distinct_colours(out / "reconstructions.png") >= 50
 
-    only_history = write_report(info, tmp_path / "h")
-    assert [p.name for p in only_history.files] == ["history.png"] and only_history.records_encoded == 0
-    assert only_history.history_points == info.step
+    # the snapshot alone: the held-out records it keeps give the latent map and the reconstructions
+    alone = tmp_path / "alone"
+    result = streamvi("report", "--snapshot", str(snapshots), "--out", str(alone))
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in alone.iterdir()} == names
+    sample = load_sample(info)
+    assert sample is not None and 0 < len(sample[0]) <= 256
+    assert f"encoded {len(sample[0])} records from the snapshot's held-out sample" in result.output
+    assert png_distinct_colours(alone / "latents.png") >= 20  # coloured by each record's ELBO
+    assert png_distinct_colours(alone / "reconstructions.png") >= 50
+    from_snapshot = write_report(info, tmp_path / "h")
+    assert from_snapshot.records_encoded == len(sample[0]) and from_snapshot.history_points == info.step
 
 
 def test_report_functions_handle_any_latent_and_input_dimension(tmp_path):

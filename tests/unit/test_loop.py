@@ -85,9 +85,9 @@ def test_commit_order_is_flush_then_snapshot_then_commit(tmp_path):
             super().flush(timeout_seconds)
 
     class Store(SnapshotStore):
-        def write(self, checkpoint, step, meta):
+        def write(self, checkpoint, step, meta, **kwargs):
             events.append("snapshot")
-            return super().write(checkpoint, step, meta)
+            return super().write(checkpoint, step, meta, **kwargs)
 
     class Source(MemorySource):
         def commit(self, offsets):

@@ -42,6 +42,11 @@ class FailureLatch:
         if failure is not None:
             raise OutputError(f"an output message was not delivered: {failure}")
 
+    def pending(self) -> str | None:
+        """The failure not yet raised, if any (left in place)."""
+        with self._lock:
+            return self._failure
+
     def take_unusable(self) -> bool:
         """Whether the producer became unusable since the last call."""
         with self._lock:
@@ -213,7 +218,11 @@ class TransactionalSink(KafkaSink):
         except self._client_error as exc:
             if self._unrecoverable(exc):
                 self._drop_producer()
-            raise CommitError(f"committing the transaction {self._transactional_id} failed: {exc}") from exc
+            earlier = self._latch.pending()
+            cause = f"; before it, {earlier}" if earlier is not None else ""
+            raise CommitError(
+                f"committing the transaction {self._transactional_id} failed: {exc}{cause}"
+            ) from exc
         self._in_transaction = False
         self._latch.raise_if_failed()  # cannot happen after a successful commit; kept as a guard
 

@@ -1,0 +1,66 @@
+"""Online normalisation of numeric features: running mean and variance of the records trained on.
+
+Per feature, the count of observed values, their mean and the sum of squared deviations (M2) are
+kept in float64 variables and folded batch by batch with the pairwise update of Chan, Golub and
+LeVeque (1979): for a batch of n_b values with mean m_b and M2_b, delta = m_b - m,
+m += delta n_b / n, M2 += M2_b + delta^2 n_a n_b / n (n = n_a + n_b). It equals the two-pass
+mean and variance of every value folded so far (tests/unit/test_normaliser.py checks it).
+
+Until ``warmup`` records have been folded the normaliser is not ready: it passes values through
+unchanged and the trainer leaves the model's parameters alone, so the model only ever learns on
+standardised values. The variables are part of the model: snapshots save and restore them, and the
+SavedModel export carries them, so a served encoder takes raw values.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+
+class RunningMoments(tf.Module):
+    """Running mean and variance of ``dim`` columns that may hold NaN (not observed)."""
+
+    def __init__(self, dim: int, warmup: int) -> None:
+        super().__init__(name="normaliser")
+        if warmup < 1:
+            raise ValueError("the normaliser's warm-up must be at least one record")
+        self.dim = dim
+        self.warmup = warmup
+        self.records = tf.Variable(tf.constant(0, tf.int64), trainable=False, name="records")
+        self.count = tf.Variable(tf.zeros([dim], tf.float64), trainable=False, name="count")
+        self.mean = tf.Variable(tf.zeros([dim], tf.float64), trainable=False, name="mean")
+        self.m2 = tf.Variable(tf.zeros([dim], tf.float64), trainable=False, name="m2")
+
+    def ready(self) -> tf.Tensor:
+        """True once ``warmup`` records have been folded in."""
+        return self.records >= self.warmup
+
+    def variance(self) -> tf.Tensor:
+        """The population variance of each column's observed values so far (0 before two)."""
+        return tf.where(self.count > 1, self.m2 / tf.maximum(self.count, 1.0), tf.zeros_like(self.m2))
+
+    def location_scale(self) -> tuple[tf.Tensor, tf.Tensor]:
+        """The (mean, standard deviation) in force, float32 [dim]: (0, 1) before the warm-up ends and
+        for a column whose observed values do not vary."""
+        variance = self.variance()
+        usable = tf.logical_and(self.ready(), variance > 0)
+        loc = tf.where(usable, self.mean, tf.zeros_like(self.mean))
+        scale = tf.where(usable, tf.sqrt(variance), tf.ones_like(variance))
+        return tf.cast(loc, tf.float32), tf.cast(scale, tf.float32)
+
+    def fold(self, values: tf.Tensor, rows: tf.Tensor) -> None:
+        """Fold the rows of ``values`` [B, dim] where ``rows`` [B] is true; NaN values are skipped."""
+        values = tf.cast(values, tf.float64)
+        observed = tf.logical_and(~tf.math.is_nan(values), rows[:, None])
+        zeros = tf.zeros_like(values)
+        n_b = tf.reduce_sum(tf.cast(observed, tf.float64), axis=0)
+        mean_b = tf.reduce_sum(tf.where(observed, values, zeros), axis=0) / tf.maximum(n_b, 1.0)
+        m2_b = tf.reduce_sum(tf.where(observed, tf.square(values - mean_b), zeros), axis=0)
+        n_a = self.count.read_value()
+        n = n_a + n_b
+        delta = mean_b - self.mean
+        share = tf.where(n > 0, n_b / tf.maximum(n, 1.0), tf.zeros_like(n))
+        self.m2.assign_add(m2_b + tf.square(delta) * n_a * share)
+        self.mean.assign_add(delta * share)
+        self.count.assign(n)
+        self.records.assign_add(tf.reduce_sum(tf.cast(rows, tf.int64)))
