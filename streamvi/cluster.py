@@ -13,13 +13,20 @@ collectives start (a bad cluster there surfaces as a hang or an opaque gRPC erro
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from streamvi.config import DistributionSettings
+from streamvi.config import DistributionSettings, Settings
 from streamvi.errors import ConfigError
+from streamvi.snapshots.store import PROGRESS_FILE
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+log = logging.getLogger(__name__)
 
 TF_CONFIG = "TF_CONFIG"
 
@@ -131,3 +138,31 @@ def _no_duplicates(addresses: tuple[str, ...], where: str) -> None:
     repeated = sorted({a for a in addresses if addresses.count(a) > 1})
     if repeated:
         raise ConfigError(f"{where}: each worker needs its own address; repeated: {', '.join(repeated)}")
+
+
+def start_cluster(settings: Settings) -> tuple[Cluster | None, tf.distribute.Strategy | None]:
+    """Resolve the trainer cluster (every bad setting or TF_CONFIG field is named) and, for a
+    multi-worker one, start its collective strategy: before any other TensorFlow op of the process,
+    and once every worker's server is up. None, None: one trainer process, as without the section."""
+    cluster = resolve_cluster(settings.distribution)
+    if cluster is None:
+        return None, None
+    if settings.processing.guarantee == "exactly_once":
+        raise ConfigError(
+            "distribution.strategy=multi_worker with processing.guarantee=exactly_once: trainer "
+            "workers commit at least once for now; set processing.guarantee=at_least_once"
+        )
+    from streamvi.training.distributed import build_strategy
+
+    log.info(
+        "trainer worker %d of %d (%s); waiting for the other workers",
+        cluster.index,
+        cluster.size,
+        "chief" if cluster.is_chief else "not the chief",
+    )
+    return cluster, build_strategy(cluster)
+
+
+def progress_file(cluster: Cluster | None) -> str:
+    """The output-progress file of this trainer: one per worker, in the snapshot store they share."""
+    return PROGRESS_FILE if cluster is None or cluster.is_chief else f"progress-worker-{cluster.index}.json"

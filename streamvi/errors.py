@@ -29,3 +29,8 @@ class OutputError(StreamVIError):
 
 class CommitError(StreamVIError):
     """Consumed offsets (or a transaction holding them) could not be committed."""
+
+
+class WorkerLostError(StreamVIError):
+    """A collective of the trainer workers failed or timed out: another worker is gone. The group
+    must restart (it resumes from the last snapshot)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import sys
 import threading
@@ -16,9 +17,8 @@ from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
 from streamvi import __version__
-from streamvi.cluster import resolve_cluster
+from streamvi.cluster import progress_file, start_cluster
 from streamvi.config import KafkaSettings, Settings
-from streamvi.errors import ConfigError
 from streamvi.estimators import build_estimator
 from streamvi.features.decoder import FeatureDecoder
 from streamvi.io.base import OutputSink, RecordSource
@@ -40,6 +40,7 @@ from streamvi.stream import (
     ProcessingPolicy,
     TrainingShare,
 )
+from streamvi.training.distributed import build_distributed_trainer
 from streamvi.training.heldout import HeldOutReservoir
 from streamvi.training.trainer import Trainer
 
@@ -261,16 +262,6 @@ def kafka_clients(
     return sink, source
 
 
-def check_single_process(settings: Settings) -> None:
-    """Resolve the trainer cluster (every bad setting or TF_CONFIG field is named) and refuse a
-    multi-worker one: the daemon's loop does not yet run steps in lockstep with other workers."""
-    if resolve_cluster(settings.distribution) is not None:
-        raise ConfigError(
-            "distribution.strategy=multi_worker: the trainer daemon runs as one process for now "
-            "(the all-reduced step is streamvi.training.distributed); set distribution.strategy=none"
-        )
-
-
 def describe_device(device: str | None) -> str:
     """Where the training step runs: ``training.device``, else TensorFlow's choice (its first GPU)."""
     import tensorflow as tf
@@ -314,8 +305,9 @@ def startup_lines(settings: Settings, kafka: KafkaSettings | None = None) -> lis
 def build_daemon(settings: Settings, registry: CollectorRegistry | None = None) -> Daemon:
     """Create topics if allowed, connect to Kafka, restore the newest snapshot and start /metrics."""
     from streamvi.io.admin import ensure_topics
+    from streamvi.stream.worker import WorkerLoop
 
-    check_single_process(settings)
+    cluster, strategy = start_cluster(settings)
     for line in startup_lines(settings):
         log.info("%s", line)
     registry = registry if registry is not None else CollectorRegistry()
@@ -323,7 +315,8 @@ def build_daemon(settings: Settings, registry: CollectorRegistry | None = None) 
     metrics.set_build_info(versions())
     health = Health(settings.metrics.liveness_timeout_seconds)
     # One writer per snapshot directory, for the daemon's whole life: checked before anything else.
-    lock = SnapshotStore(settings.snapshots.dir).lock()
+    # Of several trainer workers only the chief writes (the others read the store it shares).
+    lock = SnapshotStore(settings.snapshots.dir).lock() if cluster is None or cluster.is_chief else None
     server = None
     sink: OutputSink | None = None
     source: RecordSource | None = None
@@ -332,14 +325,20 @@ def build_daemon(settings: Settings, registry: CollectorRegistry | None = None) 
             server = MetricsServer(registry, health, settings.metrics.host, settings.metrics.port).start()
         if settings.kafka.create_topics:
             ensure_topics(settings.kafka)
-        trainer = build_trainer(settings)
+        trainer = (
+            build_trainer(settings) if strategy is None else build_distributed_trainer(settings, strategy)
+        )
         store = SnapshotStore(
             settings.snapshots.dir,
             keep=settings.snapshots.keep,
             on_corrupt=lambda path, reason: metrics.corrupt_snapshots.inc(),
+            progress_file=progress_file(cluster),
         )
         sink, source = kafka_clients(settings)
-        loop = OnlineLoop(
+        role = (
+            OnlineLoop if cluster is None else functools.partial(WorkerLoop, topic=settings.kafka.input_topic)
+        )
+        loop = role(
             source=source,
             sink=sink,
             decoder=build_decoder(settings),
@@ -370,7 +369,8 @@ def build_daemon(settings: Settings, registry: CollectorRegistry | None = None) 
                     log.debug("closing a client after a failed start", exc_info=True)
         if server is not None:
             server.stop()
-        lock.release()
+        if lock is not None:
+            lock.release()
         if isinstance(exc, KafkaError | KafkaException):
             raise settings.kafka.failure(exc) from exc
         raise

@@ -78,10 +78,13 @@ class SnapshotStore(SnapshotReader):
         directory: str | Path,
         keep: int = 3,
         on_corrupt: Callable[[Path, str], None] | None = None,
+        progress_file: str = PROGRESS_FILE,
     ) -> None:
         if keep < 1:
             raise ValueError("keep must be >= 1")
         self.directory = Path(directory)
+        #: The output-progress file's name (one per trainer worker sharing the store).
+        self.progress_file = progress_file
         self.keep = keep
         self._on_corrupt = on_corrupt
 
@@ -204,14 +207,14 @@ class SnapshotStore(SnapshotReader):
         """Record how far outputs have been sent (not fsynced: it only has to survive a process
         crash); a restart compares it with the snapshot's offsets to count replayed records."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / PROGRESS_FILE
-        temp = path.with_name(f".{PROGRESS_FILE}.{os.getpid()}")
+        path = self.directory / self.progress_file
+        temp = path.with_name(f".{self.progress_file}.{os.getpid()}")
         temp.write_text(json.dumps({"offsets": encode_offsets(offsets)}), encoding="utf-8")
         os.replace(temp, path)
 
     def read_progress(self) -> dict[tuple[str, int], int]:
         try:
-            data = json.loads((self.directory / PROGRESS_FILE).read_text(encoding="utf-8"))
+            data = json.loads((self.directory / self.progress_file).read_text(encoding="utf-8"))
             return SnapshotInfo(self.directory, data).offsets
         except (OSError, ValueError, AttributeError, TypeError):
             return {}

@@ -87,7 +87,7 @@ class OnlineLoop(StreamProcessor):
         )
         self.checkpoint = tf.train.Checkpoint(**trainer.checkpoint_objects())
         self.committer = committer_for(self.processing.exactly_once, source, sink, store, self.progress)
-        self._recovery = Recovery(
+        self._recovery = self._make_recovery(
             processing=self.processing,
             trainer=self.trainer,
             checkpoint=self.checkpoint,
@@ -98,7 +98,7 @@ class OnlineLoop(StreamProcessor):
             progress=self.progress,
             metrics=self.metrics,
         )
-        self._checkpoints = Checkpoints(
+        self._checkpoints = self._make_checkpoints(
             policy=policy,
             committer=self.committer,
             sink=self.sink,
@@ -114,6 +114,14 @@ class OnlineLoop(StreamProcessor):
             trusted=self._recovery.committed,
             metrics=self.metrics,
         )
+
+    def _make_recovery(self, **parts: Any) -> Recovery:
+        """The role's recovery from its parts (a trainer worker's rewinds are agreed)."""
+        return Recovery(**parts)
+
+    def _make_checkpoints(self, **parts: Any) -> Checkpoints:
+        """The role's checkpoints from their parts (a trainer worker's are collective)."""
+        return Checkpoints(**parts)
 
     @property
     def recovery(self) -> Recovery:

@@ -53,7 +53,9 @@ from streamvi.training.trainer import BatchScores, StepResult, Trainer, block_se
 def build_distributed_trainer(settings: Settings, strategy: tf.distribute.Strategy) -> DistributedTrainer:
     """The configured model, estimator and optimizer as one worker of ``strategy``'s cluster."""
     training = settings.training
-    model = build_vae(settings.model, training, settings.input.dim, settings.input.context_dim)
+    model = build_vae(
+        settings.model, training, settings.input.dim, settings.input.context_dim, settings.input
+    )
     return DistributedTrainer(
         model=model,
         estimator=build_estimator(settings),
@@ -119,6 +121,11 @@ class DistributedTrainer(Trainer):
         if getattr(estimator, "baseline", "none") != "none":
             raise ValueError(
                 "a baseline's running average is per worker: distributed steps need baseline=none"
+            )
+        if model.inputs is not None and model.inputs.normaliser is not None:
+            raise ValueError(
+                "the online normaliser's running moments are per worker: distributed steps need "
+                "input.normalise off for now"
             )
         super().__init__(model, estimator, optimizer, batch_size, clip_grad_norm, seed, jit_compile, device)
         if self._loss_scaled:

@@ -9,8 +9,14 @@ others wait on their input, or never. So once per turn of its loop each worker b
 - **close** when any worker's batch is full or any worker's oldest record has waited its latency
   bound (the single-process rule, evaluated on the union): then every worker submits its open
   batch to the step, an idle worker (no partition, or nothing new) with 0 records and weight 0;
-- **stop** when any worker is stopping (SIGTERM, end of input): every worker closes what it holds,
-  takes the final step and checkpoint together, and stops;
+- **stop** when any worker is stopping (SIGTERM, its record budget), or when every worker has been
+  idle for its idle timeout (one idle worker beside busy ones is not an idle stream): every worker
+  closes what it holds, takes the final step and checkpoint together, and stops;
+- **checkpoint** when any worker's checkpoint is due (its step or time rule): every worker closes
+  its batch, then all checkpoint together after that step;
+- **rewind** when any worker lost partitions in a rebalance (or failed to deliver its outputs):
+  every worker goes back to the last trusted snapshot at once and resumes the partitions it now
+  holds at that snapshot's offsets, so no record is trained twice and the parameters stay equal;
 - **idle** when no worker holds a record: nothing closes, and the next round waits up to the
   latency bound in its poll before it comes (the poll's own timeout paces the rounds), so an idle
   topic costs a few small collectives a second, not a spinning CPU.
@@ -52,9 +58,14 @@ class Round:
     full: bool = False
     due: bool = False
     stopping: bool = False
+    checkpoint: bool = False
+    rewind: bool = False
+    #: Idle past its idle timeout: the workers stop once every one of them is.
+    idle: bool = False
 
     def vector(self) -> list[float]:
-        return [float(self.rows), float(self.full), float(self.due), float(self.stopping)]
+        flags = (self.full, self.due, self.stopping, self.checkpoint, self.rewind, self.idle)
+        return [float(self.rows), *(float(flag) for flag in flags), 1.0]
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,10 @@ class Agreement:
     rows: int
     #: Some worker is stopping: close what there is, take the final checkpoint, stop.
     stop: bool
+    #: Some worker's checkpoint is due: every worker checkpoints after this round's step.
+    checkpoint: bool = False
+    #: Some worker must go back to the last snapshot: every worker rewinds (before anything else).
+    rewind: bool = False
 
     @property
     def idle(self) -> bool:
@@ -76,9 +91,13 @@ class Agreement:
     @classmethod
     def of_sums(cls, sums: list[float]) -> Agreement:
         """The agreement from the all-reduced (summed) :meth:`Round.vector` of every worker."""
-        rows, full, due, stopping = (round(value) for value in sums)
-        stop = stopping > 0
-        return cls(close=rows > 0 and (full > 0 or due > 0 or stop), rows=rows, stop=stop)
+        rows, full, due, stopping, checkpoint, rewind, idle, workers = (round(value) for value in sums)
+        stop = stopping > 0 or idle == workers
+        if rewind > 0:  # what is open belongs to the interval the rewind abandons
+            return cls(close=False, rows=rows, stop=stop, rewind=True)
+        checkpoint_due = checkpoint > 0
+        close = rows > 0 and (full > 0 or due > 0 or stop or checkpoint_due)
+        return cls(close=close, rows=rows, stop=stop, checkpoint=checkpoint_due)
 
 
 def agree(cluster: AllReduce, mine: Round) -> Agreement:
@@ -86,6 +105,13 @@ def agree(cluster: AllReduce, mine: Round) -> Agreement:
     (or ``distribution.collective_timeout_seconds`` passes, when the collective fails)."""
     (sums,) = cluster.all_reduce([tf.constant(mine.vector(), tf.float64)])
     return Agreement.of_sums([float(value) for value in sums.numpy()])
+
+
+def all_agree(cluster: AllReduce, ok: bool) -> bool:
+    """Whether every worker says ``ok`` (one all-reduce): a stage of a collective checkpoint goes on
+    only when it succeeded everywhere, so every worker takes the same branch."""
+    (failures,) = cluster.all_reduce([tf.constant([0.0 if ok else 1.0], tf.float64)])
+    return float(failures.numpy()[0]) == 0.0
 
 
 def gather_offsets(cluster: GatherInts, topic: str, offsets: Mapping[Partition, int]) -> dict[Partition, int]:

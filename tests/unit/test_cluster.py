@@ -140,10 +140,16 @@ def test_config_validate_checks_the_cluster_tf_config_included():
     assert result.exit_code == 0, result.output
 
 
-def test_the_daemon_refuses_a_multi_worker_cluster_by_name_and_runs_one_process_by_default():
-    from streamvi.runtime import check_single_process
+def test_one_process_starts_no_cluster_and_workers_refuse_exactly_once_by_name():
+    from streamvi.cluster import progress_file, start_cluster
 
-    check_single_process(settings())  # the default: as before
-    multi = settings("distribution.strategy=multi_worker", TWO, "distribution.worker_index=0")
-    with pytest.raises(ConfigError, match=r"distribution\.strategy=multi_worker"):
-        check_single_process(multi)
+    assert start_cluster(settings()) == (None, None)  # the default: one trainer, as before
+    multi = settings(
+        "distribution.strategy=multi_worker",
+        TWO,
+        "distribution.worker_index=1",
+        "processing.guarantee=exactly_once",
+    )
+    with pytest.raises(ConfigError, match=r"processing\.guarantee=exactly_once"):
+        start_cluster(multi)
+    assert progress_file(None) == "progress.json"

@@ -32,6 +32,22 @@ def test_one_stopping_worker_stops_all_after_closing_what_there_is():
     assert Agreement.of_sums(sums(Round(4), Round(0, stopping=True))) == Agreement(True, 4, True)
 
 
+def test_a_due_checkpoint_anywhere_closes_every_batch_and_checkpoints_everywhere():
+    agreement = Agreement.of_sums(sums(Round(2), Round(0, checkpoint=True)))
+    assert agreement.close and agreement.checkpoint and not agreement.stop
+    assert Agreement.of_sums(sums(Round(0), Round(0, checkpoint=True))).checkpoint  # even with nothing open
+
+
+def test_a_rewind_anywhere_rewinds_every_worker_and_closes_nothing():
+    agreement = Agreement.of_sums(sums(Round(5, full=True, checkpoint=True), Round(0, rewind=True)))
+    assert agreement.rewind and not agreement.close and not agreement.checkpoint
+
+
+def test_the_idle_timeout_stops_the_workers_only_once_every_one_is_idle():
+    assert not Agreement.of_sums(sums(Round(0, idle=True), Round(3))).stop
+    assert Agreement.of_sums(sums(Round(0, idle=True), Round(0, idle=True))).stop
+
+
 class Gathered:
     """What the collective returns on every worker: each worker's flat list (the merge is tested
     here; the collective itself in tests/unit/test_distributed.py)."""

@@ -1,0 +1,135 @@
+"""Trainer workers against the real (embedded) broker: two ``streamvi run`` processes train one
+model in lockstep over MultiWorkerMirroredStrategy on localhost, sharing a 2-partition topic and
+one snapshot store. After the run both hold the same parameters (checksums in their logs), and
+every record was trained exactly once: trained count = snapshot offsets = committed offsets =
+records."""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from kafka import KafkaProducer
+
+from streamvi.io.admin import ensure_topics
+from streamvi.io.embedded import free_port
+from streamvi.snapshots import SnapshotStore
+from tests.integration.faultkit import DaemonProcess, committed_offsets, produce, sequenced_records
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+WORKERS = 2
+CHECKSUM = re.compile(r"worker (\d+) of \d+: step (\d+), parameter checksum ([0-9a-f]{64})")
+
+
+def worker_overrides() -> list[str]:
+    return [
+        "kafka.topic_partitions=2",
+        "kafka.session_timeout_ms=6000",
+        "kafka.heartbeat_interval_ms=500",
+        "kafka.max_poll_records=200",
+        "model.encoder_hidden=[32]",
+        "snapshots.every_steps=20",
+        "distribution.strategy=multi_worker",
+        "distribution.collective_timeout_seconds=30",
+    ]
+
+
+def start_workers(settings_factory, tmp_path: Path, *args: str) -> tuple[list[DaemonProcess], object]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    addresses = ", ".join(f"127.0.0.1:{free_port()}" for _ in range(WORKERS))
+    processes = []
+    settings = None
+    for index in range(WORKERS):
+        settings = settings_factory(
+            *worker_overrides(), f"distribution.workers=[{addresses}]", f"distribution.worker_index={index}"
+        )
+        processes.append(DaemonProcess(settings, tmp_path / f"worker-{index}.log", *args))
+    return processes, settings
+
+
+def finished(processes: list[DaemonProcess]) -> list[tuple[int, str]]:
+    """(step, checksum) each worker logged as it stopped, in worker order."""
+    ends = []
+    for process in processes:
+        assert process.wait(600) == 0, process.log_text()[-4000:]
+        matches = CHECKSUM.findall(process.log_text())
+        assert matches, process.log_text()[-3000:]
+        ends.append((int(matches[-1][1]), matches[-1][2]))
+    return ends
+
+
+def check_exactly_once(settings, records: int) -> dict:
+    """The newest snapshot covers every record once, and the group committed the same offsets."""
+    latest = SnapshotStore(settings.snapshots.dir).latest()
+    assert latest is not None
+    assert sum(latest.offsets.values()) == records, latest.offsets
+    committed = committed_offsets(settings.kafka.bootstrap_servers[0], settings.kafka.group_id)
+    assert committed == latest.offsets
+    counts = latest.meta["counts"]
+    assert counts["records_trained"] == records == counts["records_consumed"], counts
+    per_worker = latest.meta["worker_counts"]
+    assert sum(w["records_trained"] for w in per_worker) == records
+    return latest.meta
+
+
+def test_two_workers_train_one_model_on_every_record_once(settings_factory, tmp_path):
+    processes, settings = start_workers(settings_factory, tmp_path, "--idle-timeout", "5")
+    kafka = settings.kafka
+    ensure_topics(kafka)
+    records = 3000
+    produce(kafka.bootstrap_servers[0], kafka.input_topic, sequenced_records(0, records))
+    ends = finished(processes)
+    assert ends[0] == ends[1] and ends[0][0] > 0, ends  # the same step and parameters on both
+    meta = check_exactly_once(settings, records)
+    # both partitions hold records (keyed by sequence): each worker trained its share
+    assert all(w["records_trained"] > 0 for w in meta["worker_counts"]), meta["worker_counts"]
+    print(f"\nsteps {ends[0][0]}, per worker {[w['records_trained'] for w in meta['worker_counts']]}")
+
+
+def test_a_worker_whose_partition_stays_empty_does_not_block_training(settings_factory, tmp_path):
+    processes, settings = start_workers(settings_factory, tmp_path, "--idle-timeout", "5")
+    kafka = settings.kafka
+    ensure_topics(kafka)
+    records = 1500
+    producer = KafkaProducer(bootstrap_servers=kafka.bootstrap_servers)
+    for key, value in sequenced_records(0, records):
+        producer.send(kafka.input_topic, value=value, key=key, partition=0)
+    producer.flush()
+    producer.close()
+    ends = finished(processes)
+    assert ends[0] == ends[1] and ends[0][0] >= records // 32, ends
+    meta = check_exactly_once(settings, records)
+    trained = sorted(w["records_trained"] for w in meta["worker_counts"])
+    assert trained == [0, records], meta["worker_counts"]  # the idle worker took part with empty batches
+
+
+def test_a_killed_worker_fails_the_other_within_the_timeout_and_the_restarted_group_loses_nothing(
+    settings_factory, tmp_path
+):
+    processes, settings = start_workers(settings_factory, tmp_path / "first")
+    kafka = settings.kafka
+    ensure_topics(kafka)
+    records = 3000
+    produce(kafka.bootstrap_servers[0], kafka.input_topic, sequenced_records(0, records))
+    chief, victim = processes
+    chief.wait_for_metrics()
+    chief.wait_for("streamvi_snapshots_total", 2, timeout=300)  # mid-run, past a group snapshot
+    victim.signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    assert victim.wait(30) == -signal.SIGKILL
+    code = chief.wait(120)
+    noticed = time.monotonic() - killed_at
+    assert code not in (0, None), chief.log_text()[-3000:]  # the collective failed: not a clean stop
+    assert "a collective with the other trainer workers failed" in chief.log_text()
+    assert noticed < 30 + 60, noticed  # the collective timeout, plus the exit
+    before = SnapshotStore(settings.snapshots.dir).latest()
+    assert before is not None and sum(before.offsets.values()) < records  # it did stop mid-stream
+    restarted, _ = start_workers(settings_factory, tmp_path / "second", "--idle-timeout", "5")
+    ends = finished(restarted)
+    assert ends[0] == ends[1], ends
+    check_exactly_once(settings, records)  # restored everywhere, resumed at the snapshot's offsets
+    print(f"\nthe survivor noticed in {noticed:.1f}s; resumed from step {before.step}")
