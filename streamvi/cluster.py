@@ -147,11 +147,6 @@ def start_cluster(settings: Settings) -> tuple[Cluster | None, tf.distribute.Str
     cluster = resolve_cluster(settings.distribution)
     if cluster is None:
         return None, None
-    if settings.processing.guarantee == "exactly_once":
-        raise ConfigError(
-            "distribution.strategy=multi_worker with processing.guarantee=exactly_once: trainer "
-            "workers commit at least once for now; set processing.guarantee=at_least_once"
-        )
     from streamvi.training.distributed import build_strategy
 
     log.info(

@@ -611,6 +611,17 @@ class Settings(BaseSettings):
                 "distribution.strategy=multi_worker does not support training.mixed_precision="
                 "mixed_float16 (per-worker loss scales); use off or mixed_bfloat16"
             )
+        if self.input.features is not None and self.input.normalise:
+            raise ValueError(
+                "distribution.strategy=multi_worker does not support input.normalise=true yet "
+                "(the running moments are per worker); set input.normalise=false"
+            )
+        if self.processing.guarantee == "exactly_once":
+            raise ValueError(
+                "distribution.strategy=multi_worker does not support processing.guarantee="
+                "exactly_once yet (one transaction per checkpoint cannot span the workers' "
+                "producers); use at_least_once"
+            )
         return self
 
     def public_dict(self) -> dict[str, Any]:

@@ -140,16 +140,13 @@ def test_config_validate_checks_the_cluster_tf_config_included():
     assert result.exit_code == 0, result.output
 
 
-def test_one_process_starts_no_cluster_and_workers_refuse_exactly_once_by_name():
+def test_one_process_starts_no_cluster_and_workers_refuse_what_they_cannot_share_by_name():
     from streamvi.cluster import progress_file, start_cluster
 
     assert start_cluster(settings()) == (None, None)  # the default: one trainer, as before
-    multi = settings(
-        "distribution.strategy=multi_worker",
-        TWO,
-        "distribution.worker_index=1",
-        "processing.guarantee=exactly_once",
-    )
-    with pytest.raises(ConfigError, match=r"processing\.guarantee=exactly_once"):
-        start_cluster(multi)
     assert progress_file(None) == "progress.json"
+    multi = ("distribution.strategy=multi_worker", TWO, "distribution.worker_index=1")
+    with pytest.raises(ConfigError, match=r"processing\.guarantee=exactly_once"):
+        settings(*multi, "processing.guarantee=exactly_once")
+    with pytest.raises(ConfigError, match=r"training\.baseline=none"):
+        settings(*multi, "training.estimator=score_function")
