@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from kafka import KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer
 
 from streamvi.io.admin import ensure_topics
 from streamvi.io.embedded import free_port
@@ -133,3 +133,34 @@ def test_a_killed_worker_fails_the_other_within_the_timeout_and_the_restarted_gr
     assert ends[0] == ends[1], ends
     check_exactly_once(settings, records)  # restored everywhere, resumed at the snapshot's offsets
     print(f"\nthe survivor noticed in {noticed:.1f}s; resumed from step {before.step}")
+
+
+def test_a_rebalance_mid_run_rewinds_every_worker_together_and_trains_nothing_twice(
+    settings_factory, tmp_path
+):
+    processes, settings = start_workers(settings_factory, tmp_path, "--idle-timeout", "6")
+    kafka = settings.kafka
+    ensure_topics(kafka)
+    records = 6000
+    produce(kafka.bootstrap_servers[0], kafka.input_topic, sequenced_records(0, records))
+    processes[0].wait_for_metrics()
+    processes[0].wait_for("streamvi_records_trained_total", 300, timeout=300)
+    # another member joins the group (and leaves without committing): partitions move twice
+    intruder = KafkaConsumer(
+        bootstrap_servers=kafka.bootstrap_servers,
+        group_id=kafka.group_id,
+        enable_auto_commit=False,
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=500,
+    )
+    intruder.subscribe([kafka.input_topic])
+    deadline = time.monotonic() + 20
+    while not intruder.assignment() and time.monotonic() < deadline:
+        intruder.poll(timeout_ms=200, max_records=1)
+    assert intruder.assignment(), "the extra member never got a partition"
+    intruder.close(autocommit=False)
+    ends = finished(processes)
+    assert ends[0] == ends[1], ends
+    check_exactly_once(settings, records)
+    logs = [p.log_text() for p in processes]
+    assert all("revoked by a rebalance" in text or "another worker rewinds" in text for text in logs)
