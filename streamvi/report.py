@@ -14,6 +14,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -21,6 +22,7 @@ from matplotlib.figure import Figure
 
 from streamvi.datasets import Dataset
 from streamvi.errors import StreamVIError
+from streamvi.model.mixed import FeatureInputs
 from streamvi.model.vae import VAE
 from streamvi.snapshots.sample import load_sample
 from streamvi.snapshots.store import SnapshotInfo
@@ -129,17 +131,21 @@ def plot_latents(
     return path
 
 
-def plot_reconstructions(x: np.ndarray, x_hat: np.ndarray, path: Path, title: str = "") -> Path:
-    """Inputs beside their reconstructions: as images when input.dim is a square, else as profiles."""
+def plot_reconstructions(
+    x: np.ndarray, x_hat: np.ndarray, path: Path, title: str = "", ylabel: str = "", profiles: bool = False
+) -> Path:
+    """Inputs beside their reconstructions: as images when input.dim is a square (unless
+    ``profiles``), else as profiles labelled ``ylabel``, a value not observed (NaN in ``x``) marked
+    at its reconstruction."""
     n = x.shape[0]
     side = math.isqrt(x.shape[1])
-    square = side * side == x.shape[1] and side > 1
+    square = side * side == x.shape[1] and side > 1 and not profiles
     columns = 4
     rows = math.ceil(n / columns)
     figure = Figure(figsize=(2.4 * columns * (2 if square else 1.5), 2.4 * rows), layout="constrained")
     if square:
         grid = figure.subplots(rows, 2 * columns, squeeze=False)
-        low, high = float(min(x.min(), x_hat.min())), float(max(x.max(), x_hat.max()))
+        low, high = float(min(np.nanmin(x), x_hat.min())), float(max(np.nanmax(x), x_hat.max()))
         for i in range(rows * columns):
             left, right = grid[i // columns][2 * (i % columns)], grid[i // columns][2 * (i % columns) + 1]
             for ax in (left, right):
@@ -155,20 +161,35 @@ def plot_reconstructions(x: np.ndarray, x_hat: np.ndarray, path: Path, title: st
                 left.set_title("input", fontsize="small")
                 right.set_title("reconstruction", fontsize="small")
     else:
-        grid = figure.subplots(rows, columns, squeeze=False)
-        for i in range(rows * columns):
-            ax = grid[i // columns][i % columns]
-            if i >= n:
-                ax.set_axis_off()
-                continue
-            ax.plot(x[i], lw=1.0, label="input")
-            ax.plot(x_hat[i], lw=1.0, label="reconstruction")
-            ax.set_xticks([])
-            if i == 0:
-                ax.legend(fontsize="x-small")
+        _draw_profiles(figure, x, x_hat, rows, columns)
+        if ylabel:
+            figure.supylabel(ylabel, fontsize="small")
     figure.suptitle(title or "inputs beside reconstructions (decoder mean at the posterior mean)")
     figure.savefig(path, dpi=100)
     return path
+
+
+def _draw_profiles(figure: Figure, x: np.ndarray, x_hat: np.ndarray, rows: int, columns: int) -> None:
+    """One panel per record: its values by dimension, the reconstruction, and red crosses at the
+    reconstruction of each value not observed; one legend for all."""
+    grid = figure.subplots(rows, columns, squeeze=False)
+    for i in range(rows * columns):
+        ax = grid[i // columns][i % columns]
+        if i >= x.shape[0]:
+            ax.set_axis_off()
+            continue
+        ax.plot(x[i], lw=1.0, marker=".", markersize=3, label="input")
+        ax.plot(x_hat[i], lw=1.0, label="reconstruction")
+        masked = np.flatnonzero(np.isnan(x[i]))
+        if masked.size:
+            ax.scatter(masked, x_hat[i][masked], marker="x", s=18, color="tab:red", label="not observed")
+        ax.set_xticks([])
+    handles: dict[str, Any] = {}
+    for ax in grid.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    if handles:
+        grid[0][0].legend(list(handles.values()), list(handles), fontsize="x-small")
 
 
 def heldout_sample(info: SnapshotInfo) -> Dataset | None:
@@ -227,19 +248,32 @@ def write_report(
             score_name=f"{trainer.estimator.bound_name} (nats per record)",
         )
     )
-    shown = x[:examples]
-    x_hat = reconstruct(
-        trainer.model, scores.z_loc[: shown.shape[0]], None if c is None else c[: shown.shape[0]]
-    )
-    files.append(
-        plot_reconstructions(
-            shown,
-            x_hat,
-            out / RECONSTRUCTIONS_PNG,
-            f"inputs beside reconstructions (decoder mean at the posterior mean), from {records_from}",
-        )
-    )
+    n = min(examples, x.shape[0])
+    x_hat = reconstruct(trainer.model, scores.z_loc[:n], None if c is None else c[:n])
+    shown, ylabel, inputs = x[:n], "", trainer.model.inputs
+    if isinstance(inputs, FeatureInputs):  # raw values on many scales (and NaN): make them comparable
+        shown, x_hat, ylabel = comparable(inputs, shown), comparable(inputs, x_hat), COMPARABLE_UNITS
+    title = f"inputs beside reconstructions (decoder mean at the posterior mean), from {records_from}"
+    path = out / RECONSTRUCTIONS_PNG
+    features = isinstance(inputs, FeatureInputs)
+    files.append(plot_reconstructions(shown, x_hat, path, title, ylabel, profiles=features))
     return Report(files, len(history), int(x.shape[0]), records_from)
+
+
+#: What the reconstructions of a feature-schema model are drawn in.
+COMPARABLE_UNITS = "numeric: standardised; count: log(1 + n); binary, class index: as is"
+
+
+def comparable(inputs: FeatureInputs, x: np.ndarray) -> np.ndarray:
+    """Feature-schema rows (raw values, NaN where not observed) on one scale, so that a feature in
+    thousands does not flatten those in thousandths: numeric values standardised by the snapshot's
+    normaliser, counts as log(1 + n), binaries and class indices as they are."""
+    layout = inputs.layout
+    loc, scale = (np.asarray(v.numpy(), dtype=np.float64) for v in inputs.location_scale())
+    out = np.array(x, dtype=np.float64)
+    out[:, layout.numeric] = (out[:, layout.numeric] - loc) / scale
+    out[:, layout.count] = np.log1p(out[:, layout.count])
+    return out
 
 
 def reconstruct(model: VAE, z: np.ndarray, c: np.ndarray | None = None) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 import click
@@ -15,6 +16,7 @@ from streamvi.errors import StreamVIError
 if TYPE_CHECKING:
     from streamvi.config import Settings
     from streamvi.datasets import Dataset
+    from streamvi.features.avro import AvroReader
     from streamvi.io.codecs import Support
 
 
@@ -29,7 +31,10 @@ if TYPE_CHECKING:
     "--input",
     "input_path",
     required=True,
-    help="A .npy/.csv/.jsonl file, or 'digits'; raw JSON events (.jsonl) for a feature-schema snapshot.",
+    help=(
+        "A .npy/.csv/.jsonl file, or 'digits'; for a feature-schema snapshot, raw events: JSON lines "
+        "(.jsonl), or an Avro object container file (.avro) when its input.format is avro."
+    ),
 )
 @click.option("--output", type=click.File("wb"), default="-", help="JSON lines out [default: stdout].")
 @click.option(
@@ -90,26 +95,44 @@ def _check_vectors(input_path: str, data: Dataset, settings: Settings) -> None:
 
 
 def load_events(settings: Settings, input_path: str) -> Dataset:
-    """Raw JSON events, one per line, decoded under the snapshot's feature schema; a line that the
-    daemon would dead-letter is an error naming the line and the reason."""
+    """Raw events under the snapshot's feature schema: JSON lines, or with ``input.format=avro``
+    an Avro object container file. Every record goes through the daemon's decoder, so one it would
+    dead-letter is an error naming the line (or record) and the reason."""
     from streamvi.datasets import Dataset
+    from streamvi.features.decoder import FeatureDecoder
     from streamvi.io.base import RawRecord
     from streamvi.runtime import build_decoder
 
-    if settings.input.format != "json":
-        raise StreamVIError(f"{input_path}: encode reads JSON events; the snapshot's input.format is avro")
-    try:
-        with open(input_path, "rb") as handle:
-            lines = [line.rstrip(b"\r\n") for line in handle if line.strip()]
-    except OSError as exc:
-        raise StreamVIError(f"{input_path}: {exc.strerror or exc}") from exc
-    records = [RawRecord("file", 0, i, None, line) for i, line in enumerate(lines)]
-    batch = build_decoder(settings).decode_many(records)
+    decoder = build_decoder(settings)
+    assert isinstance(decoder, FeatureDecoder)  # the settings have input.features
+    unit = "line" if decoder.avro is None else "record"
+    values = _json_lines(input_path) if decoder.avro is None else _avro_values(decoder.avro, input_path)
+    records = [RawRecord("file", 0, i, None, value) for i, value in enumerate(values)]
+    batch = decoder.decode_many(records)
     for number, error in enumerate(batch.errors, start=1):
         if error is not None:
-            raise StreamVIError(f"{input_path}, line {number}: {error.reason}: {error.detail}")
-    ids = [record_id or f"line-{i + 1}" for i, record_id in enumerate(batch.record_ids)]
+            raise StreamVIError(f"{input_path}, {unit} {number}: {error.reason}: {error.detail}")
+    ids = [record_id or f"{unit}-{i + 1}" for i, record_id in enumerate(batch.record_ids)]
     return Dataset(x=batch.x, ids=ids)
+
+
+def _json_lines(input_path: str) -> list[bytes]:
+    """The non-blank lines of a JSON-lines file, each one record value."""
+    try:
+        with open(input_path, "rb") as handle:
+            return [line.rstrip(b"\r\n") for line in handle if line.strip()]
+    except OSError as exc:
+        raise StreamVIError(f"{input_path}: {exc.strerror or exc}") from exc
+
+
+def _avro_values(reader: AvroReader, input_path: str) -> list[bytes]:
+    """The records of an Avro container file as the daemon would receive them (see container_values)."""
+    from streamvi.features.avro import container_values
+
+    try:
+        return container_values(Path(input_path), reader)
+    except ValueError as exc:
+        raise StreamVIError(f"{input_path}: {exc}") from exc
 
 
 def _check_support(input_path: str, data: Dataset, support: Support) -> None:

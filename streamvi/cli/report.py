@@ -20,8 +20,9 @@ from streamvi.errors import StreamVIError
     "--input",
     "input_path",
     help="Records to encode for the latent and reconstruction plots: a .npy/.csv/.jsonl file or "
-    "'digits' (labels from a .jsonl 'label' field colour the latent plot). Without it, the "
-    "held-out records the snapshot keeps (snapshots.sample_records) are encoded.",
+    "'digits' (labels from a .jsonl 'label' field colour the latent plot); for a feature-schema "
+    "snapshot, raw events as `streamvi encode` reads them. Without it, the held-out records the "
+    "snapshot keeps (snapshots.sample_records) are encoded.",
 )
 @click.option(
     "--limit", type=click.IntRange(min=1), default=2000, show_default=True, help="Records to encode at most."
@@ -30,13 +31,18 @@ def report(snapshot: str, out: str, input_path: str | None, limit: int) -> None:
     """Write history.png (ELBO, KL and reconstruction per step), latents.png (posterior means in
     2-D) and reconstructions.png (inputs beside their reconstructions), from the snapshot alone or
     from --input."""
+    from streamvi.cli.encode import load_events
     from streamvi.datasets import load_dataset
     from streamvi.report import describe, write_report
-    from streamvi.snapshots.loading import find_snapshot
+    from streamvi.snapshots.loading import find_snapshot, settings_of
 
     try:
         info = find_snapshot(snapshot)
-        data = load_dataset(input_path) if input_path else None
+        data = None
+        if input_path is not None:
+            settings = settings_of(info)
+            with_features = settings.input.features is not None
+            data = load_events(settings, input_path) if with_features else load_dataset(input_path)
         result = write_report(info, out, data, limit=limit)
     except StreamVIError as exc:
         fail(exc)

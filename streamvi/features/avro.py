@@ -11,10 +11,11 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import fastavro
 import orjson
+from fastavro.schema import to_parsing_canonical_form
 
 from streamvi.features.schema import FeatureSpec
 from streamvi.io.codecs import DecodeError
@@ -171,3 +172,50 @@ def encode_avro(schema: dict[str, Any], datum: Mapping[str, Any], schema_id: int
         stream.write(bytes([MAGIC]) + schema_id.to_bytes(4, "big"))
     fastavro.schemaless_writer(stream, schema, dict(datum))
     return stream.getvalue()
+
+
+def container_values(path: Path, reader: AvroReader) -> list[bytes]:
+    """Each record of the Avro object container file ``path`` as the daemon would receive it.
+
+    With ``input.avro_schema`` a record is resolved into that schema by Avro's rules (a field the
+    file lacks takes its default) and written as a bare datum; with ``input.avro_schema_ids`` the
+    file must be written in one of those schemas, and each datum goes behind that id's wire header.
+    ValueError names the record (from 1) or the reason the file cannot be read.
+    """
+    try:
+        with open(path, "rb") as handle:
+            return _container_values(handle, reader)
+    except OSError as exc:
+        raise ValueError(exc.strerror or str(exc)) from None
+
+
+def _container_values(handle: BinaryIO, reader: AvroReader) -> list[bytes]:
+    try:
+        records = fastavro.reader(handle, reader_schema=reader.schema)
+    except Exception as exc:  # not a container file: fastavro raises ValueError, EOFError, ...
+        raise ValueError(f"not an Avro object container file: {exc}") from None
+    schema, schema_id = reader.schema, None
+    if schema is None:
+        schema_id = _id_of(reader, records.writer_schema)
+        schema = reader.by_id[schema_id]
+    values: list[bytes] = []
+    try:
+        for datum in records:
+            if not isinstance(datum, dict):
+                raise TypeError(f"expected an Avro record, got {type(datum).__name__}")
+            values.append(encode_avro(schema, datum, schema_id))
+    except Exception as exc:  # resolving or decoding the next record failed
+        raise ValueError(f"record {len(values) + 1}: {exc}") from None
+    return values
+
+
+def _id_of(reader: AvroReader, writer_schema: Any) -> int:
+    """The newest schema id whose schema is ``writer_schema`` (in Avro's Parsing Canonical Form)."""
+    canonical = to_parsing_canonical_form(writer_schema)
+    matches = [k for k, s in reader.by_id.items() if to_parsing_canonical_form(s) == canonical]
+    if not matches:
+        raise ValueError(
+            "the file's writer schema is none of input.avro_schema_ids "
+            "(the daemon would dead-letter its records as unknown_schema)"
+        )
+    return max(matches)

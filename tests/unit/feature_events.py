@@ -33,6 +33,21 @@ def schema() -> list[dict[str, Any]]:
     return [*numeric, {"name": "diagnosis", "type": "categorical", "vocabulary": DIAGNOSES}]
 
 
+def avro_schema() -> dict[str, Any]:
+    """The events' Avro schema: a record per statistic, every value (and record) nullable, and the
+    diagnosis a string (so that a value outside the vocabulary can be sent, as in JSON)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for path in feature_paths():
+        group, key = path.split(".")
+        groups.setdefault(group, []).append({"name": key, "type": ["null", "double"], "default": None})
+    fields: list[dict[str, Any]] = [{"name": "id", "type": "string"}]
+    for group, members in groups.items():
+        record = {"type": "record", "name": group.capitalize(), "fields": members}
+        fields.append({"name": group, "type": ["null", record], "default": None})
+    fields.append({"name": "diagnosis", "type": ["null", "string"], "default": None})
+    return {"type": "record", "name": "Patient", "fields": fields}
+
+
 def events(missing: float = 0.1, seed: int = 0) -> list[dict[str, Any]]:
     """One event per patient; each value (the diagnosis too) is left out with probability ``missing``."""
     from sklearn.datasets import load_breast_cancer

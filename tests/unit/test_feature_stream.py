@@ -6,20 +6,24 @@ from __future__ import annotations
 
 import math
 
+import fastavro
 import numpy as np
 import orjson
 import pytest
 import tensorflow as tf
 from click.testing import CliRunner
+from matplotlib.image import imread
 
 from streamvi.cli.main import cli
 from streamvi.config import load_settings
 from streamvi.io.base import RawRecord
 from streamvi.io.memory import MemorySink, MemorySource
+from streamvi.report import comparable
 from streamvi.runtime import build_decoder, build_trainer, evaluation_policy, snapshot_meta
 from streamvi.serving import export_saved_model
 from streamvi.snapshots import SnapshotStore
-from streamvi.snapshots.loading import find_snapshot
+from streamvi.snapshots.loading import find_snapshot, load_trainer
+from streamvi.snapshots.sample import load_sample
 from streamvi.stream import CheckpointPolicy, OnlineLoop, OutputTopics
 from tests.unit import feature_events
 
@@ -162,3 +166,146 @@ def test_it_learns_and_normalisation_reaches_a_better_heldout_elbo_than_none(tmp
     # both bounds are densities of the same raw values in nats, so they compare directly; the
     # margin (100 nats per record) is far beyond the held-out mean's standard error (a few nats)
     assert final["normalised"].mean() > final["raw"].mean() + 100.0, {k: v.mean() for k, v in final.items()}
+
+
+def avro_snapshot(json_snapshots, directory, settings):
+    """A snapshot holding the model of ``json_snapshots``'s newest, written under ``settings``
+    (an Avro input): the same parameters, normaliser and RNG state, so encodings must agree."""
+    info = find_snapshot(json_snapshots)
+    _, trainer = load_trainer(info)
+    kept = {k: v for k, v in info.meta.items() if k not in ("files", "step", "format_version", "config")}
+    checkpoint = tf.train.Checkpoint(**trainer.checkpoint_objects())
+    SnapshotStore(directory).write(checkpoint, info.step, {**kept, "config": settings.public_dict()})
+
+
+def encode_output(snapshots, path) -> list[dict]:
+    """The JSON lines ``streamvi encode`` writes for ``path`` under the newest of ``snapshots``."""
+    result = CliRunner().invoke(cli, ["encode", "--snapshot", str(snapshots), "--input", str(path)])
+    assert result.exit_code == 0, result.output
+    return [orjson.loads(line) for line in result.stdout.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def json_snapshots(tmp_path_factory):
+    """A snapshot of the JSON feature stream after 160 events."""
+    directory = tmp_path_factory.mktemp("json-snapshots")
+    run(feature_settings(*QUICK), feature_events.records(feature_events.events(seed=2)[:160]), directory)
+    return directory
+
+
+@pytest.mark.parametrize("wire_header", [False, True], ids=["bare", "wire-header"])
+def test_encode_reads_an_avro_container_as_it_reads_the_same_events_as_json(
+    tmp_path, json_snapshots, wire_header
+):
+    schema_file = tmp_path / "patient.avsc"
+    schema_file.write_bytes(orjson.dumps(feature_events.avro_schema()))
+    setting = (
+        f"input.avro_schema_ids={{5: {schema_file}}}" if wire_header else f"input.avro_schema={schema_file}"
+    )
+    avro_settings = feature_settings(*QUICK, "input.format=avro", setting)
+    avro_snapshot(json_snapshots, tmp_path / "avro", avro_settings)
+
+    events = feature_events.events(seed=2)[160:260]
+    as_json, as_avro = tmp_path / "events.jsonl", tmp_path / "events.avro"
+    as_json.write_bytes(b"\n".join(orjson.dumps(e) for e in events) + b"\n")
+    with as_avro.open("wb") as handle:
+        fastavro.writer(handle, fastavro.parse_schema(feature_events.avro_schema()), events)
+
+    want, got = encode_output(json_snapshots, as_json), encode_output(tmp_path / "avro", as_avro)
+    assert [g["id"] for g in got] == [w["id"] for w in want] == [e["id"] for e in events]
+    assert [g["observed"] for g in got] == [w["observed"] for w in want]
+    assert min(w["observed"] for w in want) < 31  # some values are missing
+    # the same rows, parameters and RNG state: equal to the bit in practice, float rounding allowed
+    for key in ("z_mean", "z_scale", "elbo"):
+        np.testing.assert_allclose([g[key] for g in got], [w[key] for w in want], rtol=1e-6, atol=1e-6)
+
+
+def test_encode_names_the_avro_record_the_daemon_would_dead_letter(tmp_path, json_snapshots):
+    features = feature_events.schema()
+    features[0]["missing"] = "dead_letter"  # mean.radius
+    schema = feature_events.avro_schema()
+    schema_file = tmp_path / "patient.avsc"
+    schema_file.write_bytes(orjson.dumps(schema))
+    avro_settings = load_settings(
+        overrides=[
+            f"input.features={orjson.dumps(features).decode()}",
+            *BASE,
+            *QUICK,
+            "input.format=avro",
+            f"input.avro_schema={schema_file}",
+        ],
+        environ={},
+    )
+    avro_snapshot(json_snapshots, tmp_path / "avro", avro_settings)
+    events = feature_events.events(missing=0.0)[:4]
+    del events[2]["mean"]["radius"]
+    container = tmp_path / "events.avro"
+    with container.open("wb") as handle:
+        fastavro.writer(handle, fastavro.parse_schema(schema), events)
+    args = ["encode", "--snapshot", str(tmp_path / "avro"), "--input", str(container)]
+
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2 and result.stdout == ""
+    assert f"{container}, record 3: missing_field: feature mean_radius (path mean.radius) is missing" in (
+        result.stderr
+    )
+
+    # a file whose schema lacks a field the snapshot's schema requires (no default): named too
+    without_id = {**schema, "fields": [f for f in schema["fields"] if f["name"] != "id"]}
+    with container.open("wb") as handle:
+        fastavro.writer(handle, fastavro.parse_schema(without_id), [{"diagnosis": "benign"}])
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2 and result.stdout == ""
+    assert f"{container}: record 1: " in result.stderr and "field id" in result.stderr
+
+    # with schema ids, a file written in none of their schemas is refused as a whole
+    ids_settings = feature_settings(
+        *QUICK, "input.format=avro", f"input.avro_schema_ids={{5: {schema_file}}}"
+    )
+    avro_snapshot(json_snapshots, tmp_path / "ids", ids_settings)
+    result = CliRunner().invoke(
+        cli, ["encode", "--snapshot", str(tmp_path / "ids"), "--input", str(container)]
+    )
+    assert result.exit_code == 2 and "writer schema is none of input.avro_schema_ids" in result.stderr
+
+
+def test_report_on_a_feature_schema_snapshot_draws_raw_events_on_one_scale(tmp_path, json_snapshots):
+    info = find_snapshot(json_snapshots)
+    sample = load_sample(info)
+    assert sample is not None and len(sample[0]) > 0
+    held = sample[0]
+    assert np.isnan(held).any()  # the held-out sample keeps which values were not observed
+    out = tmp_path / "report"
+    result = CliRunner().invoke(cli, ["report", "--snapshot", str(json_snapshots), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    names = {"history.png", "latents.png", "reconstructions.png"}
+    assert {p.name for p in out.iterdir()} == names
+    assert f"encoded {len(held)} records from the snapshot's held-out sample" in result.output
+    # the values not observed are marked (tab:red crosses) at their reconstructions
+    pixels = (imread(out / "reconstructions.png")[..., :3] * 255).astype(int)
+    assert np.count_nonzero(np.all(np.abs(pixels - (214, 39, 40)) <= 8, axis=-1)) > 20
+
+    # drawn on one scale: the raw numerics span thousandths to thousands, the standardised ones
+    # (by the snapshot's normaliser) a few units; what was not observed stays not observed
+    _, trainer = load_trainer(info)
+    numeric = trainer.model.inputs.layout.numeric
+    drawn = comparable(trainer.model.inputs, held)
+    assert np.nanmax(np.abs(held[:, numeric])) > 500 and np.nanmax(np.abs(drawn[:, numeric])) < 20
+    np.testing.assert_array_equal(np.isnan(drawn), np.isnan(held))
+
+    # raw events given with --input are read as `streamvi encode` reads them
+    events = tmp_path / "events.jsonl"
+    events.write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in feature_events.events(seed=4)[:50]))
+    args = [
+        "report",
+        "--snapshot",
+        str(json_snapshots),
+        "--out",
+        str(tmp_path / "given"),
+        "--input",
+        str(events),
+    ]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "encoded 50 records from the input given" in result.output
+    assert {p.name for p in (tmp_path / "given").iterdir()} == names
