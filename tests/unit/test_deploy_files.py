@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -251,6 +252,79 @@ def test_compose_runs_one_trainer_and_two_encoder_replicas_sharing_the_snapshots
     port = trainer_settings.metrics.port
     assert sorted(scrape_targets(ENCODER_JOB)) == sorted(f"{name}:{port}" for name in encoders)
     assert set(services["prometheus"]["depends_on"]) >= {"streamvi", *encoders}
+
+
+# -- compose: two trainer workers ----------------------------------------------------------------
+def compose_with_workers() -> tuple[dict, dict]:
+    """The stack with compose.workers.yaml layered on it, as `docker compose -f compose.yaml -f
+    compose.workers.yaml` merges them (a service's mappings merged key by key), and the override."""
+    stack = compose()
+    override = yaml.safe_load((DEPLOY / "compose.workers.yaml").read_text())
+    for name, service in override["services"].items():
+        if name not in stack["services"]:
+            stack["services"][name] = service
+            continue
+        base = stack["services"][name]
+        for key, value in service.items():
+            assert isinstance(value, dict) and isinstance(base.get(key), dict), (
+                f"{name}.{key}: only mappings are overridden here (lists would be appended by compose)"
+            )
+            base[key] = {**base[key], **value}
+    return stack, override
+
+
+def test_compose_workers_file_runs_two_trainer_workers_of_one_model():
+    from streamvi.cluster import resolve_cluster
+
+    stack, override = compose_with_workers()
+    services = stack["services"]
+    assert set(override["services"]) == {"streamvi", "streamvi-worker-1"}
+    assert set(override["services"]["streamvi"]) == {"environment"}, "the chief changes only its settings"
+    trainers = [name for name, s in services.items() if s.get("command", [None])[0] == "run"]
+    assert trainers == ["streamvi", "streamvi-worker-1"]
+    # without the file, the one trainer of today
+    assert compose_settings(compose(), "streamvi").distribution.strategy == "none"
+
+    settings = {name: compose_settings(stack, name) for name in trainers}
+    clusters = {name: resolve_cluster(s.distribution, environ={}) for name, s in settings.items()}
+    assert {name: c.index for name, c in clusters.items()} == {"streamvi": 0, "streamvi-worker-1": 1}
+    assert clusters["streamvi"].is_chief and not clusters["streamvi-worker-1"].is_chief
+    workers = {c.workers for c in clusters.values()}
+    assert len(workers) == 1, "the same worker list on every worker"
+    (addresses,) = workers
+    # worker i's address is the service of index i, on the compose network
+    assert [a.rsplit(":", 1)[0] for a in addresses] == trainers
+    chief, worker = (settings[name] for name in trainers)
+    for s in (chief, worker):
+        assert s.distribution.strategy == "multi_worker"
+        assert s.processing.guarantee == "at_least_once", "exactly_once is refused with several workers"
+        assert s.training.publish_latents is False, "the encoder replicas publish the latents"
+    # one model in one consumer group on one topic, from one configuration
+    assert chief.kafka == worker.kafka and chief.kafka.group_id == "streamvi"
+    assert chief.model == worker.model and chief.input == worker.input and chief.training == worker.training
+    assert chief.kafka.topic_partitions >= len(trainers), "a partition for each worker at least"
+    env = {name: dict(services[name]["environment"]) for name in trainers}
+    for e in env.values():
+        e.pop("STREAMVI_DISTRIBUTION__WORKER_INDEX")
+    assert env["streamvi"] == env["streamvi-worker-1"], "only the worker index differs"
+    # the one snapshot store, read-write in both (worker 1 reads the chief's snapshots back and
+    # keeps its progress file there)
+    assert chief.snapshots.dir == worker.snapshots.dir
+    for name in trainers:
+        mounts = [v for v in services[name]["volumes"] if v.split(":")[1] == str(chief.snapshots.dir)]
+        assert mounts == [f"snapshots:{chief.snapshots.dir}"], name
+
+    second = services["streamvi-worker-1"]
+    assert second["image"] == services["streamvi"]["image"] and "build" not in second
+    assert second["command"] == services["streamvi"]["command"]
+    assert second["depends_on"]["kafka"]["condition"] == "service_healthy"
+    assert second["restart"] == services["streamvi"]["restart"] == "unless-stopped", (
+        "a worker that failed with its lost peer comes back"
+    )
+    assert second["stop_grace_period"] == services["streamvi"]["stop_grace_period"]
+    host_ports = [p.rsplit(":", 1)[0] for s in services.values() for p in s.get("ports", [])]
+    assert len(host_ports) == len(set(host_ports)), "each published port once"
+    assert all(p.endswith(f":{worker.metrics.port}") for p in second["ports"])
 
 
 def test_grafana_provisioning_points_at_the_dashboard_and_prometheus():
@@ -703,6 +777,188 @@ def test_k8s_gpu_overlay_requests_a_gpu_and_the_gpu_image():
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     env = {item["name"]: item["value"] for item in container["env"]}
     assert load_settings(environ=env).training.device == "/GPU:0"
+
+
+# -- Kubernetes: the trainer as several workers (deploy/k8s-workers) ------------------------------
+K8S_WORKERS = DEPLOY / "k8s-workers"
+
+
+def strategic_merge(base, patch):
+    """``patch`` over ``base`` as kustomize merges these patches: mappings key by key, lists of
+    named items (containers, env, ports, volumes) item by item, the patch's items first."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        return {**base, **{k: strategic_merge(base[k], v) if k in base else v for k, v in patch.items()}}
+    named = isinstance(base, list) and isinstance(patch, list)
+    if named and all(isinstance(item, dict) and "name" in item for item in [*base, *patch]):
+        old = {item["name"]: item for item in base}
+        new = [strategic_merge(old[item["name"]], item) if item["name"] in old else item for item in patch]
+        return new + [item for item in base if item["name"] not in {i["name"] for i in patch}]
+    return patch
+
+
+def workers_kustomization() -> dict:
+    return yaml.safe_load((K8S_WORKERS / "kustomization.yaml").read_text())
+
+
+def workers_objects() -> dict[tuple[str, str], dict]:
+    kustomization = workers_kustomization()
+    objects: dict[tuple[str, str], dict] = {}
+    for resource in kustomization["resources"]:
+        path = (K8S_WORKERS / resource).resolve()
+        documents = k8s_documents(path) if path.is_dir() else list(yaml.safe_load_all(path.read_text()))
+        for document in documents:
+            key = (document["kind"], document["metadata"]["name"])
+            assert key not in objects, key
+            objects[key] = document
+    for patch in kustomization["patches"]:
+        document = yaml.safe_load((K8S_WORKERS / patch["path"]).read_text())
+        key = (document["kind"], document["metadata"]["name"])
+        assert key in objects, f"{patch['path']} patches nothing"
+        objects[key] = strategic_merge(objects[key], document)
+    return objects
+
+
+def worker_env(container: dict) -> dict[str, str]:
+    return {item["name"]: item["value"] for item in container["env"] if "value" in item}
+
+
+def worker_settings(objects, pod: dict, container: dict):
+    """The settings a worker loads: as container_settings, the downward-API variables left out."""
+    env = [item for item in container["env"] if "fieldRef" not in item.get("valueFrom", {})]
+    return container_settings(objects, pod, {**container, "env": env})
+
+
+def test_k8s_workers_overlay_is_the_base_with_the_trainer_as_parallel_workers():
+    kustomization = workers_kustomization()
+    bases = [(K8S_WORKERS / r).resolve() for r in kustomization["resources"] if (K8S_WORKERS / r).is_dir()]
+    assert bases == [K8S.resolve()]
+    # kustomize refuses ("cycle detected") an overlay loading a directory that contains it
+    assert not K8S_WORKERS.resolve().is_relative_to(K8S.resolve())
+    assert kustomization["namespace"] == only(k8s_objects(), "Namespace")["metadata"]["name"]
+    objects = workers_objects()
+    assert set(objects) - set(k8s_objects()) == {("Service", "streamvi-workers")}
+    statefulset = only(objects, "StatefulSet")
+    spec = statefulset["spec"]
+    pod = spec["template"]
+    container = pod["spec"]["containers"][0]
+    env = worker_env(container)
+    assert spec["replicas"] == int(env["WORKER_COUNT"]) == 2
+    assert spec["podManagementPolicy"] == "Parallel", "a worker waits for all the others to start"
+    assert pod["spec"].get("restartPolicy", "Always") == "Always"
+    assert container["args"] == ["run"] and container["command"][:2] == ["python3", "-c"]
+
+    settings = worker_settings(objects, pod, container)
+    assert settings.distribution.strategy == "multi_worker"
+    assert settings.distribution.workers == [], "the cluster comes from TF_CONFIG"
+    assert settings.processing.guarantee == "at_least_once"
+    assert settings.training.publish_latents is False
+    # one snapshot store for all workers: the RWX claim, read-write, never a per-pod volume
+    assert "volumeClaimTemplates" not in spec
+    claim, mount = snapshot_claim(objects, pod, container, settings)
+    assert claim["metadata"]["name"] == "streamvi-snapshots"
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"] and not mount.get("readOnly")
+    encoders = only(objects, "Deployment")
+    encoder_pod = encoders["spec"]["template"]
+    encoder = encoder_pod["spec"]["containers"][0]
+    encoder_claim, _ = snapshot_claim(
+        objects, encoder_pod, encoder, worker_settings(objects, encoder_pod, encoder)
+    )
+    assert encoder_claim is claim
+
+    # the headless governing Service: stable pod DNS names and the collective port, not-ready pods
+    # included (a worker is not ready before all have met)
+    service = only(objects, "Service", spec["serviceName"])
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    assert selects(service["spec"]["selector"], pod["metadata"]["labels"])
+    assert not selects(service["spec"]["selector"], encoder_pod["metadata"]["labels"])
+    (port,) = service["spec"]["ports"]
+    container_ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert port["name"] == port["targetPort"] == "collective"
+    assert port["port"] == container_ports["collective"] == int(env["WORKER_PORT"])
+    assert env["WORKER_SERVICE"] == service["metadata"]["name"]
+    assert container_ports["metrics"] == settings.metrics.port
+    # metrics stay with the trainer's Service and ServiceMonitor (job streamvi)
+    assert selects(only(objects, "Service", TRAINER_JOB)["spec"]["selector"], pod["metadata"]["labels"])
+    monitor = only(objects, "ServiceMonitor", TRAINER_JOB)
+    assert not selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+
+
+def run_worker_entrypoint(ordinal: int, tmp_path: Path) -> tuple[subprocess.CompletedProcess[str], dict]:
+    """The worker container's command and args, as the pod of ``ordinal`` runs them, with a
+    ``streamvi`` on PATH that prints the TF_CONFIG and the arguments it was started with."""
+    objects = workers_objects()
+    statefulset = only(objects, "StatefulSet")
+    container = statefulset["spec"]["template"]["spec"]["containers"][0]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    stub = bin_dir / "streamvi"
+    stub.write_text('#!/bin/sh\nprintf \'%s\\n\' "$TF_CONFIG" "$*"\n')
+    stub.chmod(0o755)
+    (bin_dir / "python3").unlink(missing_ok=True)
+    (bin_dir / "python3").symlink_to(sys.executable)
+    env = {
+        **worker_env(container),
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "POD_NAME": f"{statefulset['metadata']['name']}-{ordinal}",
+        "POD_NAMESPACE": workers_kustomization()["namespace"],
+    }
+    downward = {i["name"] for i in container["env"] if "fieldRef" in i.get("valueFrom", {})}
+    assert downward == {"POD_NAME", "POD_NAMESPACE"}
+    result = subprocess.run(
+        [*container["command"], *container["args"]], env=env, capture_output=True, text=True, timeout=60
+    )
+    return result, objects
+
+
+@pytest.mark.parametrize("ordinal", [0, 1])
+def test_k8s_worker_entrypoint_builds_tf_config_from_the_pod_ordinal(ordinal, tmp_path):
+    from streamvi.cluster import resolve_cluster
+    from streamvi.config import DistributionSettings
+
+    result, objects = run_worker_entrypoint(ordinal, tmp_path)
+    assert result.returncode == 0, result.stderr
+    tf_config, args = result.stdout.splitlines()
+    assert args == "run", "the daemon is exec'd with the container's args"
+    statefulset = only(objects, "StatefulSet")
+    spec = statefulset["spec"]
+    (port,) = only(objects, "Service", spec["serviceName"])["spec"]["ports"]
+    namespace = workers_kustomization()["namespace"]
+    expected = tuple(
+        f"{statefulset['metadata']['name']}-{i}.{spec['serviceName']}.{namespace}.svc:{port['port']}"
+        for i in range(spec["replicas"])
+    )
+    assert json.loads(tf_config) == {
+        "cluster": {"worker": list(expected)},
+        "task": {"type": "worker", "index": ordinal},
+    }
+    cluster = resolve_cluster(DistributionSettings(strategy="multi_worker"), {"TF_CONFIG": tf_config})
+    assert cluster.source == "TF_CONFIG" and cluster.workers == expected
+    assert cluster.index == ordinal and cluster.is_chief is (ordinal == 0)
+
+
+def test_k8s_worker_entrypoint_refuses_an_ordinal_beyond_the_worker_count(tmp_path):
+    replicas = only(workers_objects(), "StatefulSet")["spec"]["replicas"]
+    result, _ = run_worker_entrypoint(replicas, tmp_path)
+    assert result.returncode != 0 and result.stdout == "", "the daemon must not start"
+    assert "WORKER_COUNT" in result.stderr
+
+
+def test_k8s_workers_overlay_renders_as_merged_here():
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed")
+    result = subprocess.run(
+        [kubectl, "kustomize", str(K8S_WORKERS)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    rendered = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(result.stdout) if d}
+    objects = workers_objects()
+    assert set(rendered) == set(objects)
+    for key, document in rendered.items():
+        if key[0] != "Namespace":
+            assert document["metadata"]["namespace"] == "streamvi", key
+    for key in (("StatefulSet", "streamvi"), ("Service", "streamvi-workers")):
+        assert rendered[key]["spec"] == objects[key]["spec"], key
 
 
 @pytest.mark.parametrize("path", sorted(p.relative_to(DEPLOY).as_posix() for p in DEPLOY.rglob("*.y*ml")))
