@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from streamvi.config import DistributionSettings, Settings
 from streamvi.errors import ConfigError
-from streamvi.snapshots.store import PROGRESS_FILE
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -160,4 +159,6 @@ def start_cluster(settings: Settings) -> tuple[Cluster | None, tf.distribute.Str
 
 def progress_file(cluster: Cluster | None) -> str:
     """The output-progress file of this trainer: one per worker, in the snapshot store they share."""
+    from streamvi.snapshots.store import PROGRESS_FILE  # not at import: it loads TensorFlow
+
     return PROGRESS_FILE if cluster is None or cluster.is_chief else f"progress-worker-{cluster.index}.json"
