@@ -23,7 +23,7 @@ from typing import Any
 import tensorflow as tf
 
 from streamvi.errors import WorkerLostError
-from streamvi.io.base import Partition
+from streamvi.io.base import Partition, RawRecord
 from streamvi.snapshots.store import SnapshotInfo
 from streamvi.stream.online import OnlineLoop
 from streamvi.stream.state import LoopCounts
@@ -61,6 +61,8 @@ class WorkerLoop(OnlineLoop):
         self._idle = False
         #: Inside an agreed round: only there does a checkpoint run (see ``run_checkpoint``).
         self._in_round = False
+        #: A round agreed to stop: no further round; the loop goes to the final checkpoint.
+        self._stop_agreed = False
 
     # -- the parts that differ from the single trainer --------------------------------------------
     def _make_checkpoints(self, **kwargs: Any) -> Any:
@@ -110,6 +112,7 @@ class WorkerLoop(OnlineLoop):
         for topic, number in partitions:
             self.metrics.consumer_lag.remove(topic, str(number))
         self.health.set(partitions_assigned=bool(self.source.assignment()))
+        self._assigned_at = None  # waiting for the new assignment is not idleness
 
     def _rewind(self, reason: str) -> None:
         """A failure seen by this worker alone: every worker rewinds at the next round."""
@@ -124,7 +127,15 @@ class WorkerLoop(OnlineLoop):
     # -- batches close only on an agreement ---------------------------------------------------------
     def _submit_batch(self) -> None:
         """A full batch (or a due one) goes to the next round rather than straight to the step."""
-        self.lockstep_round()
+        if not self._stop_agreed:
+            self.lockstep_round()
+
+    def handle(self, records: list[RawRecord]) -> None:
+        super().handle(records)
+        if self._stop_agreed:  # the rest of this fetch was left for a restart: not consumed
+            offsets = self.state.next_offsets
+            left = sum(1 for r in records if r.offset >= offsets.get((r.topic, r.partition), 0))
+            self.counts.records_consumed -= left
 
     def _train_and_drain(self) -> bool:
         """The agreed round before a checkpoint has already stepped every open batch."""
@@ -152,6 +163,12 @@ class WorkerLoop(OnlineLoop):
             self._step_everywhere()
         if agreement.checkpoint:
             self._agreed_checkpoint("interval")
+        if agreement.stop:
+            # Every worker stops after this round, wherever it met it (between polls, or inside a
+            # fetch whose batch filled): the rest of such a fetch is left unconsumed, its offsets
+            # not recorded, so a restart reads it again; the other workers hold no more rounds.
+            self._stop_agreed = True
+            self.recovery.epoch += 1
         return agreement
 
     def run_checkpoint(self, reason: str) -> SnapshotInfo | None:
@@ -216,6 +233,8 @@ class WorkerLoop(OnlineLoop):
             if records:
                 last_record_time, consumed = now, consumed + len(records)
                 self.handle(records)
+            if self._stop_agreed:
+                break
             self._idle = (
                 idle_timeout_seconds is not None
                 and self._idle_for(now, last_record_time) >= idle_timeout_seconds
@@ -225,8 +244,8 @@ class WorkerLoop(OnlineLoop):
             ) and not self._stopping:
                 log.info("worker %d stopping; the others stop with it", self.worker.worker_index)
                 self._stopping = True
-            agreement = self.lockstep_round()
-            if agreement.stop and not agreement.rewind:
+            self.lockstep_round()
+            if self._stop_agreed:
                 break
             if self._lag_pending or now - self._last_lag_time >= self.lag_interval_seconds:
                 self._lag_pending = not self._update_lag()

@@ -70,7 +70,8 @@ def check_exactly_once(settings, records: int) -> dict:
     committed = committed_offsets(settings.kafka.bootstrap_servers[0], settings.kafka.group_id)
     assert committed == latest.offsets
     counts = latest.meta["counts"]
-    assert counts["records_trained"] == records == counts["records_consumed"], counts
+    # consumed may exceed it: records fetched in an interval a rebalance rewound are read again
+    assert counts["records_trained"] == records <= counts["records_consumed"], counts
     per_worker = latest.meta["worker_counts"]
     assert sum(w["records_trained"] for w in per_worker) == records
     return latest.meta
