@@ -97,8 +97,9 @@ class MixedObservation:
         parts["categorical"] = logits
         return parts
 
-    def log_prob(self, x: tf.Tensor) -> tf.Tensor:
-        """log p(observed x | z) in nats, shape [..., B]; masked (NaN) features add nothing."""
+    def _terms(self, x: tf.Tensor) -> list[tuple[tf.Tensor, list[int]]]:
+        """Each type's masked per-feature log-density [..., B, n] and its model-vector columns, in
+        the decoder's type order (numeric, binary, count, then each categorical as one column)."""
         x = tf.cast(x, tf.float32)
         observed = ~tf.math.is_nan(x)
         filled = tf.where(observed, x, tf.zeros_like(x))
@@ -116,14 +117,32 @@ class MixedObservation:
         if layout.count:
             values = tf.gather(filled, layout.count, axis=1)
             terms.append((tfd.Poisson(log_rate=parts["count"]).log_prob(values), layout.count))
-        total = tf.zeros(tf.shape(self.params)[:-1])
+        masked = []
         for density, columns in terms:
             kept = tf.gather(observed, columns, axis=1)
-            total += tf.reduce_sum(tf.where(kept, density, tf.zeros_like(density)), axis=-1)
+            masked.append((tf.where(kept, density, tf.zeros_like(density)), columns))
         for (column, classes), logits in zip(layout.categorical, parts["categorical"], strict=True):
             hot = tf.one_hot(tf.cast(filled[:, column], tf.int32), classes)
             mass = tf.reduce_sum(hot * tf.nn.log_softmax(logits), axis=-1)
-            total += tf.where(observed[:, column], mass, tf.zeros_like(mass))
+            masked.append((tf.where(observed[:, column], mass, tf.zeros_like(mass))[..., None], [column]))
+        return masked
+
+    def log_prob_parts(self, x: tf.Tensor) -> tf.Tensor:
+        """log p(x_f | z) of each feature f in schema order, [..., B, F]; a masked feature is 0."""
+        terms = self._terms(x)
+        columns = [column for _, group in terms for column in group]
+        stacked = tf.concat([density for density, _ in terms], axis=-1)
+        order = [columns.index(j) for j in range(self.likelihood.layout.dim)]
+        return tf.gather(stacked, order, axis=-1)
+
+    def log_prob(self, x: tf.Tensor) -> tf.Tensor:
+        """log p(observed x | z) in nats, shape [..., B]; masked (NaN) features add nothing.
+
+        The sum of ``log_prob_parts``, accumulated type by type as it always was (bit-for-bit).
+        """
+        total = tf.zeros(tf.shape(self.params)[:-1])
+        for density, _ in self._terms(x):
+            total += tf.reduce_sum(density, axis=-1)
         return total
 
     def mean(self) -> tf.Tensor:

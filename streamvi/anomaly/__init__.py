@@ -1,0 +1,1 @@
+"""Anomaly scores made decisions: calibrated percentiles, drift, explanations."""
