@@ -110,6 +110,8 @@ class KafkaSettings(_Section):
     latents_topic: str = Field("streamvi.latents", min_length=1)
     metrics_topic: str = Field("streamvi.metrics", min_length=1)
     dead_letter_topic: str = Field("streamvi.dead-letter", min_length=1)
+    #: Records flagged as anomalies (anomaly.threshold_percentile), one message each.
+    anomalies_topic: str = Field("streamvi.anomalies", min_length=1)
     group_id: str = Field("streamvi", min_length=1)
     client_id: str = Field("streamvi", min_length=1)
     create_topics: bool = True
@@ -157,9 +159,17 @@ class KafkaSettings(_Section):
             self.sasl_username is None or self.sasl_password is None
         ):
             raise ValueError("kafka.sasl_username and kafka.sasl_password are required for that mechanism")
-        topics = [self.input_topic, self.latents_topic, self.metrics_topic, self.dead_letter_topic]
+        topics = [
+            self.input_topic,
+            self.latents_topic,
+            self.metrics_topic,
+            self.dead_letter_topic,
+            self.anomalies_topic,
+        ]
         if len(set(topics)) != len(topics):
-            raise ValueError("kafka input, latents, metrics and dead-letter topics must all differ")
+            raise ValueError(
+                "kafka input, latents, metrics, dead-letter and anomalies topics must all differ"
+            )
         if self.client == "librdkafka":
             self._check_librdkafka()
         return self
@@ -383,6 +393,77 @@ class EvaluationSettings(_Section):
     importance_samples: int = Field(32, ge=1)
 
 
+_DRIFT = AppliesWhen("drift_detector", ("adwin", "page_hinkley"))
+_ANOMALY = AppliesWhen("enabled", (True,))
+
+
+class AnomalySettings(_Section):
+    """Calibrated anomaly flags on the per-record ELBO, drift in the held-out scores, explanations.
+
+    Percentiles are taken against recent *reference* scores: the ELBOs of records that are never
+    trained on (the held-out share, and records outside ``training.sample_fraction``), each scored
+    before any update saw it; with neither share, every record's prequential score.
+    """
+
+    applies_when: ClassVar[Mapping[str, tuple[AppliesWhen, ...]]] = {
+        **{
+            key: (_ANOMALY,)
+            for key in (
+                "threshold_percentile",
+                "window_records",
+                "min_reference_records",
+                "sketch_k",
+                "train_on_flagged",
+                "drift_detector",
+            )
+        },
+        "adapt_records_after_drift": (_ANOMALY, _DRIFT),
+        "drift_warmup_records": (_ANOMALY, _DRIFT),
+        "drift_response": (_ANOMALY, _DRIFT),
+        "adwin_delta": (_ANOMALY, AppliesWhen("drift_detector", ("adwin",))),
+        "page_hinkley_delta": (_ANOMALY, AppliesWhen("drift_detector", ("page_hinkley",))),
+        "page_hinkley_threshold": (_ANOMALY, AppliesWhen("drift_detector", ("page_hinkley",))),
+        "learning_rate_factor": (_ANOMALY, _DRIFT, AppliesWhen("drift_response", ("raise_learning_rate",))),
+        "learning_rate_steps": (_ANOMALY, _DRIFT, AppliesWhen("drift_response", ("raise_learning_rate",))),
+    }
+
+    #: Percentile, flag, anomalies topic and drift detection (off: latents as before).
+    enabled: bool = True
+    #: A record is flagged when its anomaly percentile (the share of recent reference scores above
+    #: its ELBO) passes this.
+    threshold_percentile: float = Field(99.0, gt=0.0, lt=100.0)
+    #: Reference scores per sketch window; percentiles use the last one or two windows.
+    window_records: int = Field(1_000, ge=10)
+    #: No percentile (null) and no flag until the reference holds this many scores.
+    min_reference_records: int = Field(200, ge=10)
+    #: KLL sketch size (rank error about 1.3% at 200, 0.7% at 400; DataSketches' figures).
+    sketch_k: int = Field(200, ge=8, le=65_535)
+    #: Whether flagged records are trained on. Off: they are scored and published but left out of
+    #: the update, so attacks and faults do not become normal (except while adapting to a drift).
+    train_on_flagged: bool = False
+    #: River's detector on the stream of reference ELBOs, or none.
+    drift_detector: Literal["adwin", "page_hinkley", "none"] = "adwin"
+    #: ADWIN's confidence: smaller, fewer false alarms and later detections (scale-free).
+    adwin_delta: float = Field(0.002, gt=0.0, lt=1.0)
+    #: Page-Hinkley's tolerated change and alarm threshold, in nats: set them against the spread
+    #: of the held-out ELBO (a fall of twice delta is what it is after).
+    page_hinkley_delta: float = Field(1.0, gt=0.0)
+    page_hinkley_threshold: float = Field(50.0, gt=0.0)
+    #: Reference scores before detection starts (the first, fast part of learning is no drift).
+    drift_warmup_records: int = Field(1_000, ge=0)
+    #: After a drift, flagged records are trained on for this many trained records (a filter that
+    #: never learns from what it flags never adapts to a real shift); the reference restarts too.
+    adapt_records_after_drift: int = Field(5_000, ge=0)
+    #: What a drift does to training besides tagging the last snapshot before it: nothing, reset
+    #: the optimizer's moments, or multiply the learning rate for a while.
+    drift_response: Literal["none", "reset_optimizer", "raise_learning_rate"] = "none"
+    learning_rate_factor: float = Field(3.0, gt=1.0, le=100.0)
+    learning_rate_steps: int = Field(200, ge=1)
+    #: Per record, the input dimensions (or named features) with the lowest log-likelihood under
+    #: the decoder at the posterior location, in the latents message; 0 for none.
+    explain_top_k: int = Field(0, ge=0, le=64)
+
+
 class SnapshotSettings(_Section):
     """Where and how often the model, optimizer, RNG and offsets are saved."""
 
@@ -560,6 +641,7 @@ class Settings(BaseSettings):
     processing: ProcessingSettings = Field(default_factory=ProcessingSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)
     distribution: DistributionSettings = Field(default_factory=DistributionSettings)
+    anomaly: AnomalySettings = Field(default_factory=AnomalySettings)
 
     @classmethod
     def settings_customise_sources(
@@ -615,6 +697,12 @@ class Settings(BaseSettings):
             raise ValueError(
                 "distribution.strategy=multi_worker does not support input.normalise=true yet "
                 "(the running moments are per worker); set input.normalise=false"
+            )
+        if self.anomaly.enabled and self.anomaly.drift_response != "none":
+            raise ValueError(
+                f"distribution.strategy=multi_worker does not support anomaly.drift_response="
+                f"{self.anomaly.drift_response} yet (each worker detects drift on its own scores, and "
+                "the optimizer must stay equal on all); use none"
             )
         if self.processing.guarantee == "exactly_once":
             raise ValueError(

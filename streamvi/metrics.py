@@ -62,6 +62,26 @@ class StreamMetrics:
             registry=registry,
         )
         self.build_info = Info("streamvi_build", "Versions of streamvi and its runtime", registry=registry)
+        self.anomalies_flagged = Counter(
+            "streamvi_anomalies_flagged",
+            "Records whose score passed anomaly.threshold_percentile of the recent held-out scores",
+            registry=registry,
+        )
+        self.anomaly_threshold_percentile = Gauge(
+            "streamvi_anomaly_threshold_percentile",
+            "anomaly.threshold_percentile: a record is flagged when its score passes this percentile",
+            registry=registry,
+        )
+        self.anomaly_threshold_elbo = Gauge(
+            "streamvi_anomaly_threshold_elbo_nats",
+            "ELBO (nats) below which a record is flagged, from the reference sketch (NaN: uncalibrated)",
+            registry=registry,
+        )
+        self.anomaly_reference_records = Gauge(
+            "streamvi_anomaly_reference_records",
+            "Held-out scores in the sketch that percentiles are taken against",
+            registry=registry,
+        )
 
     def set_build_info(self, versions: dict[str, str]) -> None:
         self.build_info.info(dict(versions, python=platform.python_version()))
@@ -157,6 +177,42 @@ class Metrics(StreamMetrics):
             "1 after too many non-finite updates in a row forced a restore of the last good snapshot",
             registry=registry,
         )
+        self.flagged_not_trained = Counter(
+            "streamvi_flagged_records_not_trained",
+            "Flagged records left out of training (anomaly.train_on_flagged off, not adapting to a drift)",
+            registry=registry,
+        )
+        self.drift_detected = Counter(
+            "streamvi_drift_detected",
+            "Drifts detected in the stream of held-out scores (anomaly.drift_detector)",
+            registry=registry,
+        )
+        self.last_drift = Gauge(
+            "streamvi_last_drift_timestamp_seconds",
+            "Unix time of the last detected drift (0: none since the model was created)",
+            registry=registry,
+        )
+        self.seconds_since_drift = Gauge(
+            "streamvi_seconds_since_drift",
+            "Seconds since the last detected drift (NaN: none since the model was created)",
+            registry=registry,
+        )
+        self._last_drift_time = 0.0
+        self.seconds_since_drift.set_function(self._seconds_since_drift)
+        self.drift_adapting = Gauge(
+            "streamvi_drift_adapting",
+            "1 while the model adapts after a drift (flagged records trained on, learning rate raised)",
+            registry=registry,
+        )
+
+    def record_drift_time(self, when: float) -> None:
+        """The last drift's time (0: none): both drift gauges follow it."""
+        self._last_drift_time = when
+        self.last_drift.set(when)
+
+    def _seconds_since_drift(self) -> float:
+        last = self._last_drift_time
+        return time.time() - last if last > 0 else math.nan
 
 
 #: Why a newer snapshot was not loaded by an encoder replica (``streamvi_snapshot_reload_failures_total``).

@@ -17,6 +17,8 @@ from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
 from streamvi import __version__
+from streamvi.anomaly.explain import group_names
+from streamvi.anomaly.monitor import AnomalyMonitor
 from streamvi.cluster import progress_file, start_cluster
 from streamvi.config import KafkaSettings, Settings
 from streamvi.estimators import build_estimator
@@ -63,7 +65,9 @@ def build_trainer(settings: Settings) -> Trainer:
     model = build_vae(
         settings.model, settings.training, settings.input.dim, settings.input.context_dim, settings.input
     )
-    return Trainer.from_settings(model, build_estimator(settings), settings.training)
+    trainer = Trainer.from_settings(model, build_estimator(settings), settings.training)
+    trainer.explain_top_k = settings.anomaly.explain_top_k
+    return trainer
 
 
 def build_decoder(settings: Settings) -> RecordDecoder | FeatureDecoder:
@@ -102,6 +106,11 @@ def evaluation_policy(settings: Settings) -> EvaluationPolicy | None:
     )
 
 
+def anomaly_monitor(settings: Settings, learns: bool = True) -> AnomalyMonitor | None:
+    """Percentiles, flags and drift detection as ``anomaly`` configures them; None when off."""
+    return AnomalyMonitor(settings.anomaly, learns=learns) if settings.anomaly.enabled else None
+
+
 def snapshot_meta(settings: Settings) -> dict[str, Any]:
     """The static part of every snapshot's meta.json: config (secrets masked) and versions."""
     return {"config": settings.public_dict(), "versions": versions()}
@@ -126,6 +135,7 @@ def output_topics(settings: Settings, per_record: bool = True) -> OutputTopics:
         latents=kafka.latents_topic if per_record else None,
         metrics=kafka.metrics_topic,
         dead_letter=kafka.dead_letter_topic if per_record else None,
+        anomalies=kafka.anomalies_topic if per_record and settings.anomaly.enabled else None,
     )
 
 
@@ -299,7 +309,26 @@ def startup_lines(settings: Settings, kafka: KafkaSettings | None = None) -> lis
         f"{model.likelihood} likelihood; estimator {training.estimator}, batch {training.batch_size}, "
         f"{training.optimizer} lr {training.learning_rate}",
         f"device: {describe_device(training.device)}",
+        anomaly_line(settings, kafka),
     ]
+
+
+def anomaly_line(settings: Settings, kafka: KafkaSettings) -> str:
+    """The start-up line on anomaly flags and drift."""
+    anomaly = settings.anomaly
+    if not anomaly.enabled:
+        return "anomalies: off (anomaly.enabled=false)"
+    trained = "trained on" if anomaly.train_on_flagged else "not trained on"
+    drift = (
+        "no drift detection"
+        if anomaly.drift_detector == "none"
+        else f"drift by {anomaly.drift_detector}, response {anomaly.drift_response}"
+    )
+    where = f" to {kafka.anomalies_topic}" if settings.training.publish_latents else ""
+    return (
+        f"anomalies: flagged past the {anomaly.threshold_percentile:g}th percentile of recent reference "
+        f"scores{where}, {trained}; {drift}"
+    )
 
 
 def build_daemon(settings: Settings, registry: CollectorRegistry | None = None) -> Daemon:
@@ -358,6 +387,8 @@ def build_daemon(settings: Settings, registry: CollectorRegistry | None = None) 
                 settings.training.sample_fraction, score_all=settings.training.publish_latents
             ),
             processing=processing_policy(settings),
+            anomaly=anomaly_monitor(settings),
+            explain_names=group_names(trainer.model),
         )
         restored = loop.restore()
     except BaseException as exc:

@@ -24,6 +24,7 @@ def ensure_topics(settings: KafkaSettings, topics: Iterable[str] | None = None) 
             settings.latents_topic,
             settings.metrics_topic,
             settings.dead_letter_topic,
+            settings.anomalies_topic,
         )
     )
     admin = KafkaAdminClient(**client_options(settings))

@@ -379,6 +379,28 @@ def dead_letter_message(record: RawRecord, topic: str, error: DecodeError) -> Ou
     return OutputMessage(topic=topic, key=record.key, value=record.value or b"", headers=headers)
 
 
+@dataclass(frozen=True)
+class LatentAnomalyFields:
+    """The anomaly fields of a batch's latents messages (streamvi/anomaly): each record's anomaly
+    percentile (null while the reference is not calibrated), its flag and, when explained, its
+    lowest-likelihood inputs (one JSON array per record)."""
+
+    percentiles: np.ndarray | None
+    flagged: np.ndarray
+    explanations: Sequence[bytes] | None = None
+
+    def fields(self, n: int) -> list[bytes]:
+        """Per record, the bytes ``,"anomaly_percentile":...,"anomaly":...[,"explanation":[...]]``."""
+        percentiles = [b"null"] * n if self.percentiles is None else _json_rows(self.percentiles[:n, None])
+        flags = [b"true" if f else b"false" for f in self.flagged[:n].tolist()]
+        out = [
+            b',"anomaly_percentile":%s,"anomaly":%s' % (p, f) for p, f in zip(percentiles, flags, strict=True)
+        ]
+        if self.explanations is not None:
+            out = [o + b',"explanation":' + e for o, e in zip(out, self.explanations, strict=True)]
+        return out
+
+
 def latent_messages(
     topic: str,
     records: Sequence[RawRecord],
@@ -390,6 +412,7 @@ def latent_messages(
     bound_name: str,
     snapshot: str | None = None,
     observed: np.ndarray | None = None,
+    anomaly: LatentAnomalyFields | None = None,
 ) -> list[OutputMessage]:
     """One latents message per record, keyed like its input (DESIGN.md latents contract); an
     encoder replica adds ``snapshot``, the name of the snapshot whose parameters scored it.
@@ -413,6 +436,8 @@ def latent_messages(
         middle += b',"snapshot":' + orjson.dumps(snapshot)
     prefixes: dict[tuple[str, int], bytes] = {}  # the origin fields, per input partition
     tails = [b"}"] * n if observed is None else [b',"observed":%d}' % k for k in observed[:n].tolist()]
+    if anomaly is not None:
+        tails = [extra + tail for extra, tail in zip(anomaly.fields(n), tails, strict=True)]
     messages = []
     for i, record in enumerate(records):
         origin = (record.topic, record.partition)

@@ -35,6 +35,8 @@ META_FILE = "meta.json"
 FORMAT_VERSION = 1
 LOCK_FILE = ".lock"
 PROGRESS_FILE = "progress.json"
+#: A snapshot's tags (outside its checksums: see SnapshotStore.tag).
+TAGS_FILE = "tags.json"
 _PREFIX = "snapshot-"
 _DISCARDED = ".discarded-"
 
@@ -229,14 +231,40 @@ class SnapshotStore(SnapshotReader):
         else:
             status.assert_consumed()
 
+    def tag(self, info: SnapshotInfo, name: str, detail: Mapping[str, Any]) -> None:
+        """Tag a snapshot (e.g. ``pre-drift``: the last one before a detected drift, to roll back
+        to). A tagged snapshot is never pruned. Tags live in ``tags.json`` beside its files, outside
+        its checksums: tagging changes nothing that is verified or restored."""
+        path = info.path / TAGS_FILE
+        tags = read_tags(info.path)
+        tags.append({"tag": name, "tagged_at": time.time(), **detail})
+        temp = path.with_name(f".{TAGS_FILE}.{os.getpid()}")
+        temp.write_text(json.dumps(tags, indent=2, sort_keys=True), encoding="utf-8")
+        _fsync_path(temp)
+        os.replace(temp, path)
+        _fsync_path(info.path)
+
     def prune(self) -> None:
-        """Delete all but the newest ``keep`` snapshots, and temp directories left by a crash."""
-        for path in self.candidates()[self.keep :]:
+        """Delete all but the newest ``keep`` untagged snapshots, and temp directories left by a
+        crash; tagged snapshots stay until a user removes them."""
+        untagged = [path for path in self.candidates() if not (path / TAGS_FILE).is_file()]
+        for path in untagged[self.keep :]:
             shutil.rmtree(path, ignore_errors=True)
         if self.directory.is_dir():
             for path in self.directory.iterdir():
                 if path.name.startswith((".tmp-", _DISCARDED)):
                     shutil.rmtree(path, ignore_errors=True)
+
+
+def read_tags(path: Path) -> list[dict[str, Any]]:
+    """A snapshot's tags (see ``SnapshotStore.tag``), oldest first; none when it has no tags file."""
+    try:
+        tags = json.loads((path / TAGS_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as exc:
+        raise SnapshotError(f"{path}: unreadable {TAGS_FILE}: {exc}") from exc
+    return [tag for tag in tags if isinstance(tag, dict)] if isinstance(tags, list) else []
 
 
 class SnapshotLock:

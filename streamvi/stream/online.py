@@ -8,14 +8,17 @@ Its checkpoints write a snapshot between flushing outputs and committing offsets
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
+from streamvi.anomaly.monitor import STATE_FILE, AnomalyMonitor, Verdict
+from streamvi.anomaly.responses import Change
 from streamvi.io.base import OutputSink, RecordSource
-from streamvi.io.codecs import BatchDecoder
+from streamvi.io.codecs import BatchDecoder, metrics_message
 from streamvi.metrics import Health, Metrics
 from streamvi.snapshots.compatibility import check_snapshot_matches
 from streamvi.snapshots.sample import SAMPLE_FILE, encode_sample, load_sample
@@ -34,6 +37,7 @@ from streamvi.stream.state import (
     OutputTopics,
     ProcessingPolicy,
 )
+from streamvi.training.results import StepResult
 from streamvi.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -63,6 +67,8 @@ class OnlineLoop(StreamProcessor):
         processing: ProcessingPolicy | None = None,
         pipeline_depth: int = 2,
         share: TrainingShare | None = None,
+        anomaly: AnomalyMonitor | None = None,
+        explain_names: Sequence[str] = (),
     ) -> None:
         self.store = store
         self.snapshot_meta = dict(snapshot_meta or {})
@@ -84,6 +90,8 @@ class OnlineLoop(StreamProcessor):
             processing=processing,
             pipeline_depth=pipeline_depth,
             share=share,
+            anomaly=anomaly,
+            explain_names=explain_names,
         )
         self.checkpoint = tf.train.Checkpoint(**trainer.checkpoint_objects())
         self.committer = committer_for(self.processing.exactly_once, source, sink, store, self.progress)
@@ -138,6 +146,7 @@ class OnlineLoop(StreamProcessor):
         if info is not None:
             self.stream = self.recovery.load(info)
             self._restore_heldout(info)
+            self._restore_anomaly(info)
             log.info(
                 "snapshot: restored %s at step %d, resuming at offsets %s",
                 info.path.name,
@@ -156,12 +165,24 @@ class OnlineLoop(StreamProcessor):
         return info
 
     def _snapshot_files(self) -> dict[str, bytes]:
-        """The held-out sample saved with a snapshot (streamvi/snapshots/sample.py), when kept."""
+        """The held-out sample saved with a snapshot (streamvi/snapshots/sample.py), when kept, and
+        the anomaly state (reference sketches, drift detector, adaptation: streamvi/anomaly)."""
+        files = {} if self.anomaly is None else {STATE_FILE: self.anomaly.state()}
         evaluation = self.evaluation
         if evaluation is None or evaluation.snapshot_sample_records <= 0 or not len(evaluation.reservoir):
-            return {}
+            return files
         x, c = evaluation.reservoir.newest(evaluation.snapshot_sample_records)
-        return {SAMPLE_FILE: encode_sample(x, c)}
+        return {**files, SAMPLE_FILE: encode_sample(x, c)}
+
+    def _restore_anomaly(self, info: SnapshotInfo) -> None:
+        """The anomaly reference, detector and adaptation as the snapshot saved them (a snapshot
+        written without them leaves them new)."""
+        if self.anomaly is None or STATE_FILE not in info.meta.get("files", {}):
+            return
+        self.anomaly.load((info.path / STATE_FILE).read_bytes())
+        metrics = trainer_metrics(self.metrics)
+        metrics.record_drift_time(self.anomaly.last_drift_time)
+        metrics.drift_adapting.set(1.0 if self.anomaly.adapting else 0.0)
 
     def _restore_heldout(self, info: SnapshotInfo) -> None:
         """Refill the held-out reservoir from the snapshot's sample: the evaluation goes on with the
@@ -217,6 +238,55 @@ class OnlineLoop(StreamProcessor):
 
     def _fetch_handled(self) -> None:
         self.committer.fetch_handled()
+
+    def _judged(self, result: StepResult, verdict: Verdict) -> None:
+        """Count trained records against a drift's adaptation, act on a detected drift, and run the
+        response's changes on the step thread (behind the steps already queued)."""
+        assert self.anomaly is not None
+        monitor = self.anomaly
+        metrics = trainer_metrics(self.metrics)
+        monitor.note_trained(result.trained_records)
+        if result.trained:
+            self._run_change(monitor.response.after_step(self.trainer))
+        if verdict.drift:
+            self._drifted(monitor, result)
+        metrics.drift_adapting.set(1.0 if monitor.adapting else 0.0)
+
+    def _drifted(self, monitor: AnomalyMonitor, result: StepResult) -> None:
+        """A drift: count and report it, tag the last snapshot before it, start the response."""
+        now = time.time()
+        monitor.note_drift(now, result.step)
+        self.counts.drifts_detected += 1
+        metrics = trainer_metrics(self.metrics)
+        metrics.drift_detected.inc()
+        metrics.record_drift_time(now)
+        tagged = self.store.latest()
+        if tagged is not None:
+            self.store.tag(tagged, "pre-drift", {"detected_at": now, "detected_at_step": result.step})
+        log.warning(
+            "drift detected in the reference scores at step %d (%s); last snapshot before it: %s; "
+            "response: %s",
+            result.step,
+            monitor.settings.drift_detector,
+            tagged.path.name if tagged is not None else "(none yet)",
+            monitor.response.name,
+        )
+        payload = {
+            "kind": "drift",
+            "step": result.step,
+            "detector": monitor.settings.drift_detector,
+            "detected_at": now,
+            "drifts_detected": self.counts.drifts_detected,
+            "tagged_snapshot": tagged.path.name if tagged is not None else None,
+            "response": monitor.response.name,
+            "adapt_records": monitor.adapt_left,
+        }
+        self.sink.send(metrics_message(self.publisher.topics.metrics, payload))
+        self._run_change(monitor.response.on_drift(self.trainer))
+
+    def _run_change(self, change: Change | None) -> None:
+        if change is not None:
+            self.pipeline.executor().submit(change)
 
     def _heldout_payload(self, step: int, x: np.ndarray, c: np.ndarray) -> dict[str, Any] | None:
         """Runs on the step thread, right after step ``step``."""

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 
+from streamvi.anomaly.monitor import Thresholds
 from streamvi.io.base import RawRecord, RecordSource
 from streamvi.stream.batching import MicroBatcher
 from streamvi.training.trainer import StepResult, Trainer
@@ -66,6 +68,8 @@ class InFlight:
     heldout: concurrent.futures.Future[dict[str, Any] | None] | None = None
     #: The snapshot whose parameters run the step (an encoder replica's), or None (the live model).
     model: str | None = None
+    #: The anomaly thresholds the batch was submitted with (streamvi/anomaly/monitor.py).
+    thresholds: Thresholds | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,9 @@ class Finished:
     model: str | None = None
     #: Observed dimensions per record (under a feature schema), else None.
     observed: np.ndarray | None = None
+    thresholds: Thresholds | None = None
+    #: Which real records were never trainable (held out, or outside the training share).
+    untrained: np.ndarray | None = None
 
 
 class StepPipeline:
@@ -134,23 +141,31 @@ class StepPipeline:
             return operation()
         return self.keepalive.wait(self.executor().submit(operation))
 
-    def submit(self, heldout_every: int | None, heldout_task: HeldOutTask, held: Callable[[], Any]) -> None:
+    def submit(
+        self,
+        heldout_every: int | None,
+        heldout_task: HeldOutTask,
+        held: Callable[[], Any],
+        thresholds: Thresholds | None = None,
+    ) -> None:
         """Queue the open batch for the step thread and open the next buffer (the caller makes room).
 
         A held-out evaluation due after this step is queued right behind it on the step thread, so
-        it sees exactly the parameters of that step and never overlaps one.
+        it sees exactly the parameters of that step and never overlaps one. Rows whose bound is
+        below ``thresholds.train_floor`` are scored but not trained on.
         """
         batch = self.batcher
         n = len(batch)
         executor = self.executor()
-        step = executor.submit(self.trainer.train_rows, batch.padded(), n)
+        floor = thresholds.train_floor if thresholds is not None else -math.inf
+        step = executor.submit(self.trainer.train_rows, batch.padded(), n, floor)
         heldout = None
         if batch.weights[:n].any():  # a step that trains advances the step counter by one
             self.submitted_step += 1
             if heldout_every is not None and self.submitted_step % heldout_every == 0:
                 held_x, held_c = (a.copy() for a in held())
                 heldout = executor.submit(heldout_task, self.submitted_step, held_x, held_c)
-        self._in_flight.append(InFlight(batch, step, heldout, self.model))
+        self._in_flight.append(InFlight(batch, step, heldout, self.model, thresholds))
         self.batcher = self._free.pop()
 
     def oldest_finished(self) -> bool:
@@ -168,7 +183,16 @@ class StepPipeline:
         batch = entry.batch
         n = len(batch.records)
         observed = np.count_nonzero(~np.isnan(batch.x[:n]), axis=1) if self.count_observed else None
-        finished = Finished(batch.records, batch.record_ids, result, heldout, entry.model, observed)
+        finished = Finished(
+            batch.records,
+            batch.record_ids,
+            result,
+            heldout,
+            entry.model,
+            observed,
+            entry.thresholds,
+            batch.weights[:n] == 0,
+        )
         batch.clear()
         self._free.append(batch)
         return finished

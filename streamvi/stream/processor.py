@@ -18,13 +18,14 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from streamvi.anomaly.monitor import AnomalyMonitor, Verdict
 from streamvi.io.base import OutputSink, Partition, RawRecord, RecordSource
 from streamvi.io.codecs import BatchDecoder, DecodeError
 from streamvi.metrics import Health
 from streamvi.snapshots.store import SnapshotInfo
 from streamvi.stream.batching import MicroBatcher
 from streamvi.stream.ingest import Block, Fetch, Ingest, TrainingShare, appended_at
-from streamvi.stream.pipeline import KeepAlive, StepPipeline
+from streamvi.stream.pipeline import Finished, KeepAlive, StepPipeline
 from streamvi.stream.progress import OutputProgress
 from streamvi.stream.publisher import AnyMetrics, NullMetrics, Publisher
 from streamvi.stream.state import (
@@ -95,8 +96,15 @@ class StreamProcessor(ABC):
         processing: ProcessingPolicy | None = None,
         pipeline_depth: int = 2,
         share: TrainingShare | None = None,
+        anomaly: AnomalyMonitor | None = None,
+        explain_names: Sequence[str] = (),
     ) -> None:
         self.source, self.sink, self.trainer = source, sink, trainer
+        #: Percentiles, flags and drift of the scores (streamvi/anomaly), or None: off.
+        self.anomaly = anomaly
+        #: Reference scores are the records never trained on when the role has such a share (held
+        #: out, or outside the training sample), else every record's prequential score.
+        self._reference_untrained = evaluation is not None or (share is not None and share.fraction < 1.0)
         self.processing = processing or ProcessingPolicy()
         self.evaluation = evaluation
         self.metrics: AnyMetrics = metrics if metrics is not None else NullMetrics()
@@ -116,7 +124,15 @@ class StreamProcessor(ABC):
         )
         self.progress = progress
         self.ingest = Ingest(decoder, evaluation, share)
-        self.publisher = Publisher(sink, topics, trainer, self.metrics, self.progress)
+        self.publisher = Publisher(
+            sink,
+            topics,
+            trainer,
+            self.metrics,
+            self.progress,
+            explain_names,
+            anomaly.settings.threshold_percentile if anomaly is not None else None,
+        )
         self._last_lag_time = 0.0
         #: Some assigned partition has no lag exported yet: compute it on every iteration until it
         #: has (the high-water mark arrives with the first fetch response after an assignment).
@@ -149,6 +165,9 @@ class StreamProcessor(ABC):
 
     def _step_published(self, result: StepResult, n: int) -> None:  # noqa: B027 -- optional hook
         """Called after a finished step of ``n`` records was published."""
+
+    def _judged(self, result: StepResult, verdict: Verdict) -> None:  # noqa: B027 -- optional hook
+        """Called after a finished step's anomaly verdict was published (a drift is the trainer's)."""
 
     # -- what the rest of the daemon reads -----------------------------------------------------------
     @property
@@ -313,6 +332,7 @@ class StreamProcessor(ABC):
             evaluation.every_steps if evaluation is not None else None,
             self._heldout_payload,
             lambda: evaluation.reservoir.contents() if evaluation is not None else None,
+            self.anomaly.thresholds() if self.anomaly is not None else None,
         )
 
     def _heldout_payload(self, step: int, x: np.ndarray, c: np.ndarray) -> dict[str, Any] | None:
@@ -345,6 +365,7 @@ class StreamProcessor(ABC):
             return
         result = finished.result
         self.checkpoints.finished_step = result.step
+        verdict = self._judge(finished)
         self.publisher.batch(
             finished.records,
             finished.record_ids,
@@ -353,13 +374,30 @@ class StreamProcessor(ABC):
             self.stream,
             finished.model,
             finished.observed,
+            verdict,
+            finished.thresholds,
         )
         self._step_published(result, len(finished.records))
+        if verdict is not None:
+            self._judged(result, verdict)
         self.recovery.note_step(result)
         if self.recovery.diverged:
             self._drain()  # the steps queued behind it ran on the diverged parameters
             if self.recovery.diverged:
                 self.recovery.recover_from_divergence()
+
+    def _judge(self, finished: Finished) -> Verdict | None:
+        """The batch's anomaly verdict, judged against the thresholds it was submitted with."""
+        if self.anomaly is None or finished.thresholds is None:
+            return None
+        bound = finished.result.scores.bound
+        untrained = finished.untrained
+        reference = (
+            untrained
+            if self._reference_untrained and untrained is not None
+            else np.ones(bound.shape, dtype=bool)
+        )
+        return self.anomaly.judge(bound, finished.thresholds, reference)
 
     # -- checkpoints and rewinds ---------------------------------------------------------------------
     def run_checkpoint(self, reason: str) -> SnapshotInfo | None:

@@ -13,8 +13,17 @@ from typing import Any
 
 import numpy as np
 
+from streamvi.anomaly.explain import explanation_json
+from streamvi.anomaly.messages import anomaly_messages
+from streamvi.anomaly.monitor import Thresholds, Verdict
 from streamvi.io.base import OutputSink, RawRecord
-from streamvi.io.codecs import DecodeError, dead_letter_message, latent_messages, metrics_message
+from streamvi.io.codecs import (
+    DecodeError,
+    LatentAnomalyFields,
+    dead_letter_message,
+    latent_messages,
+    metrics_message,
+)
 from streamvi.metrics import Metrics, StreamMetrics
 from streamvi.stream.progress import OutputProgress
 from streamvi.stream.state import OutputTopics, StreamState
@@ -39,6 +48,10 @@ class _NoOpMetric:
         return None
 
     def remove(self, *labelvalues: str) -> None:
+        return None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        """A metrics helper method (``record_drift_time``) does nothing either."""
         return None
 
 
@@ -73,12 +86,20 @@ class Publisher:
         trainer: Trainer,
         metrics: AnyMetrics,
         progress: OutputProgress,
+        explain_names: Sequence[str] = (),
+        threshold_percentile: float | None = None,
     ) -> None:
         self.sink = sink
         self.topics = topics
         self.trainer = trainer
         self.metrics = metrics
         self.progress = progress
+        #: The names of the input groups an explanation ranks (features, or x[i]).
+        self.explain_names = list(explain_names)
+        #: anomaly.threshold_percentile, when anomalies are on.
+        self.threshold_percentile = threshold_percentile
+        if threshold_percentile is not None:
+            metrics.anomaly_threshold_percentile.set(threshold_percentile)
 
     def dead_letter(self, record: RawRecord, error: DecodeError, state: StreamState) -> None:
         log.debug("dead letter %s:%d@%d: %s", record.topic, record.partition, record.offset, error)
@@ -97,14 +118,25 @@ class Publisher:
         state: StreamState,
         snapshot: str | None = None,
         observed: np.ndarray | None = None,
+        verdict: Verdict | None = None,
+        thresholds: Thresholds | None = None,
     ) -> None:
-        """Send a finished batch's latents (when there is a latents topic) and step metrics (and a
-        held-out evaluation run right after its step), and account for its step. ``snapshot``
-        names the snapshot whose parameters scored the batch (an encoder replica's); ``observed``
-        counts each record's observed dimensions under a feature schema."""
+        """Send a finished batch's latents (when there is a latents topic), its flagged records
+        (when there is an anomalies topic) and step metrics (and a held-out evaluation run right
+        after its step), and account for its step. ``snapshot`` names the snapshot whose
+        parameters scored the batch (an encoder replica's); ``observed`` counts each record's
+        observed dimensions under a feature schema; ``verdict`` holds its anomaly figures, from
+        the ``thresholds`` it was submitted with."""
         n = len(records)
         scores = result.scores
         estimator = self.trainer.estimator
+        model_step = result.step - 1 if result.trained else result.step  # the parameters that scored it
+        explanations = self._explanations(result)
+        fields = (
+            None
+            if verdict is None
+            else LatentAnomalyFields(verdict.percentiles, verdict.flagged, explanations)
+        )
         if self.topics.latents is not None:
             self.sink.send_many(
                 latent_messages(
@@ -114,19 +146,25 @@ class Publisher:
                     scores.z_loc,
                     scores.z_scale,
                     scores.bound,
-                    result.step - 1 if result.trained else result.step,  # the parameters that scored it
+                    model_step,
                     estimator.bound_name,
                     snapshot,
                     observed,
+                    fields,
                 )
             )
             self.progress.mark_sent(records)
             state.counts.latents_published += n
             self.metrics.latents_published.inc(n)
+        if verdict is not None:
+            self._anomalies(
+                records, record_ids, result, verdict, thresholds, model_step, snapshot, explanations, state
+            )
         if not result.trained:
             return
         counts = state.counts
         counts.steps += 1
+        counts.flagged_not_trained += result.excluded_records
         if result.applied:
             counts.records_trained += result.trained_records
         else:
@@ -140,6 +178,47 @@ class Publisher:
         self._record_step_metrics(result, summary)
         if heldout is not None:
             self.heldout(heldout, state)
+
+    def _explanations(self, result: StepResult) -> list[bytes] | None:
+        scores = result.scores
+        if scores.explain_index is None or scores.explain_value is None:
+            return None
+        return explanation_json(scores.explain_index, scores.explain_value, self.explain_names)
+
+    def _anomalies(
+        self,
+        records: Sequence[RawRecord],
+        record_ids: Sequence[str | None],
+        result: StepResult,
+        verdict: Verdict,
+        thresholds: Thresholds | None,
+        model_step: int,
+        snapshot: str | None,
+        explanations: Sequence[bytes] | None,
+        state: StreamState,
+    ) -> None:
+        """Publish and count the flagged records; export the reference's figures."""
+        flagged = int(np.count_nonzero(verdict.flagged))
+        if flagged and self.topics.anomalies is not None:
+            self.sink.send_many(
+                anomaly_messages(
+                    self.topics.anomalies,
+                    records,
+                    record_ids,
+                    result.scores.bound,
+                    verdict,
+                    model_step=model_step,
+                    bound_name=self.trainer.estimator.bound_name,
+                    threshold_percentile=self.threshold_percentile or 0.0,
+                    threshold_elbo=thresholds.flag_below if thresholds is not None else float("nan"),
+                    snapshot=snapshot,
+                    explanations=explanations,
+                )
+            )
+        state.counts.anomalies_flagged += flagged
+        self.metrics.anomalies_flagged.inc(flagged)
+        self.metrics.anomaly_threshold_elbo.set(verdict.threshold_elbo)
+        self.metrics.anomaly_reference_records.set(verdict.reference_records)
 
     def heldout(self, payload: dict[str, Any], state: StreamState) -> None:
         state.loop.last_heldout = payload
@@ -172,6 +251,8 @@ class Publisher:
 
     def _record_step_metrics(self, result: StepResult, summary: dict[str, float]) -> None:
         m = trainer_metrics(self.metrics)
+        if result.excluded_records:
+            m.flagged_not_trained.inc(result.excluded_records)
         if result.applied:
             m.records_trained.inc(result.trained_records)
         else:

@@ -19,6 +19,8 @@ class OutputTopics:
     latents: str | None
     metrics: str
     dead_letter: str | None
+    #: Flagged records (streamvi/anomaly), or None: not published.
+    anomalies: str | None = None
 
 
 @dataclass
@@ -33,6 +35,9 @@ class LoopCounts:
     snapshots: int = 0
     updates_skipped: int = 0
     records_skipped: int = 0
+    anomalies_flagged: int = 0
+    flagged_not_trained: int = 0
+    drifts_detected: int = 0
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> LoopCounts:

@@ -47,7 +47,7 @@ from streamvi.config import Settings
 from streamvi.estimators import build_estimator
 from streamvi.estimators.base import Estimator
 from streamvi.model.vae import VAE, build_vae
-from streamvi.training.trainer import BatchScores, StepResult, Trainer, block_seed, build_optimizer
+from streamvi.training.trainer import StepResult, Trainer, block_seed, build_optimizer
 
 
 def build_distributed_trainer(settings: Settings, strategy: tf.distribute.Strategy) -> DistributedTrainer:
@@ -66,6 +66,7 @@ def build_distributed_trainer(settings: Settings, strategy: tf.distribute.Strate
         seed=training.seed,
         jit_compile=training.jit_compile,
         device=training.device,
+        explain_top_k=settings.anomaly.explain_top_k,
     )
 
 
@@ -117,6 +118,7 @@ class DistributedTrainer(Trainer):
         seed: int = 0,
         jit_compile: bool = True,
         device: str | None = None,
+        explain_top_k: int = 0,
     ) -> None:
         if getattr(estimator, "baseline", "none") != "none":
             raise ValueError(
@@ -127,7 +129,17 @@ class DistributedTrainer(Trainer):
                 "the online normaliser's running moments are per worker: distributed steps need "
                 "input.normalise off for now"
             )
-        super().__init__(model, estimator, optimizer, batch_size, clip_grad_norm, seed, jit_compile, device)
+        super().__init__(
+            model,
+            estimator,
+            optimizer,
+            batch_size,
+            clip_grad_norm,
+            seed,
+            jit_compile,
+            device,
+            explain_top_k=explain_top_k,
+        )
         if self._loss_scaled:
             raise ValueError("loss scaling (mixed_float16) is per worker: not supported in distributed steps")
         self.strategy = strategy
@@ -165,32 +177,34 @@ class DistributedTrainer(Trainer):
 
     # -- compiled parts ------------------------------------------------------------------------------
     def _local_part(self, rows: tf.Tensor) -> tuple[Any, ...]:
-        """Worker-local forward and backward: packed scores, summed loss, weight, gradients.
+        """Worker-local forward and backward: packed scores, summed loss, trained weight, trainable
+        weight (before the training floor), gradients.
 
         The step seed is drawn here, compiled like the single-process step draws it: the RNG's
         kernels compiled by XLA and run by TensorFlow need not give the same numbers."""
-        x, c, weights = self._split(rows)
+        x, c, trainable = self._split(rows)
         seed = block_seed(self._seed(), self.worker_index)
-        terms, summed, grads = self._gradients(x, c, weights, seed, summed=True)
+        terms, weights, summed, grads = self._gradients(x, c, trainable, seed, summed=True)
         total = tf.reduce_sum(tf.where(weights > 0, weights, tf.zeros_like(weights)))
-        return self._pack(terms), summed, total, grads
+        offered = tf.reduce_sum(tf.where(trainable > 0, trainable, tf.zeros_like(trainable)))
+        return self._pack(terms, x, c, weights), summed, total, offered, grads
 
     def _train_step(self, rows: tf.Tensor) -> tf.Tensor:
         """Local gradients, one all-reduce, then the trainer's update on the union's gradient.
         Returns the packed scores and figures (as the trainer's step does) with one more row whose
         first entry is the union's trained weight."""
-        packed, summed, total, grads = self._local_fn(rows)
-        reduced = self.all_reduce([summed, total, *grads])
+        packed, summed, total, offered, grads = self._local_fn(rows)
+        reduced = self.all_reduce([summed, total, offered, *grads])
         union_total = reduced[1]
         denominator = tf.maximum(union_total, 1.0)
         loss = reduced[0] / denominator
-        union_grads = [g / denominator for g in reduced[2:]]
-        out = self._finish_fn(packed, loss, union_grads, union_total > 0)
+        union_grads = [g / denominator for g in reduced[3:]]
+        out = self._finish_fn(packed, loss, union_grads, union_total > 0, counts=reduced[2] > 0)
         extra = tf.pad(union_total[None, None], [[0, 0], [0, int(out.shape[1]) - 1]])
         return tf.concat([out, extra], axis=0)
 
     # -- host API ------------------------------------------------------------------------------------
-    def train_rows(self, rows: np.ndarray, n: int) -> DistributedStepResult:
+    def train_rows(self, rows: np.ndarray, n: int, floor: float = -np.inf) -> DistributedStepResult:
         """This worker's part of one step on the first ``n`` rows (0: an empty, zero-weight batch
         that still takes part). Blocks until every worker has submitted its part."""
         if rows.shape != (self.batch_size, self.row_width) or rows.dtype != np.float32:
@@ -202,21 +216,25 @@ class DistributedTrainer(Trainer):
             raise ValueError(f"batch must hold 0..{self.batch_size} real records, got {n}")
         rows = rows.copy()
         rows[n:, -1] = 0.0  # padding never carries weight
+        self.set_training_floor(floor)
         started = time.perf_counter()
         with self._placement():
             out = self._train_fn(tf.constant(rows)).numpy()
         figures, union = out[self.batch_size], out[self.batch_size + 1]
         loss, grad_norm, learning_rate, finite = (float(v) for v in figures[:4])
+        trainable = int(np.count_nonzero(rows[:n, -1]))
+        trained = int(np.count_nonzero(out[:n, self._admitted_column] > 0.5))
         return DistributedStepResult(
-            scores=BatchScores.unpack(out[: self.batch_size], n, self.summary_size),
+            scores=self._unpack(out[: self.batch_size], n),
             step=int(figures[4]) + (int(figures[5]) << 24),
             loss=loss,
             grad_norm=grad_norm,
             learning_rate=learning_rate,
             duration_seconds=time.perf_counter() - started,
-            trained_records=int(np.count_nonzero(rows[:n, -1])),
+            trained_records=trained,
             applied=finite > 0.5,
             clipped=float(figures[6]) > 0.5,
+            excluded_records=trainable - trained,
             union_trained_records=round(float(union[0])),
         )
 

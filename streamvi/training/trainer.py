@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from streamvi.anomaly.explain import group_names, top_contributions
 from streamvi.config import TrainingSettings
 from streamvi.estimators.base import BoundTerms, Estimator, log_likelihood_estimate
 from streamvi.model.vae import VAE
@@ -71,6 +72,7 @@ class Trainer:
         jit_compile: bool = True,
         device: str | None = None,
         draw_blocks: int = 1,
+        explain_top_k: int = 0,
     ) -> None:
         if draw_blocks < 1 or batch_size % draw_blocks:
             raise ValueError(f"draw_blocks must divide batch_size {batch_size}, got {draw_blocks}")
@@ -83,11 +85,19 @@ class Trainer:
         self.clip_grad_norm = clip_grad_norm
         self.device = device
         self.jit_compile = jit_compile
+        #: Per record, the input groups (dimensions or features) with the lowest log-likelihood
+        #: that each score's columns carry (streamvi/anomaly/explain.py); 0 for none.
+        self.explain_top_k = explain_top_k
         self._loss_scaled = isinstance(optimizer, tf_keras.mixed_precision.LossScaleOptimizer)
         with self._placement():
             self.step_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
             self.rng = tf.random.Generator.from_seed(seed)
+            #: Rows whose prequential bound is below this ELBO are not trained on (flagged
+            #: anomalies, streamvi/anomaly/monitor.py); -inf trains on every trainable row. Set by
+            #: ``train_rows`` on the step thread; not part of a snapshot.
+            self.training_floor = tf.Variable(-np.inf, dtype=tf.float32, trainable=False, name="floor")
             self.optimizer.build(self.trainable_variables)
+        self._floor_value = -np.inf
         self._train_fn = tf.function(self._train_step, jit_compile=jit_compile)
         self._eval_fn = tf.function(self._eval_step, jit_compile=jit_compile)
         self._loglik_fns: dict[int, Any] = {}
@@ -116,6 +126,13 @@ class Trainer:
         """The model's variables and the estimator's own (a learned baseline), in a fixed order."""
         return list(self.model.trainable_variables) + list(self.estimator.trainable_variables)
 
+    @property
+    def explain_width(self) -> int:
+        """Explanation columns in each score row: the top groups' indices, then their values."""
+        if not self.explain_top_k:
+            return 0
+        return 2 * min(self.explain_top_k, len(group_names(self.model)))
+
     def checkpoint_objects(self) -> dict[str, Any]:
         """Everything the snapshot must hold to resume this trainer bit for bit."""
         return {
@@ -139,17 +156,31 @@ class Trainer:
         return self.model.context_dim
 
     # -- compiled bodies ---------------------------------------------------------------------------
-    def _pack(self, terms: BoundTerms) -> tf.Tensor:
-        return tf.concat(
-            [
-                terms.bound[:, None],
-                terms.kl[:, None],
-                terms.reconstruction[:, None],
-                tf.cast(terms.z_loc, tf.float32),
-                tf.cast(terms.z_scale, tf.float32),
-            ],
-            axis=1,
-        )
+    def _pack(
+        self, terms: BoundTerms, x: tf.Tensor, c: tf.Tensor, admitted: tf.Tensor | None = None
+    ) -> tf.Tensor:
+        """Per-record columns: bound, KL, reconstruction, the latent summary, then the explanation
+        (with ``explain_top_k``) and, for a training step, whether the row was trained on."""
+        columns = [
+            terms.bound[:, None],
+            terms.kl[:, None],
+            terms.reconstruction[:, None],
+            tf.cast(terms.z_loc, tf.float32),
+            tf.cast(terms.z_scale, tf.float32),
+        ]
+        if self.explain_top_k:
+            groups = self.model.dimension_log_likelihood(x, c)
+            indices, values = top_contributions(groups, self.explain_top_k)
+            columns += [tf.cast(indices, tf.float32), tf.cast(values, tf.float32)]
+        if admitted is not None:
+            columns.append(tf.cast(admitted > 0, tf.float32)[:, None])
+        return tf.concat(columns, axis=1)
+
+    def _admitted(self, weights: tf.Tensor, bound: tf.Tensor) -> tf.Tensor:
+        """The weights without the rows whose bound is below ``training_floor`` (flagged anomalies
+        that are not trained on): decided on the device, from the scores of this very pass."""
+        keep = tf.stop_gradient(tf.cast(bound, tf.float32)) >= self.training_floor
+        return tf.where(keep, weights, tf.zeros_like(weights))
 
     def _seed(self) -> tf.Tensor:
         return tf.cast(self.rng.make_seeds(1)[:, 0], tf.int32)
@@ -181,26 +212,28 @@ class Trainer:
 
     def _gradients(
         self, x: tf.Tensor, c: tf.Tensor, weights: tf.Tensor, seed: tf.Tensor, summed: bool = False
-    ) -> tuple[BoundTerms, tf.Tensor, list[tf.Tensor]]:
-        """The terms, the loss and its (unscaled) gradient for every trainable variable (zeros where
-        a variable has none). ``summed``: the loss is summed over the weighted rows rather than
-        averaged, the form whose gradients add up across workers."""
+    ) -> tuple[BoundTerms, tf.Tensor, tf.Tensor, list[tf.Tensor]]:
+        """The terms, the weights of the rows trained on (``weights`` without those below the
+        training floor), the loss and its (unscaled) gradient for every trainable variable (zeros
+        where a variable has none). ``summed``: the loss is summed over the weighted rows rather
+        than averaged, the form whose gradients add up across workers."""
         variables = self.trainable_variables
         with tf.GradientTape() as tape:
             terms = self._terms(x, c, seed)
+            weights = self._admitted(weights, terms.bound)
             loss = (self.estimator.summed_loss if summed else self.estimator.loss)(terms, weights)
             scaled = self.optimizer.get_scaled_loss(loss) if self._loss_scaled else loss
         grads = tape.gradient(scaled, variables)
         if self._loss_scaled:
             grads = self.optimizer.get_unscaled_gradients(grads)
         grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables, strict=True)]
-        return terms, loss, grads
+        return terms, weights, loss, grads
 
     def _train_step(self, rows: tf.Tensor) -> tf.Tensor:
         """One update from the [x | c | weight] rows; returns the per-record scores with one more
         row for the step's figures, so one copy goes in and one comes out."""
-        x, c, weights = self._split(rows)
-        terms, loss, grads = self._gradients(x, c, weights, self._seed())
+        x, c, trainable = self._split(rows)
+        terms, weights, loss, grads = self._gradients(x, c, trainable, self._seed())
 
         def fold_state() -> None:
             self.estimator.update_state(terms, weights)
@@ -209,7 +242,13 @@ class Trainer:
             self.model.fold(x, tf.logical_and(weights > 0, applies))
 
         return self._apply(
-            self._pack(terms), loss, grads, tf.reduce_any(weights > 0), fold_state, fold_inputs
+            self._pack(terms, x, c, weights),
+            loss,
+            grads,
+            tf.reduce_any(weights > 0),
+            fold_state,
+            fold_inputs,
+            counts=tf.reduce_any(trainable > 0),
         )
 
     def _apply(
@@ -220,11 +259,14 @@ class Trainer:
         trains: tf.Tensor,
         fold_state: Callable[[], None] = lambda: None,
         fold_inputs: Callable[[tf.Tensor], None] = lambda applies: None,
+        counts: tf.Tensor | None = None,
     ) -> tf.Tensor:
         """Clip and apply ``grads`` when ``trains`` and they are finite, count the step, and return
         the ``packed`` scores with the step's figures as one more row. ``trains``: whether any row
-        (of any worker) is trained; ``fold_state`` runs with an applied update; ``fold_inputs``
-        feeds the running input statistics, told whether the batch counts for them."""
+        (of any worker) is trained; ``counts``: whether the step counts (any row was trainable,
+        even if every one was below the training floor; default ``trains``); ``fold_state`` runs
+        with an applied update; ``fold_inputs`` feeds the running input statistics, told whether
+        the batch counts for them."""
         variables = self.trainable_variables
         grads, grad_norm, clipped = self._clip_model_gradients(grads)
         # A non-finite loss or gradient (a global norm is non-finite iff any entry is) skips the
@@ -248,7 +290,7 @@ class Trainer:
         # the running input statistics follow the trained rows of batches whose update applies
         # (or that only feed the warm-up), after the scores above were computed with the old ones
         fold_inputs(tf.logical_or(finite, ~ready))
-        step = self.step_counter.assign_add(tf.cast(trains, tf.int64))
+        step = self.step_counter.assign_add(tf.cast(trains if counts is None else counts, tf.int64))
         # The step count travels as two float32 halves of 24 bits each, exact up to 2**48 steps.
         figures = [
             loss,
@@ -282,7 +324,7 @@ class Trainer:
         return clipped_grads + own_grads, grad_norm, grad_norm > self.clip_grad_norm
 
     def _eval_step(self, x: tf.Tensor, c: tf.Tensor) -> tf.Tensor:
-        return self._pack(self.estimator.terms(self.model, x, c, self._seed(), self.step_counter))
+        return self._pack(self.estimator.terms(self.model, x, c, self._seed(), self.step_counter), x, c)
 
     # -- host API ----------------------------------------------------------------------------------
     def _context(self, c: np.ndarray | None, rows: int) -> np.ndarray:
@@ -314,9 +356,18 @@ class Trainer:
         """Columns of a batch as ``train_rows`` takes it: x, then the context, then the weight."""
         return self.model.input_dim + self.context_dim + 1
 
-    def train_rows(self, rows: np.ndarray, n: int) -> StepResult:
+    def set_training_floor(self, floor: float) -> None:
+        """Rows whose prequential bound is below ``floor`` are left out of the following steps'
+        updates (-inf: none). Call it on the step thread, between steps."""
+        if floor != self._floor_value:
+            with self._placement():
+                self.training_floor.assign(floor)
+            self._floor_value = floor
+
+    def train_rows(self, rows: np.ndarray, n: int, floor: float = -np.inf) -> StepResult:
         """``train`` on a batch already laid out as [x | c | weight] rows (the micro-batcher's
-        buffer): one host-to-device copy in, one device-to-host copy out."""
+        buffer): one host-to-device copy in, one device-to-host copy out. Rows whose bound (from
+        this step's own forward pass) is below ``floor`` are scored but not trained on."""
         if rows.shape != (self.batch_size, self.row_width) or rows.dtype != np.float32:
             raise ValueError(
                 f"batch rows must be float32 of shape {(self.batch_size, self.row_width)}, "
@@ -324,24 +375,27 @@ class Trainer:
             )
         if not 0 < n <= self.batch_size:
             raise ValueError(f"batch must hold 1..{self.batch_size} real records, got {n}")
-        trained = int(np.count_nonzero(rows[:n, -1]))
+        trainable = int(np.count_nonzero(rows[:n, -1]))
+        self.set_training_floor(floor)
         started = time.perf_counter()
         # Every call into TensorFlow releases the GIL and must win it back from the loop's thread,
         # so the step makes as few as it can: one copy in, the step, one copy out.
         with self._placement():
-            if trained == 0:
+            if trainable == 0:
                 x, c = rows[:, : self.model.input_dim], rows[:, self.model.input_dim : -1]
                 packed = self._eval_fn(tf.constant(x), tf.constant(c)).numpy()
                 loss, grad_norm, learning_rate, finite, step = np.nan, 0.0, np.nan, 1.0, self.step
                 clipped = 0.0
+                trained = 0
             else:
                 out = self._train_fn(tf.constant(rows)).numpy()
                 packed, figures = out[: self.batch_size], out[self.batch_size]
                 loss, grad_norm, learning_rate, finite = (float(v) for v in figures[:4])
                 step = int(figures[4]) + (int(figures[5]) << 24)
                 clipped = float(figures[6])
+                trained = int(np.count_nonzero(packed[:n, self._admitted_column] > 0.5))
         return StepResult(
-            scores=BatchScores.unpack(packed, n, self.summary_size),
+            scores=self._unpack(packed, n),
             step=step,
             loss=loss,
             grad_norm=grad_norm,
@@ -350,7 +404,17 @@ class Trainer:
             trained_records=trained,
             applied=finite > 0.5,
             clipped=clipped > 0.5,
+            counted=trainable > 0,
+            excluded_records=trainable - trained,
         )
+
+    @property
+    def _admitted_column(self) -> int:
+        """The score column that says whether a row was trained on (training steps only)."""
+        return 3 + 2 * self.summary_size + self.explain_width
+
+    def _unpack(self, packed: np.ndarray, n: int) -> BatchScores:
+        return BatchScores.unpack(packed, n, self.summary_size, self.explain_width // 2)
 
     def warm_up(self) -> float:
         """Trace and compile the training step on an all-padding batch; return the seconds it took.
@@ -388,9 +452,9 @@ class Trainer:
         for x_chunk, c_chunk, rows in self._chunks(x, c):
             with self._placement():
                 chunks.append(self._eval_fn(tf.constant(x_chunk), tf.constant(c_chunk)).numpy()[:rows])
-        width = 3 + 2 * self.summary_size
+        width = 3 + 2 * self.summary_size + self.explain_width
         packed = np.concatenate(chunks) if chunks else np.zeros((0, width), np.float32)
-        return BatchScores.unpack(packed, packed.shape[0], self.summary_size)
+        return self._unpack(packed, packed.shape[0])
 
     def log_likelihood(self, x: np.ndarray, c: np.ndarray | None = None, samples: int = 64) -> np.ndarray:
         """Importance-weighted estimate of log p(x) per row with ``samples`` draws (IWAE-k), no update."""
