@@ -372,9 +372,28 @@ def test_alert_rules_cover_the_failure_modes_and_each_is_unit_tested():
         "StreamVIEncoderModelStale": "streamvi_snapshot_age_seconds",
         "StreamVIEncoderNoModel": "streamvi_snapshot_age_seconds",
         "StreamVISnapshotReloadFailed": "streamvi_snapshot_reload_failures_total",
+        "StreamVIDriftDetected": "increase(streamvi_drift_detected_total[15m]) > 0",
+        "StreamVIAnomalyRateHigh": "streamvi_anomalies_flagged_total",
+        "StreamVIAnomalyUncalibrated": "streamvi_anomaly_threshold_elbo_nats",
     }
     for name, metric in required.items():
         assert name in alerts and metric in alerts[name]["expr"], name
+    # the flagged share against the share the percentile promises, process by process
+    anomaly_rate = re.sub(r"\s+", " ", alerts["StreamVIAnomalyRateHigh"]["expr"])
+    for needed in (
+        "rate(streamvi_anomalies_flagged_total[10m])",
+        "rate(streamvi_latents_published_total[10m])",
+        "> on(job, instance) 5 * (1 - max by (job, instance) (streamvi_anomaly_threshold_percentile) / 100)",
+    ):
+        assert needed in anomaly_rate, needed
+    uncalibrated = alerts["StreamVIAnomalyUncalibrated"]
+    assert (
+        "streamvi_anomaly_threshold_elbo_nats != streamvi_anomaly_threshold_elbo_nats" in uncalibrated["expr"]
+    )
+    assert "streamvi_latents_published_total" in uncalibrated["expr"] and uncalibrated["for"] == "30m"
+    assert "pre-drift" in alerts["StreamVIDriftDetected"]["annotations"]["description"]
+    for name in ("StreamVIDriftDetected", "StreamVIAnomalyRateHigh", "StreamVIAnomalyUncalibrated"):
+        assert "README, Anomalies and drift" in alerts[name]["annotations"]["description"], name
     down = alerts["StreamVIDown"]["expr"]
     jobs = re.search(r'up\{job=~"([^"]+)"\}', down).group(1)  # Prometheus anchors the regex
     assert re.fullmatch(jobs, TRAINER_JOB) and re.fullmatch(jobs, ENCODER_JOB), "both roles are watched"
@@ -396,18 +415,29 @@ def test_alert_rules_cover_the_failure_modes_and_each_is_unit_tested():
         for case in test.get("alert_rule_test", [])
         if not case.get("exp_alerts")
     }
-    assert {"StreamVIEncoderModelStale", "StreamVIEncoderNoModel", "StreamVISnapshotReloadFailed"} <= quiet
-    # a replica without a model (NaN age) is a tested case, not an accident of the input
-    nan_cases = [
-        case["alertname"]
-        for test in tests["tests"]
-        if any(
-            "streamvi_snapshot_age_seconds" in s["series"] and "NaN" in s["values"]
-            for s in test["input_series"]
-        )
-        for case in test.get("alert_rule_test", [])
-    ]
-    assert {"StreamVIEncoderModelStale", "StreamVIEncoderNoModel"} <= set(nan_cases)
+    assert {
+        "StreamVIEncoderModelStale",
+        "StreamVIEncoderNoModel",
+        "StreamVISnapshotReloadFailed",
+        "StreamVIDriftDetected",
+        "StreamVIAnomalyRateHigh",
+        "StreamVIAnomalyUncalibrated",
+    } <= quiet
+
+    # a replica without a model (NaN age) and a reference not calibrated yet (NaN threshold) are
+    # tested cases, not accidents of the input
+    def nan_cases(metric: str) -> set[str]:
+        return {
+            case["alertname"]
+            for test in tests["tests"]
+            if any(metric in s["series"] and "NaN" in s["values"] for s in test["input_series"])
+            for case in test.get("alert_rule_test", [])
+        }
+
+    assert {"StreamVIEncoderModelStale", "StreamVIEncoderNoModel"} <= nan_cases(
+        "streamvi_snapshot_age_seconds"
+    )
+    assert "StreamVIAnomalyUncalibrated" in nan_cases("streamvi_anomaly_threshold_elbo_nats")
 
 
 def exported_metric_names(metrics_class) -> set[str]:
@@ -452,6 +482,17 @@ def test_rules_and_dashboard_query_only_metrics_a_trainer_or_a_replica_exports()
         "streamvi_consumer_lag_records",
     } <= encoder
     assert "streamvi_records_encoded_total" not in trainer and "streamvi_train_steps_total" not in encoder
+    # anomalies are flagged by both roles (the anomaly alerts watch each process); drift is the trainer's
+    anomalies = {
+        "streamvi_anomalies_flagged_total",
+        "streamvi_anomaly_threshold_percentile",
+        "streamvi_anomaly_threshold_elbo_nats",
+        "streamvi_latents_published_total",
+    }
+    assert anomalies <= trainer & encoder
+    assert {"streamvi_drift_detected_total", "streamvi_seconds_since_drift", "streamvi_drift_adapting"} <= (
+        trainer - encoder
+    )
 
 
 def test_promtool_catches_a_broken_rule(tmp_path):
@@ -485,6 +526,13 @@ def test_dashboard_shows_what_operators_need():
         "streamvi_consumer_lag_records",
         "sum by (reason) (rate(streamvi_dead_letters_total",
         "time() - streamvi_last_snapshot_timestamp_seconds",
+        "rate(streamvi_anomalies_flagged_total",
+        "rate(streamvi_latents_published_total",
+        "streamvi_anomaly_threshold_percentile",
+        "streamvi_anomaly_threshold_elbo_nats",
+        "increase(streamvi_drift_detected_total",
+        "streamvi_seconds_since_drift",
+        "streamvi_drift_adapting",
     ):
         assert needed in everything, needed
     lag = next(p for p in panels if "streamvi_consumer_lag_records" in exprs[p["title"]])
@@ -535,6 +583,42 @@ def test_dashboard_shows_the_encoder_replicas():
         )
     # the trainer's panels still show the trainer
     assert any('streamvi_consumer_lag_records{job="$job"' in t["expr"] for p in panels for t in p["targets"])
+
+
+def test_dashboard_shows_anomalies_and_drift_in_the_bottom_row():
+    dashboard = json.loads(DASHBOARD.read_text())
+    rows = [p for p in dashboard["panels"] if p["type"] == "row"]
+    row = next(p for p in rows if p["title"] == "Anomalies and drift")
+    top = row["gridPos"]["y"]
+    assert all(p["gridPos"]["y"] < top for p in rows if p is not row), "the row is the last one"
+    below = [p for p in dashboard["panels"] if p["type"] != "row" and p["gridPos"]["y"] > top]
+
+    def panel_with(*needles: str) -> dict:
+        found = [p for p in below if all(n in " ".join(t["expr"] for t in p["targets"]) for n in needles)]
+        assert found, needles
+        return found[0]
+
+    flagged = panel_with("rate(streamvi_anomalies_flagged_total")
+    assert flagged["title"] == "Anomalies flagged per second"
+    assert any('job="$encoder_job"' in t["expr"] for t in flagged["targets"]), "the replicas flag too"
+    fraction = panel_with(
+        "rate(streamvi_anomalies_flagged_total", "rate(streamvi_latents_published_total", "1 - max("
+    )
+    assert fraction["fieldConfig"]["defaults"]["unit"] == "percentunit"
+    assert {"expected", "alert"} <= {t["legendFormat"] for t in fraction["targets"]}
+    threshold = panel_with("streamvi_anomaly_threshold_elbo_nats")
+    assert threshold["title"] == "Anomaly threshold (ELBO, nats)"
+    drifts = panel_with("increase(streamvi_drift_detected_total")
+    assert drifts["title"] == "Drifts detected"
+    since = panel_with("streamvi_seconds_since_drift")
+    assert since["title"] == "Time since last drift" and since["type"] == "stat"
+    assert since["fieldConfig"]["defaults"]["unit"] == "s"
+    # NaN: no drift since the model was created, shown as such rather than as NaN
+    assert any(
+        m["type"] == "special" and m["options"]["match"] == "nan"
+        for m in since["fieldConfig"]["defaults"]["mappings"]
+    )
+    assert panel_with("streamvi_drift_adapting")["title"] == "Adapting after a drift"
 
 
 def test_dashboard_panels_do_not_overlap():
