@@ -17,6 +17,7 @@ from streamvi.io.base import OutputSink, RecordSource
 from streamvi.io.group_offsets import GroupOffsets
 from streamvi.metrics import EncoderMetrics, Health, MetricsServer
 from streamvi.runtime import (
+    anomaly_monitor,
     build_decoder,
     build_trainer,
     gil_switch_interval,
@@ -166,6 +167,7 @@ def build_replica(settings: Settings, registry: CollectorRegistry | None = None)
             settings.public_dict(),
             settings.serving.reload_interval_seconds,
             _CountReloads(metrics),
+            lambda: anomaly_monitor(settings, learns=False),
         )
         sink, source = kafka_clients(
             settings, replica_kafka(settings), settings.serving.transactional_id_for_this_process()

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from streamvi.anomaly.monitor import STATE_FILE, AnomalyMonitor
 from streamvi.errors import CorruptSnapshotError, SnapshotError
 from streamvi.snapshots.base import SnapshotInfo, SnapshotReader
 from streamvi.snapshots.compatibility import check_snapshot_matches
@@ -35,6 +36,8 @@ class LoadedModel:
 
     trainer: Trainer
     info: SnapshotInfo
+    #: The trainer's anomaly reference as the snapshot saved it (read only), or None: off.
+    anomaly: AnomalyMonitor | None = None
 
     @property
     def name(self) -> str:
@@ -62,8 +65,10 @@ class SnapshotWatcher:
         config: Mapping[str, Any] | None,
         interval_seconds: float,
         events: ReloadEvents | None = None,
+        build_anomaly: Callable[[], AnomalyMonitor | None] = lambda: None,
     ) -> None:
         self.reader = reader
+        self.build_anomaly = build_anomaly
         self.trust = trust
         self.build_trainer = build_trainer
         self.config = config
@@ -196,4 +201,11 @@ class SnapshotWatcher:
         zeros = np.zeros((1, trainer.model.input_dim), dtype=np.float32)
         context = np.zeros((1, trainer.context_dim), dtype=np.float32)
         trainer.evaluate(zeros, context)  # trace and compile the scoring step now, not on the loop
-        return LoadedModel(trainer, info)
+        return LoadedModel(trainer, info, self._anomaly(info))
+
+    def _anomaly(self, info: SnapshotInfo) -> AnomalyMonitor | None:
+        """The snapshot's anomaly reference (a snapshot without one: uncalibrated, flags nothing)."""
+        monitor = self.build_anomaly()
+        if monitor is not None and STATE_FILE in info.meta.get("files", {}):
+            monitor.load((info.path / STATE_FILE).read_bytes())
+        return monitor

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from streamvi.anomaly.explain import group_names
 from streamvi.io.base import OutputSink, RecordSource
 from streamvi.io.codecs import BatchDecoder
 from streamvi.metrics import EncoderMetrics, Health
@@ -120,6 +121,8 @@ class EncoderLoop(StreamProcessor):
             processing=processing,
             pipeline_depth=pipeline_depth,
             share=TrainingShare(0.0, score_all=True),
+            anomaly=model.anomaly,
+            explain_names=group_names(model.trainer.model),
         )
         self._recovery = ReplicaRecovery(self.processing, source, sink, self.pipeline.cancel, progress)
         self._checkpoints = OffsetCommits(
@@ -151,6 +154,7 @@ class EncoderLoop(StreamProcessor):
         previous = self.model
         self.model = model
         self.trainer = self.pipeline.trainer = self.publisher.trainer = model.trainer
+        self.anomaly = model.anomaly  # percentiles against the reference of the snapshot in use
         self.pipeline.model = model.name
         self.health.set(model_loaded=True)
         if self.encoder_metrics is not None:

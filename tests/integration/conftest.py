@@ -38,6 +38,7 @@ def settings_factory(broker: EmbeddedBroker, tmp_path: Path):
                 f"kafka.latents_topic=latents-{suffix}",
                 f"kafka.metrics_topic=metrics-{suffix}",
                 f"kafka.dead_letter_topic=dlq-{suffix}",
+                f"kafka.anomalies_topic=anomalies-{suffix}",
                 f"kafka.group_id=group-{suffix}",
                 f"serving.group_id=encoders-{suffix}",
                 "kafka.session_timeout_ms=6000",
@@ -52,6 +53,8 @@ def settings_factory(broker: EmbeddedBroker, tmp_path: Path):
                 "training.learning_rate=0.005",
                 "training.max_batch_latency_ms=100",
                 "evaluation.heldout_fraction=0",  # exact record counts; held-out tests turn it on
+                # every record trained on (exact counts); the anomaly tests leave flagged ones out
+                *([] if any(o.startswith("anomaly.") for o in overrides) else ["anomaly.train_on_flagged=true"]),
                 *overrides,
             ],
             environ={},
