@@ -26,6 +26,37 @@ import numpy as np
 from datasketches import kll_floats_sketch
 
 
+class FrozenReference:
+    """A reference as it was at one moment (a copy of its merged sketch): the percentiles and the
+    threshold of a batch come from the same state, whatever the reference learns meanwhile."""
+
+    def __init__(self, sketch: kll_floats_sketch | None) -> None:
+        self._sketch = sketch
+
+    def percentiles(self, elbo: np.ndarray) -> np.ndarray | None:
+        """As :meth:`ScoreReference.percentiles`, against this state (None: it was not calibrated)."""
+        return None if self._sketch is None else _percentiles(self._sketch, elbo)
+
+    def threshold_elbo(self, threshold_percentile: float) -> float:
+        if self._sketch is None:
+            return math.nan
+        return float(self._sketch.get_quantile(1.0 - threshold_percentile / 100.0))
+
+
+def _percentiles(sketch: kll_floats_sketch, elbo: np.ndarray) -> np.ndarray:
+    values = np.asarray(elbo, dtype=np.float64)
+    out = np.full(values.shape, np.nan)
+    finite = np.isfinite(values)
+    if not finite.any():
+        return out
+    # the sketch holds float32 values: split points must be unique as float32
+    points, inverse = np.unique(values[finite].astype(np.float32), return_inverse=True)
+    # get_cdf(points)[i] is the fraction of reference scores below points[i] (exclusive)
+    below = np.asarray(sketch.get_cdf(points.tolist()), dtype=np.float64)
+    out[finite] = 100.0 * (1.0 - below[:-1][inverse])
+    return out
+
+
 class ScoreReference:
     """Two rotating KLL sketches of recent reference ELBOs, and percentiles against them."""
 
@@ -40,6 +71,7 @@ class ScoreReference:
         #: Both windows merged, kept until the next update: KLL compacts at random, so merging
         #: anew for every query could give two answers for one reference.
         self._both: kll_floats_sketch | None = None
+        self._frozen: FrozenReference | None = None
 
     # -- reading -------------------------------------------------------------------------------------
     @property
@@ -69,26 +101,23 @@ class ScoreReference:
     def percentiles(self, elbo: np.ndarray) -> np.ndarray | None:
         """Each ELBO's anomaly percentile (share of reference scores above it, in percent), or None
         while not calibrated. Non-finite ELBOs get NaN."""
-        if not self.calibrated:
-            return None
-        values = np.asarray(elbo, dtype=np.float64)
-        out = np.full(values.shape, np.nan)
-        finite = np.isfinite(values)
-        if not finite.any():
-            return out
-        # the sketch holds float32 values: split points must be unique as float32
-        points, inverse = np.unique(values[finite].astype(np.float32), return_inverse=True)
-        # get_cdf(points)[i] is the fraction of reference scores below points[i] (exclusive)
-        below = np.asarray(self._merged().get_cdf(points.tolist()), dtype=np.float64)
-        out[finite] = 100.0 * (1.0 - below[:-1][inverse])
-        return out
+        return self.frozen().percentiles(elbo)
 
     def threshold_elbo(self, threshold_percentile: float) -> float:
         """The ELBO below which a record's percentile passes ``threshold_percentile`` (NaN while not
         calibrated): the reference's ``(100 - threshold_percentile)``-th percentile."""
-        if not self.calibrated:
-            return math.nan
-        return float(self._merged().get_quantile(1.0 - threshold_percentile / 100.0))
+        return self.frozen().threshold_elbo(threshold_percentile)
+
+    def frozen(self) -> FrozenReference:
+        """The reference as it is now, unaffected by later updates (one copy per update)."""
+        if self._frozen is None:
+            if not self.calibrated:
+                self._frozen = FrozenReference(None)
+            else:
+                merged = self._merged()
+                # a copy: the current window's sketch goes on filling
+                self._frozen = FrozenReference(kll_floats_sketch.deserialize(merged.serialize()))
+        return self._frozen
 
     # -- learning ------------------------------------------------------------------------------------
     def update(self, elbo: np.ndarray) -> None:
@@ -96,7 +125,7 @@ class ScoreReference:
         values = np.asarray(elbo, dtype=np.float32)
         values = values[np.isfinite(values)]
         if values.size:
-            self._both = None
+            self._both = self._frozen = None
         while values.size:
             room = self.window_records - int(self._current.n)
             part, values = values[:room], values[room:]
@@ -107,7 +136,7 @@ class ScoreReference:
     def reset(self) -> None:
         """Forget every reference score (after a drift: the old scores describe another stream)."""
         self._current = kll_floats_sketch(self.k)
-        self._previous = self._both = None
+        self._previous = self._both = self._frozen = None
 
     # -- persistence ---------------------------------------------------------------------------------
     def state(self) -> dict[str, bytes | None]:
@@ -121,4 +150,4 @@ class ScoreReference:
         current, previous = state.get("current"), state.get("previous")
         self._current = kll_floats_sketch.deserialize(current) if current else kll_floats_sketch(self.k)
         self._previous = kll_floats_sketch.deserialize(previous) if previous else None
-        self._both = None
+        self._both = self._frozen = None

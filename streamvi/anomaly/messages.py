@@ -33,7 +33,7 @@ def anomaly_messages(
     messages = []
     for i in np.flatnonzero(verdict.flagged).tolist():
         record = records[i]
-        percentile = None if verdict.percentiles is None else _finite(float(verdict.percentiles[i]))
+        percentile = None if verdict.percentiles is None else _finite32(verdict.percentiles[i])
         payload: dict[str, object] = {
             "id": record_ids[i],
             "topic": record.topic,
@@ -41,14 +41,14 @@ def anomaly_messages(
             "offset": record.offset,
             "model_step": model_step,
             "bound": bound_name,
-            "elbo": _finite(float(bound[i])),
+            "elbo": np.float32(bound[i]) if math.isfinite(bound[i]) else None,  # as the latents write it
             "anomaly_percentile": percentile,
             "threshold_percentile": threshold_percentile,
             "threshold_elbo": _finite(threshold_elbo),
         }
         if snapshot is not None:
             payload["snapshot"] = snapshot
-        value = orjson.dumps(payload)
+        value = orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
         if explanations is not None:
             value = value[:-1] + b',"explanation":' + explanations[i] + b"}"
         messages.append(OutputMessage(topic=topic, key=record.key, value=value))
@@ -57,3 +57,8 @@ def anomaly_messages(
 
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
+
+
+def _finite32(value: float) -> np.float32 | None:
+    """A float32 figure written as the latents write it (shortest float32 form), or null."""
+    return np.float32(value) if math.isfinite(value) else None

@@ -3,10 +3,18 @@
 The loop asks for :class:`Thresholds` as it submits a batch, so the step leaves flagged records out
 of its update on the device (``Trainer.set_training_floor``) by exactly the rule that flags them:
 a record is flagged when its ELBO is below the threshold ELBO in force when its batch was
-submitted. After the step, :meth:`AnomalyMonitor.judge` reads the percentiles against the reference
-as it is then, feeds the batch's reference scores (records never trained on) to the sketch and the
-drift detector, and reports a drift. After a drift the reference restarts and, for
-``adapt_records_after_drift`` trained records, flagged records are trained on.
+submitted. After the step, :meth:`AnomalyMonitor.judge` reads the percentiles against that same
+reference (frozen with the thresholds, so a record is flagged exactly when its percentile passes
+the threshold, up to the sketch's ties), then feeds the batch's reference scores (records never
+trained on) to the sketch and the drift detector, and reports a drift.
+
+Every reference score enters the sketch, flagged or not: leaving the flagged ones out would cut the
+reference's lower tail, move the threshold up, flag more, and spiral. The price is that anomalies
+in the reference itself raise the threshold: ``threshold_percentile`` must leave room for the
+share of anomalies expected (at 99, a stream of more than 1% anomalies flags only part of them).
+
+After a drift the reference restarts and, for ``adapt_records_after_drift`` trained records,
+flagged records are trained on.
 """
 
 from __future__ import annotations
@@ -14,12 +22,12 @@ from __future__ import annotations
 import base64
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from streamvi.anomaly.calibration import ScoreReference
+from streamvi.anomaly.calibration import FrozenReference, ScoreReference
 from streamvi.anomaly.drift import DriftDetector
 from streamvi.anomaly.responses import DriftResponse, build_response
 from streamvi.config import AnomalySettings
@@ -36,6 +44,8 @@ class Thresholds:
 
     flag_below: float
     train_floor: float
+    #: The reference these thresholds come from: the batch's percentiles are read against it too.
+    reference: FrozenReference | None = field(default=None, compare=False)
 
     @classmethod
     def none(cls) -> Thresholds:
@@ -96,14 +106,16 @@ class AnomalyMonitor:
 
     def thresholds(self) -> Thresholds:
         """The thresholds a batch submitted now is scored and trained with."""
-        flag_below = self.reference.threshold_elbo(self.settings.threshold_percentile)
+        frozen = self.reference.frozen()
+        flag_below = frozen.threshold_elbo(self.settings.threshold_percentile)
         excluded = not self.training_flagged and math.isfinite(flag_below)
-        return Thresholds(flag_below, flag_below if excluded else -math.inf)
+        return Thresholds(flag_below, flag_below if excluded else -math.inf, frozen)
 
     def judge(self, bound: np.ndarray, thresholds: Thresholds, reference_rows: np.ndarray) -> Verdict:
         """Percentiles and flags of a finished batch, then its reference scores (``bound`` where
         ``reference_rows``) fed to the sketch and the detector, in stream order."""
-        percentiles = self.reference.percentiles(bound)
+        source = thresholds.reference if thresholds.reference is not None else self.reference
+        percentiles = source.percentiles(bound)
         with np.errstate(invalid="ignore"):
             flagged = np.asarray(bound < thresholds.flag_below) & np.isfinite(bound)
         drift = False

@@ -173,6 +173,10 @@ def test_flagged_records_are_published_and_trained_on_only_when_configured(tmp_p
     assert all("anomaly_percentile" in m and "anomaly" in m for m in latents)
     assert [m["offset"] for m in anomalies] == sorted(flagged) and counts.anomalies_flagged == len(flagged)
     assert all(m["elbo"] < m["threshold_elbo"] for m in anomalies)
+    # a batch's flags and percentiles come from the one reference its thresholds were frozen from
+    calibrated = [m for m in latents if m["anomaly_percentile"] is not None]
+    disagree = [m for m in calibrated if m["anomaly"] != (m["anomaly_percentile"] > 99.0)]
+    assert len(disagree) <= 0.002 * len(calibrated), disagree[:3]
     percentiles = [m["anomaly_percentile"] for m in latents if m["anomaly_percentile"] is not None]
     assert len(percentiles) > n / 2 and all(0.0 <= p <= 100.0 for p in percentiles)
     # Once the model has learned the stream (the second half), the injected outliers (2% of it)
@@ -240,3 +244,71 @@ def test_a_drift_is_reported_tagged_and_answered(tmp_path):
     assert first["step"] >= step_of_switch
     # the learning rate was raised and put back after its 10 steps
     assert loop.trainer.optimizer.learning_rate.numpy() == pytest.approx(0.01)
+
+
+def test_an_encoder_replica_scores_against_the_reference_of_the_snapshot_it_serves(tmp_path):
+    from streamvi.snapshots.trust import DurableTrust
+    from streamvi.snapshots.watcher import SnapshotWatcher
+    from streamvi.stream import EncoderLoop
+    from streamvi.runtime import build_trainer
+
+    n = 3000
+    outliers = np.random.default_rng(11).random(n) < 0.02
+    records = stream(n, outliers)
+    loop, _, _ = run_loop(tmp_path, records)
+    settings = loop.anomaly.settings if loop.anomaly is not None else None
+    assert settings is not None
+    info = SnapshotStore(tmp_path).latest()
+    assert info is not None
+    config = load_settings(
+        overrides=[
+            f"input.dim={DIM}",
+            "model.latent_dim=2",
+            "model.encoder_hidden=[16]",
+            "model.likelihood=gaussian",
+            "model.learn_observation_scale=true",
+            "training.batch_size=32",
+            "anomaly.min_reference_records=50",
+            "anomaly.window_records=200",
+        ],
+        environ={},
+    )
+    watch = SnapshotWatcher(
+        SnapshotStore(tmp_path),
+        DurableTrust(),
+        lambda: build_trainer(config),
+        None,
+        3600.0,
+        build_anomaly=lambda: anomaly_monitor(config, learns=False),
+    )
+    import threading
+
+    first = watch.wait_for_first(threading.Event())
+    assert first is not None and first.anomaly is not None
+    sink = MemorySink()
+    replica = EncoderLoop(
+        source=MemorySource(stream(1000, outliers[-1000:], seed=12)),
+        sink=sink,
+        decoder=RecordDecoder("json", DIM, 4096),
+        watcher=watch,
+        model=first,
+        topics=OutputTopics("lat", "met", "dlq", "anom"),
+        policy=CheckpointPolicy(every_steps=2**62, every_seconds=3600),
+        max_batch_latency_seconds=5.0,
+        max_poll_records=64,
+    )
+    replica.run(max_records=1000)
+    out = [orjson.loads(m.value) for m in sink.on_topic("lat")]
+    saved = AnomalyMonitor(first.anomaly.settings)
+    saved.load((info.path / STATE_FILE).read_bytes())
+    elbo = np.array([m["elbo"] for m in out])
+    expected = saved.reference.percentiles(elbo)
+    got = np.array([m["anomaly_percentile"] for m in out], dtype=float)
+    assert expected is not None and np.max(np.abs(got - expected)) <= 100 * saved.reference.rank_error
+    assert first.anomaly.reference.records == saved.reference.records  # a replica never adds to it
+    flagged = [m for m in out if m["anomaly"]]
+    anomalies = [orjson.loads(m.value) for m in sink.on_topic("anom")]
+    assert flagged and [a["offset"] for a in anomalies] == [m["offset"] for m in flagged]
+    assert {a["snapshot"] for a in anomalies} == {info.name}
+    threshold = saved.reference.threshold_elbo(settings.threshold_percentile)
+    assert all(a["threshold_elbo"] == pytest.approx(threshold, abs=1e-3) for a in anomalies)
