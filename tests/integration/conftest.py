@@ -25,6 +25,9 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]
         yield running
 
 
+TRAIN_ON_FLAGGED = "anomaly.train_on_flagged=true"
+
+
 @pytest.fixture
 def settings_factory(broker: EmbeddedBroker, tmp_path: Path):
     """Settings on the session broker with topics and a consumer group nobody else uses."""
@@ -54,7 +57,7 @@ def settings_factory(broker: EmbeddedBroker, tmp_path: Path):
                 "training.max_batch_latency_ms=100",
                 "evaluation.heldout_fraction=0",  # exact record counts; held-out tests turn it on
                 # every record trained on (exact counts); the anomaly tests leave flagged ones out
-                *([] if any(o.startswith("anomaly.") for o in overrides) else ["anomaly.train_on_flagged=true"]),
+                *([] if any(o.startswith("anomaly.") for o in overrides) else [TRAIN_ON_FLAGGED]),
                 *overrides,
             ],
             environ={},

@@ -115,9 +115,7 @@ def stream(n: int, outliers: np.ndarray, seed: int = 0) -> list[RawRecord]:
     rng = np.random.default_rng(seed)
     x = np.clip(rng.normal(0.5, 0.05, size=(n, DIM)), 0, 1).astype(np.float32)
     x[outliers] = rng.random((int(outliers.sum()), DIM)).astype(np.float32)
-    return [
-        RawRecord("in", 0, i, f"k{i}".encode(), encode_record(x[i], f"r{i}", "json")) for i in range(n)
-    ]
+    return [RawRecord("in", 0, i, f"k{i}".encode(), encode_record(x[i], f"r{i}", "json")) for i in range(n)]
 
 
 def run_loop(tmp_path, records, *overrides: str, registry=None):
@@ -247,10 +245,10 @@ def test_a_drift_is_reported_tagged_and_answered(tmp_path):
 
 
 def test_an_encoder_replica_scores_against_the_reference_of_the_snapshot_it_serves(tmp_path):
+    from streamvi.runtime import build_trainer
     from streamvi.snapshots.trust import DurableTrust
     from streamvi.snapshots.watcher import SnapshotWatcher
     from streamvi.stream import EncoderLoop
-    from streamvi.runtime import build_trainer
 
     n = 3000
     outliers = np.random.default_rng(11).random(n) < 0.02
