@@ -145,8 +145,8 @@ class AnomalyMonitor:
 
     # -- persistence ---------------------------------------------------------------------------------
     def state(self) -> bytes:
-        """Everything a restart needs to go on as if it had not stopped (JSON; sketches and the
-        detector in their libraries' own serialised forms, base64)."""
+        """Everything a restart needs to go on as if it had not stopped (JSON, no pickle: the
+        sketches in DataSketches' own serialised form and the detector's scores, base64)."""
         reference = {
             key: None if value is None else base64.b64encode(value).decode("ascii")
             for key, value in self.reference.state().items()
@@ -154,12 +154,7 @@ class AnomalyMonitor:
         data: dict[str, Any] = {
             "version": _STATE_VERSION,
             "reference": reference,
-            "detector": None
-            if self.detector is None
-            else {
-                "name": self.detector.name,
-                "state": base64.b64encode(self.detector.state()).decode("ascii"),
-            },
+            "detector": None if self.detector is None else self.detector.state(),
             "adapt_left": self.adapt_left,
             "response": {"name": self.response.name, **self.response.state()},
             "last_drift_time": self.last_drift_time,
@@ -181,7 +176,7 @@ class AnomalyMonitor:
         )
         saved = data.get("detector")
         if self.detector is not None and saved is not None and saved["name"] == self.detector.name:
-            self.detector.load(base64.b64decode(saved["state"]))
+            self.detector.load(saved)
         response = data.get("response") or {}
         if response.get("name") == self.response.name:
             self.response.load(response)

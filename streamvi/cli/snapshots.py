@@ -26,7 +26,7 @@ def _directory(cli_ctx: CliContext, directory: str | None) -> Path:
 @pass_cli
 def list_snapshots(cli_ctx: CliContext, directory: str | None) -> None:
     """List snapshots, newest first, with step, records trained, offsets and validity."""
-    from streamvi.snapshots.store import SnapshotStore
+    from streamvi.snapshots.store import SnapshotStore, read_tags
 
     try:
         store = SnapshotStore(_directory(cli_ctx, directory))
@@ -43,7 +43,11 @@ def list_snapshots(cli_ctx: CliContext, directory: str | None) -> None:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.meta.get("created_at", 0)))
         trained = info.meta.get("counts", {}).get("records_trained", "?")
         offsets = json.dumps(info.meta.get("offsets", {}), sort_keys=True)
-        click.echo(f"{path.name}  step={info.step}  trained={trained}  created={created}  offsets={offsets}")
+        tags = ",".join(tag.get("tag", "?") for tag in read_tags(path))
+        shown = f"  tags={tags}" if tags else ""
+        click.echo(
+            f"{path.name}  step={info.step}  trained={trained}  created={created}  offsets={offsets}{shown}"
+        )
 
 
 @snapshots_group.command("show")

@@ -105,6 +105,15 @@ def test_tagged_snapshots_survive_pruning(tmp_path):
     assert len(names) == 3 and first.path.name in names
     assert read_tags(first.path)[0]["tag"] == "pre-drift"
     assert store.verify(first.path).step == 1  # a tag changes nothing that is verified
+    from click.testing import CliRunner
+
+    from streamvi.cli.main import cli
+
+    listed = CliRunner().invoke(cli, ["snapshots", "list", "--dir", str(tmp_path)])
+    assert listed.exit_code == 0, listed.output
+    lines = {line.split()[0]: line for line in listed.output.splitlines()}
+    assert lines[first.path.name].endswith("tags=pre-drift")
+    assert sum("tags=" in line for line in lines.values()) == 1
 
 
 # -- the loop ------------------------------------------------------------------------------------------
