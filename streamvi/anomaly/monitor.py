@@ -136,6 +136,13 @@ class AnomalyMonitor:
             drift,
         )
 
+    def refresh(self, elbo: np.ndarray) -> None:
+        """Replace the reference by the current parameters' scores of the newest held-out records
+        (the held-out evaluation's): a model that learns makes old scores too low a reference."""
+        if self.learns:
+            self.reference.reset()
+            self.reference.update(elbo)
+
     def note_trained(self, records: int) -> None:
         """Count trained records against the adaptation after a drift."""
         self.adapt_left = max(0, self.adapt_left - records)

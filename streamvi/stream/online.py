@@ -72,6 +72,8 @@ class OnlineLoop(StreamProcessor):
     ) -> None:
         self.store = store
         self.snapshot_meta = dict(snapshot_meta or {})
+        #: Held-out ELBOs under the current parameters, for the anomaly reference (see _rescored).
+        self._fresh_reference: np.ndarray | None = None
         self._warmed_up = False
         progress = OutputProgress(store, lambda count: self.metrics.replayed_records.inc(count))
         super().__init__(
@@ -246,6 +248,9 @@ class OnlineLoop(StreamProcessor):
         monitor = self.anomaly
         metrics = trainer_metrics(self.metrics)
         monitor.note_trained(result.trained_records)
+        fresh, self._fresh_reference = self._fresh_reference, None
+        if fresh is not None and not verdict.drift:
+            monitor.refresh(fresh)
         if result.trained:
             self._run_change(monitor.response.after_step(self.trainer))
         if verdict.drift:
@@ -291,7 +296,13 @@ class OnlineLoop(StreamProcessor):
     def _heldout_payload(self, step: int, x: np.ndarray, c: np.ndarray) -> dict[str, Any] | None:
         """Runs on the step thread, right after step ``step``."""
         assert self.evaluation is not None
-        return heldout_payload(self.trainer, self.evaluation.importance_samples, step, x, c)
+        return heldout_payload(self.trainer, self.evaluation.importance_samples, step, x, c, self._rescored)
+
+    def _rescored(self, bound: np.ndarray) -> None:
+        """Runs on the step thread: the current parameters' ELBOs of the newest held-out records,
+        which replace the anomaly reference at the next published step (a fresher reference than
+        scores from the parameters of long ago)."""
+        self._fresh_reference = bound.copy()
 
     def forget_positions(self) -> None:
         """Forget every partition's position, as for a source that starts anew."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -271,18 +271,26 @@ class Publisher:
 
 
 def heldout_payload(
-    trainer: Trainer, importance_samples: int, step: int, x: np.ndarray, c: np.ndarray
+    trainer: Trainer,
+    importance_samples: int,
+    step: int,
+    x: np.ndarray,
+    c: np.ndarray,
+    scored: Callable[[np.ndarray], None] | None = None,
 ) -> dict[str, Any] | None:
     """Held-out ELBO and importance-weighted log-likelihood (IWAE-k) on the reservoir's rows, with
-    no update; None when the reservoir is still empty."""
+    no update; None when the reservoir is still empty. ``scored`` receives each row's ELBO."""
     if x.shape[0] == 0:
         return None
+    bound = trainer.evaluate(x, c).bound
+    if scored is not None:
+        scored(bound)
     return {
         "kind": "heldout",
         "step": step,
         "records": int(x.shape[0]),
         "bound": trainer.estimator.bound_name,
-        "elbo": float(np.mean(trainer.evaluate(x, c).bound)),
+        "elbo": float(np.mean(bound)),
         "log_likelihood": float(np.mean(trainer.log_likelihood(x, c, importance_samples))),
         "importance_samples": importance_samples,
         "wall_time": time.time(),

@@ -139,13 +139,15 @@ def test_consumer_lag_is_exported_from_the_first_fetch_after_assignment(settings
         stop.set()
         runner.join(timeout=60)
     assert not runner.is_alive()
-    # the daemon's first lines: broker, topics, model, device, then whether a snapshot was restored
-    opening = [r.getMessage() for r in caplog.records if r.name.startswith("streamvi")][:6]
+    # the daemon's first lines: broker, topics, model, device, anomalies, then whether a snapshot
+    # was restored
+    opening = [r.getMessage() for r in caplog.records if r.name.startswith("streamvi")][:7]
     assert opening[0].startswith(f"streamvi 0.1.0: broker {kafka.bootstrap_servers[0]}"), opening
     assert opening[1].startswith(f"topics: input {kafka.input_topic} (json, 64 values)"), opening
     assert opening[2].startswith("model: gaussian z of 4, encoder [64, 32]"), opening
     assert opening[3].startswith("device: "), opening
-    assert any(line.startswith("snapshot: none in") for line in opening[4:]), opening
+    assert opening[4].startswith("anomalies: flagged past the 99th percentile"), opening
+    assert any(line.startswith("snapshot: none in") for line in opening[5:]), opening
     again = build_daemon(settings, CollectorRegistry())
     again.close()
     assert re.search(r"snapshot: restored snapshot-\d+-\d+ at step 2, resuming at offsets", caplog.text)

@@ -216,3 +216,15 @@ def test_monitor_state_round_trips():
     assert restored.judge(tail, restored.thresholds(), np.ones(1500, bool)).drift
     assert restored.detector is not None and monitor.detector is not None
     assert restored.detector.detections == monitor.detector.detections
+
+
+def test_refresh_replaces_the_reference_by_the_current_models_scores():
+    monitor = AnomalyMonitor(settings(drift_detector="none"))
+    monitor.judge(np.full(500, -100.0), monitor.thresholds(), np.ones(500, bool))  # an old, worse model
+    fresh = np.random.default_rng(6).normal(-20.0, 1.0, 300)
+    monitor.refresh(fresh)
+    assert monitor.reference.records == 300
+    assert monitor.thresholds().flag_below == pytest.approx(np.quantile(fresh, 0.01), abs=0.5)
+    replica = AnomalyMonitor(settings(), learns=False)
+    replica.refresh(fresh)
+    assert replica.reference.records == 0

@@ -203,6 +203,26 @@ def test_flagged_records_are_published_and_trained_on_only_when_configured(tmp_p
     assert 0.15 * n < heldout < 0.25 * n  # the held-out share, never trained on either way
 
 
+def test_each_heldout_evaluation_refreshes_the_reference_with_the_current_scores(tmp_path, monkeypatch):
+    refreshed: list[int] = []
+    original = AnomalyMonitor.refresh
+
+    def spy(self, elbo):
+        refreshed.append(len(elbo))
+        original(self, elbo)
+
+    monkeypatch.setattr(AnomalyMonitor, "refresh", spy)
+    n = 1600
+    _, _, sink = run_loop(
+        tmp_path, stream(n, np.zeros(n, bool)), "evaluation.every_steps=10", "evaluation.heldout_capacity=100"
+    )
+    evaluations = [
+        m for m in map(orjson.loads, (m.value for m in sink.on_topic("met"))) if m["kind"] == "heldout"
+    ]
+    assert len(refreshed) == len(evaluations) >= 3
+    assert refreshed == [e["records"] for e in evaluations] and refreshed[-1] == 100
+
+
 def test_the_snapshot_keeps_the_anomaly_state_and_a_restart_restores_it(tmp_path):
     n = 1200
     loop, _, _ = run_loop(tmp_path, stream(n, np.zeros(n, bool)))
