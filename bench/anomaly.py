@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from typing import Any
@@ -231,7 +232,7 @@ def detection(
         "records_trained": run["counts"].records_trained,
     }
     result["seconds"] = {"streamvi": round(daemon_seconds, 1), "river": round(river_seconds, 1)}
-    print(f"[{name}] {json.dumps(result)}", flush=True)
+    print(f"[{name}] {json.dumps(result)}", file=sys.stderr, flush=True)
     return result
 
 
@@ -350,7 +351,7 @@ def drift(before: int, after: int, seed: int) -> dict[str, Any]:
             "flagged": int(run["flag"].sum()),
             "seconds": round(time.time() - started, 1),
         }
-        print(f"[drift {name}] {json.dumps(out['runs'][name])}", flush=True)
+        print(f"[drift {name}] {json.dumps(out['runs'][name])}", file=sys.stderr, flush=True)
     return out
 
 
