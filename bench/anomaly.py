@@ -55,7 +55,6 @@ from prometheus_client import CollectorRegistry
 from sklearn.datasets import load_breast_cancer, load_digits
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from streamvi.anomaly.explain import group_names
 from streamvi.config import load_settings
 from streamvi.datasets import encode_record
 from streamvi.io.base import RawRecord
@@ -104,7 +103,6 @@ def run_daemon(values: list[bytes], overrides: list[str]) -> dict[str, Any]:
             max_poll_records=500,
             evaluation=policy,
             anomaly=anomaly_monitor(settings),
-            explain_names=group_names(trainer.model),
             pipeline_depth=settings.training.pipeline_depth,
         )
         loop.restore()

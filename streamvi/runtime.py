@@ -17,7 +17,6 @@ from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
 from streamvi import __version__
-from streamvi.anomaly.explain import group_names
 from streamvi.anomaly.monitor import AnomalyMonitor
 from streamvi.cluster import progress_file, start_cluster
 from streamvi.config import KafkaSettings, Settings
@@ -65,9 +64,9 @@ def build_trainer(settings: Settings) -> Trainer:
     model = build_vae(
         settings.model, settings.training, settings.input.dim, settings.input.context_dim, settings.input
     )
-    trainer = Trainer.from_settings(model, build_estimator(settings), settings.training)
-    trainer.explain_top_k = settings.anomaly.explain_top_k
-    return trainer
+    return Trainer.from_settings(
+        model, build_estimator(settings), settings.training, explain_top_k=settings.anomaly.explain_top_k
+    )
 
 
 def build_decoder(settings: Settings) -> RecordDecoder | FeatureDecoder:
@@ -388,7 +387,6 @@ def build_daemon(settings: Settings, registry: CollectorRegistry | None = None) 
             ),
             processing=processing_policy(settings),
             anomaly=anomaly_monitor(settings),
-            explain_names=group_names(trainer.model),
         )
         restored = loop.restore()
     except BaseException as exc:

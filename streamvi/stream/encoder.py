@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from streamvi.anomaly.explain import group_names
 from streamvi.io.base import OutputSink, RecordSource
 from streamvi.io.codecs import BatchDecoder
 from streamvi.metrics import EncoderMetrics, Health
@@ -122,7 +121,6 @@ class EncoderLoop(StreamProcessor):
             pipeline_depth=pipeline_depth,
             share=TrainingShare(0.0, score_all=True),
             anomaly=model.anomaly,
-            explain_names=group_names(model.trainer.model),
         )
         self._recovery = ReplicaRecovery(self.processing, source, sink, self.pipeline.cancel, progress)
         self._checkpoints = OffsetCommits(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -68,7 +68,6 @@ class OnlineLoop(StreamProcessor):
         pipeline_depth: int = 2,
         share: TrainingShare | None = None,
         anomaly: AnomalyMonitor | None = None,
-        explain_names: Sequence[str] = (),
     ) -> None:
         self.store = store
         self.snapshot_meta = dict(snapshot_meta or {})
@@ -93,7 +92,6 @@ class OnlineLoop(StreamProcessor):
             pipeline_depth=pipeline_depth,
             share=share,
             anomaly=anomaly,
-            explain_names=explain_names,
         )
         self.checkpoint = tf.train.Checkpoint(**trainer.checkpoint_objects())
         self.committer = committer_for(self.processing.exactly_once, source, sink, store, self.progress)

@@ -97,7 +97,6 @@ class StreamProcessor(ABC):
         pipeline_depth: int = 2,
         share: TrainingShare | None = None,
         anomaly: AnomalyMonitor | None = None,
-        explain_names: Sequence[str] = (),
     ) -> None:
         self.source, self.sink, self.trainer = source, sink, trainer
         #: Percentiles, flags and drift of the scores (streamvi/anomaly), or None: off.
@@ -130,7 +129,6 @@ class StreamProcessor(ABC):
             trainer,
             self.metrics,
             self.progress,
-            explain_names,
             anomaly.settings.threshold_percentile if anomaly is not None else None,
         )
         self._last_lag_time = 0.0

@@ -86,7 +86,6 @@ class Publisher:
         trainer: Trainer,
         metrics: AnyMetrics,
         progress: OutputProgress,
-        explain_names: Sequence[str] = (),
         threshold_percentile: float | None = None,
     ) -> None:
         self.sink = sink
@@ -94,8 +93,6 @@ class Publisher:
         self.trainer = trainer
         self.metrics = metrics
         self.progress = progress
-        #: The names of the input groups an explanation ranks (features, or x[i]).
-        self.explain_names = list(explain_names)
         #: anomaly.threshold_percentile, when anomalies are on.
         self.threshold_percentile = threshold_percentile
         if threshold_percentile is not None:
@@ -183,7 +180,7 @@ class Publisher:
         scores = result.scores
         if scores.explain_index is None or scores.explain_value is None:
             return None
-        return explanation_json(scores.explain_index, scores.explain_value, self.explain_names)
+        return explanation_json(scores.explain_index, scores.explain_value, self.trainer.explain_names)
 
     def _anomalies(
         self,

@@ -88,6 +88,10 @@ class Trainer:
         #: Per record, the input groups (dimensions or features) with the lowest log-likelihood
         #: that each score's columns carry (streamvi/anomaly/explain.py); 0 for none.
         self.explain_top_k = explain_top_k
+        #: The names of the input groups an explanation ranks (features, or x[i]), when explaining.
+        self.explain_names = group_names(model) if explain_top_k else []
+        #: Columns of the explanation (indices, then values): k clipped to the groups there are.
+        self.explain_width = 2 * min(explain_top_k, len(self.explain_names))
         self._loss_scaled = isinstance(optimizer, tf_keras.mixed_precision.LossScaleOptimizer)
         with self._placement():
             self.step_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
@@ -104,7 +108,12 @@ class Trainer:
 
     @classmethod
     def from_settings(
-        cls, model: VAE, estimator: Estimator, settings: TrainingSettings, draw_blocks: int = 1
+        cls,
+        model: VAE,
+        estimator: Estimator,
+        settings: TrainingSettings,
+        draw_blocks: int = 1,
+        explain_top_k: int = 0,
     ) -> Trainer:
         return cls(
             model=model,
@@ -116,6 +125,7 @@ class Trainer:
             jit_compile=settings.jit_compile,
             device=settings.device,
             draw_blocks=draw_blocks,
+            explain_top_k=explain_top_k,
         )
 
     def _placement(self) -> Any:
@@ -125,13 +135,6 @@ class Trainer:
     def trainable_variables(self) -> list[tf.Variable]:
         """The model's variables and the estimator's own (a learned baseline), in a fixed order."""
         return list(self.model.trainable_variables) + list(self.estimator.trainable_variables)
-
-    @property
-    def explain_width(self) -> int:
-        """Explanation columns in each score row: the top groups' indices, then their values."""
-        if not self.explain_top_k:
-            return 0
-        return 2 * min(self.explain_top_k, len(group_names(self.model)))
 
     def checkpoint_objects(self) -> dict[str, Any]:
         """Everything the snapshot must hold to resume this trainer bit for bit."""

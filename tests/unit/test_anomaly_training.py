@@ -118,6 +118,16 @@ def test_tagged_snapshots_survive_pruning(tmp_path):
 
 # -- the loop ------------------------------------------------------------------------------------------
 DIM = 6
+#: The model of the loop tests (the trainer's and a replica's), and a reference that calibrates early.
+MODEL = [
+    f"input.dim={DIM}",
+    "model.latent_dim=2",
+    "model.encoder_hidden=[16]",
+    "model.likelihood=gaussian",
+    "model.learn_observation_scale=true",
+    "training.batch_size=32",
+]
+REFERENCE = ["anomaly.min_reference_records=50", "anomaly.window_records=200"]
 
 
 def stream(n: int, outliers: np.ndarray, seed: int = 0) -> list[RawRecord]:
@@ -130,16 +140,10 @@ def stream(n: int, outliers: np.ndarray, seed: int = 0) -> list[RawRecord]:
 def run_loop(tmp_path, records, *overrides: str, registry=None):
     settings = load_settings(
         overrides=[
-            f"input.dim={DIM}",
-            "model.latent_dim=2",
-            "model.encoder_hidden=[16]",
-            "model.likelihood=gaussian",
-            "model.learn_observation_scale=true",
-            "training.batch_size=32",
+            *MODEL,
             "training.learning_rate=0.01",
             "evaluation.heldout_fraction=0.2",
-            "anomaly.min_reference_records=50",
-            "anomaly.window_records=200",
+            *REFERENCE,
             *overrides,
         ],
         environ={},
@@ -287,19 +291,7 @@ def test_an_encoder_replica_scores_against_the_reference_of_the_snapshot_it_serv
     assert settings is not None
     info = SnapshotStore(tmp_path).latest()
     assert info is not None
-    config = load_settings(
-        overrides=[
-            f"input.dim={DIM}",
-            "model.latent_dim=2",
-            "model.encoder_hidden=[16]",
-            "model.likelihood=gaussian",
-            "model.learn_observation_scale=true",
-            "training.batch_size=32",
-            "anomaly.min_reference_records=50",
-            "anomaly.window_records=200",
-        ],
-        environ={},
-    )
+    config = load_settings(overrides=[*MODEL, *REFERENCE], environ={})
     watch = SnapshotWatcher(
         SnapshotStore(tmp_path),
         DurableTrust(),
@@ -339,3 +331,26 @@ def test_an_encoder_replica_scores_against_the_reference_of_the_snapshot_it_serv
     assert {a["snapshot"] for a in anomalies} == {info.name}
     threshold = saved.reference.threshold_elbo(settings.threshold_percentile)
     assert all(a["threshold_elbo"] == pytest.approx(threshold, abs=1e-3) for a in anomalies)
+
+
+def test_explanations_name_the_input_that_makes_a_record_unlikely(tmp_path):
+    n = 2000
+    rng = np.random.default_rng(13)
+    x = np.clip(rng.normal(0.5, 0.05, size=(n, DIM)), 0, 1).astype(np.float32)
+    broken = rng.random(n) < 0.03
+    x[broken, 3] = 3.0  # one input far off where the rest of the record is normal
+    records = [
+        RawRecord("in", 0, i, f"k{i}".encode(), encode_record(x[i], f"r{i}", "json")) for i in range(n)
+    ]
+    # a short reference window: on a stream this short the model outgrows a longer one
+    _, _, sink = run_loop(tmp_path, records, "anomaly.explain_top_k=2", "anomaly.window_records=50")
+    latents = [orjson.loads(m.value) for m in sink.on_topic("lat")]
+    assert all(len(m["explanation"]) == 2 for m in latents)
+    assert all(
+        m["explanation"][0]["log_likelihood"] <= m["explanation"][1]["log_likelihood"] for m in latents
+    )
+    late = [m for m in latents if m["offset"] >= n // 2 and broken[m["offset"]]]
+    named = sum(m["explanation"][0]["feature"] == "x[3]" for m in late)
+    assert late and named == len(late)
+    anomalies = [orjson.loads(m.value) for m in sink.on_topic("anom")]
+    assert anomalies and all(len(a["explanation"]) == 2 for a in anomalies)
