@@ -523,6 +523,7 @@ class ProcessingSettings(_Section):
 
     guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
     #: exactly_once: the producer's transactional id; null derives ``<kafka.group_id>-streamvi``.
+    #: Trainer workers (distribution.strategy=multi_worker) append ``-worker-<index>`` to it.
     transactional_id: str | None = Field(None, min_length=1)
     transaction_timeout_ms: int = Field(60_000, ge=1_000)
     #: After SIGTERM/SIGINT, the final flush, snapshot and commit must finish within this many seconds.
@@ -539,8 +540,11 @@ class ProcessingSettings(_Section):
     #: a busy loop thread makes each of those returns wait and the step runs at a fraction of its speed.
     gil_switch_interval_ms: float = Field(0.2, gt=0.0, le=100.0)
 
-    def transactional_id_for(self, group_id: str) -> str:
-        return self.transactional_id or f"{group_id}-streamvi"
+    def transactional_id_for(self, group_id: str, worker_index: int | None = None) -> str:
+        """The producer's transactional id: one per trainer, stable across its restarts (a restart
+        fences its earlier instance); trainer workers each have their own, by index."""
+        base = self.transactional_id or f"{group_id}-streamvi"
+        return base if worker_index is None else f"{base}-worker-{worker_index}"
 
 
 class ServingSettings(_Section):
@@ -703,12 +707,6 @@ class Settings(BaseSettings):
                 f"distribution.strategy=multi_worker does not support anomaly.drift_response="
                 f"{self.anomaly.drift_response} yet (each worker detects drift on its own scores, and "
                 "the optimizer must stay equal on all); use none"
-            )
-        if self.processing.guarantee == "exactly_once":
-            raise ValueError(
-                "distribution.strategy=multi_worker does not support processing.guarantee="
-                "exactly_once yet (one transaction per checkpoint cannot span the workers' "
-                "producers); use at_least_once"
             )
         return self
 

@@ -61,6 +61,12 @@ class StreamMetrics:
             "Records consumed again after a restart because their outputs may already have been published",
             registry=registry,
         )
+        self.outputs_withheld = Counter(
+            "streamvi_outputs_withheld",
+            "Exactly-once: records trained again after a restore whose outputs a committed "
+            "transaction had already published (not sent again)",
+            registry=registry,
+        )
         self.build_info = Info("streamvi_build", "Versions of streamvi and its runtime", registry=registry)
         self.anomalies_flagged = Counter(
             "streamvi_anomalies_flagged",

@@ -362,7 +362,12 @@ def build_daemon(settings: Settings, registry: CollectorRegistry | None = None) 
             on_corrupt=lambda path, reason: metrics.corrupt_snapshots.inc(),
             progress_file=progress_file(cluster),
         )
-        sink, source = kafka_clients(settings)
+        sink, source = kafka_clients(
+            settings,
+            transactional_id=settings.processing.transactional_id_for(
+                settings.kafka.group_id, None if cluster is None else cluster.index
+            ),
+        )
         role = (
             OnlineLoop if cluster is None else functools.partial(WorkerLoop, topic=settings.kafka.input_topic)
         )

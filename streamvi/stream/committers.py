@@ -6,7 +6,10 @@ may be published again after a crash (counted through the output progress file).
 Exactly-once, a two-phase scheme: the snapshot is written *pending*, then one transaction makes
 the interval's outputs visible and commits its offsets; only then is the snapshot trusted and the
 older ones pruned. A snapshot whose offsets are ahead of the group's committed offsets belongs to a
-transaction that never committed, and is discarded at start.
+transaction that never committed, and is discarded at start. Trainer workers each commit their own
+transaction for the same snapshot; when some commit and others do not, the group goes back to the
+snapshot before it, and the committed records are trained again with their outputs withheld
+(streamvi/stream/progress.py): only the chief, which writes the shared store, discards and prunes.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import tensorflow as tf
 
 from streamvi.errors import StreamVIError
 from streamvi.io.base import OutputSink, Partition, RecordSource
-from streamvi.snapshots.store import SnapshotInfo, SnapshotStore, encode_offsets
+from streamvi.snapshots.store import SnapshotInfo, SnapshotStore
 from streamvi.snapshots.trust import offsets_ahead
 from streamvi.stream.progress import OutputProgress
 
@@ -62,6 +65,10 @@ class Committer(ABC):
 
     def snapshot_abandoned(self, info: SnapshotInfo) -> None:
         """Partitions were revoked while the snapshot was written: it will not be committed."""
+        return None
+
+    def discard(self, info: SnapshotInfo, reason: str) -> None:
+        """Take a snapshot whose commit failed out of use (only a guarantee whose commit can fail)."""
         return None
 
     @abstractmethod
@@ -119,11 +126,25 @@ class ExactlyOnceCommitter(Committer):
     guarantee = "exactly_once"
 
     def __init__(
-        self, source: RecordSource, sink: OutputSink, store: SnapshotStore, progress: OutputProgress
+        self,
+        source: RecordSource,
+        sink: OutputSink,
+        store: SnapshotStore,
+        progress: OutputProgress,
+        writes_store: bool = True,
     ):
+        """``writes_store=False``: a trainer worker other than the chief, which only reads the
+        shared snapshot store (it never discards or prunes)."""
         if not sink.transactional:
             raise ValueError("exactly-once processing needs a transactional sink")
         super().__init__(source, sink, store, progress)
+        self.writes_store = writes_store
+
+    def discard(self, info: SnapshotInfo, reason: str) -> None:
+        """Take a snapshot whose transaction did not commit out of use (the store's writer only;
+        once is enough)."""
+        if self.writes_store and info.path.exists():
+            self.store.discard(info, reason)
 
     def trusted_snapshot(self, check: SnapshotCheck) -> SnapshotInfo | None:
         """The newest valid snapshot whose transaction committed.
@@ -140,20 +161,11 @@ class ExactlyOnceCommitter(Committer):
             ahead = offsets_ahead(info, committed)
             if ahead:
                 reason = f"its transaction never committed (offsets {ahead}, group {committed})"
-                self.store.discard(info, reason)
+                self.discard(info, reason)
                 continue
-            behind = {p: c for p, c in committed.items() if p in info.offsets and c > info.offsets[p]}
-            if behind:
-                # Only when a newer trusted snapshot was lost (corrupt): outputs up to the committed
-                # offsets are already visible, so resume there; the model misses those records.
-                log.error(
-                    "snapshot %s is behind the committed offsets %s (a newer snapshot was lost); "
-                    "resuming at the committed offsets, the model skips the records in between",
-                    info.path.name,
-                    behind,
-                )
-                resumed = encode_offsets({**info.offsets, **behind})
-                info = SnapshotInfo(info.path, dict(info.meta, offsets=resumed))
+            # Behind the committed offsets on some partitions (trainer workers of which only some
+            # committed the newer snapshot, or a newer snapshot lost): the loop resumes at the
+            # snapshot's offsets and withholds the outputs that are already visible (Recovery.load).
             return info
         return None
 
@@ -168,20 +180,22 @@ class ExactlyOnceCommitter(Committer):
         return self.store.write(checkpoint, step, meta, prune=False, files=files)
 
     def snapshot_abandoned(self, info: SnapshotInfo) -> None:
-        self.store.discard(info, "partitions revoked before its transaction committed")
+        self.discard(info, "partitions revoked before its transaction committed")
 
     def commit(self, info: SnapshotInfo, offsets: dict[Partition, int]) -> str | None:
         try:
             self.sink.commit_transaction(offsets, self.source.group_metadata())
         except StreamVIError as exc:
             # Not committed: the transaction is aborted and this snapshot must never be used.
-            self.store.discard(info, f"its transaction failed to commit: {exc}")
+            self.discard(info, f"its transaction failed to commit: {exc}")
             return f"the transaction failed to commit: {exc}"
+        self.progress.committed_through(offsets)
         return None
 
     def committed(self) -> None:
         # older snapshots go only now, so a trusted one always survives
-        self.store.prune()
+        if self.writes_store:
+            self.store.prune()
 
     def abort(self) -> None:
         try:
@@ -191,7 +205,15 @@ class ExactlyOnceCommitter(Committer):
 
 
 def committer_for(
-    exactly_once: bool, source: RecordSource, sink: OutputSink, store: SnapshotStore, progress: OutputProgress
+    exactly_once: bool,
+    source: RecordSource,
+    sink: OutputSink,
+    store: SnapshotStore,
+    progress: OutputProgress,
+    writes_store: bool = True,
 ) -> Committer:
-    cls: type[Committer] = ExactlyOnceCommitter if exactly_once else AtLeastOnceCommitter
-    return cls(source, sink, store, progress)
+    """The committer of the guarantee; ``writes_store=False`` for a trainer worker that only reads
+    the chief's snapshot store."""
+    if exactly_once:
+        return ExactlyOnceCommitter(source, sink, store, progress, writes_store)
+    return AtLeastOnceCommitter(source, sink, store, progress)

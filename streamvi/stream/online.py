@@ -94,7 +94,9 @@ class OnlineLoop(StreamProcessor):
             anomaly=anomaly,
         )
         self.checkpoint = tf.train.Checkpoint(**trainer.checkpoint_objects())
-        self.committer = committer_for(self.processing.exactly_once, source, sink, store, self.progress)
+        self.committer = committer_for(
+            self.processing.exactly_once, source, sink, store, self.progress, self._writes_snapshots()
+        )
         self._recovery = self._make_recovery(
             processing=self.processing,
             trainer=self.trainer,
@@ -140,6 +142,10 @@ class OnlineLoop(StreamProcessor):
         return self._checkpoints
 
     # -- start-up ------------------------------------------------------------------------------------
+    def _writes_snapshots(self) -> bool:
+        """Whether this loop writes the snapshot store (discards and prunes in it): a trainer does."""
+        return True
+
     def restore(self) -> SnapshotInfo | None:
         """Load the newest trusted snapshot (if any) and make the source resume at its offsets."""
         info = self.committer.trusted_snapshot(self._check_matches_config)

@@ -1,14 +1,22 @@
-"""At-least-once output progress: how far outputs were sent, and which records will be sent again.
+"""Output progress: which records' outputs were sent before, and what to do with them now.
 
-Outputs of the records after the last snapshot are published again after a restart or a rewind.
-How far outputs had gone is written beside the snapshots (not fsynced: it only has to survive a
-process crash), so those re-published records can be counted (``streamvi_replayed_records_total``).
+At-least-once: outputs of the records after the last snapshot are published again after a restart
+or a rewind. How far outputs had gone is written beside the snapshots (not fsynced: it only has to
+survive a process crash), so those re-published records can be counted
+(``streamvi_replayed_records_total``).
+
+Exactly-once: a restored snapshot can be behind the group's committed offsets on some partitions
+(trainer workers whose transactions committed when another's did not, or a newer snapshot lost).
+The outputs of those records are already visible; they are trained on again, so the model has
+learnt from every record once, but their outputs are withheld (``streamvi_outputs_withheld_total``).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
 
 from streamvi.io.base import Partition, RawRecord
 from streamvi.snapshots.store import SnapshotStore
@@ -28,6 +36,8 @@ class OutputProgress:
         self.sent: dict[Partition, int] = {}
         self.replay_until: dict[Partition, int] = {}
         self._on_replayed = on_replayed
+        #: Exactly-once: per partition, the offset below which outputs are already visible.
+        self.visible_until: dict[Partition, int] = {}
 
     def mark_sent(self, records: Sequence[RawRecord]) -> None:
         """The outputs of ``records`` are on their way (may be published)."""
@@ -68,3 +78,40 @@ class OutputProgress:
                 del self.replay_until[(topic, partition)]
         if replayed:
             self._on_replayed(replayed)
+
+    # -- exactly-once ------------------------------------------------------------------------------
+    def outputs_visible(self, start: Mapping[Partition, int], committed: Mapping[Partition, int]) -> int:
+        """Consumption restarts at ``start`` while a transaction already committed outputs and
+        offsets up to ``committed``: the records in between are to be trained on without sending
+        their outputs again. Returns how many records that is."""
+        self.visible_until = {p: o for p, o in committed.items() if p in start and o > start[p]}
+        total = sum(o - start[p] for p, o in self.visible_until.items())
+        if total:
+            log.warning(
+                "%d records after the restored snapshot already have their outputs published (%s): "
+                "they are trained on again, their outputs not sent again",
+                total,
+                {f"{t}:{n}": (start[(t, n)], o) for (t, n), o in sorted(self.visible_until.items())},
+            )
+        return total
+
+    def to_send(self, records: Sequence[RawRecord]) -> np.ndarray | None:
+        """Which of ``records`` get their outputs sent: None when all do (the common case, no work),
+        else a boolean mask."""
+        visible = self.visible_until
+        if not visible:
+            return None
+        send = np.fromiter(
+            (r.offset >= visible.get((r.topic, r.partition), 0) for r in records),
+            dtype=bool,
+            count=len(records),
+        )
+        return None if send.all() else send
+
+    def committed_through(self, offsets: Mapping[Partition, int]) -> None:
+        """A transaction committed up to ``offsets``: every record of a window below them has been
+        handled, and the window closes (windows close only here, as outputs of a partition's
+        records are sent out of offset order: a dead letter before the batch of earlier records)."""
+        for partition, until in list(self.visible_until.items()):
+            if offsets.get(partition, 0) >= until:
+                del self.visible_until[partition]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -100,7 +101,10 @@ class Publisher:
 
     def dead_letter(self, record: RawRecord, error: DecodeError, state: StreamState) -> None:
         log.debug("dead letter %s:%d@%d: %s", record.topic, record.partition, record.offset, error)
-        if self.topics.dead_letter is not None:
+        withheld = self.progress.to_send((record,)) is not None  # a committed transaction sent it
+        if withheld:
+            self.metrics.outputs_withheld.inc()
+        elif self.topics.dead_letter is not None:
             self.sink.send(dead_letter_message(record, self.topics.dead_letter, error))
             self.progress.mark_sent((record,))
         state.counts.dead_letters += 1
@@ -127,6 +131,7 @@ class Publisher:
         n = len(records)
         scores = result.scores
         estimator = self.trainer.estimator
+        send = self.progress.to_send(records)  # None: every record's outputs are sent
         model_step = result.step - 1 if result.trained else result.step  # the parameters that scored it
         explanations = self._explanations(result)
         fields = (
@@ -135,27 +140,40 @@ class Publisher:
             else LatentAnomalyFields(verdict.percentiles, verdict.flagged, explanations)
         )
         if self.topics.latents is not None:
-            self.sink.send_many(
-                latent_messages(
-                    self.topics.latents,
-                    records,
-                    record_ids,
-                    scores.z_loc,
-                    scores.z_scale,
-                    scores.bound,
-                    model_step,
-                    estimator.bound_name,
-                    snapshot,
-                    observed,
-                    fields,
-                )
+            messages = latent_messages(
+                self.topics.latents,
+                records,
+                record_ids,
+                scores.z_loc,
+                scores.z_scale,
+                scores.bound,
+                model_step,
+                estimator.bound_name,
+                snapshot,
+                observed,
+                fields,
             )
+            if send is not None:
+                messages = [message for message, sent in zip(messages, send.tolist(), strict=True) if sent]
+            self.sink.send_many(messages)
             self.progress.mark_sent(records)
+            # counted as published either way: a committed transaction published the others
             state.counts.latents_published += n
-            self.metrics.latents_published.inc(n)
+            self.metrics.latents_published.inc(len(messages))
+            if send is not None:
+                self.metrics.outputs_withheld.inc(n - len(messages))
         if verdict is not None:
             self._anomalies(
-                records, record_ids, result, verdict, thresholds, model_step, snapshot, explanations, state
+                records,
+                record_ids,
+                result,
+                verdict,
+                thresholds,
+                model_step,
+                snapshot,
+                explanations,
+                state,
+                send,
             )
         if not result.trained:
             return
@@ -193,17 +211,24 @@ class Publisher:
         snapshot: str | None,
         explanations: Sequence[bytes] | None,
         state: StreamState,
+        send: np.ndarray | None = None,
     ) -> None:
-        """Publish and count the flagged records; export the reference's figures."""
+        """Publish the flagged records (those of them whose outputs are sent) and count them all;
+        export the reference's figures."""
         flagged = int(np.count_nonzero(verdict.flagged))
-        if flagged and self.topics.anomalies is not None:
+        to_publish = (
+            verdict
+            if send is None
+            else replace(verdict, flagged=verdict.flagged & send[: len(verdict.flagged)])
+        )
+        if np.any(to_publish.flagged) and self.topics.anomalies is not None:
             self.sink.send_many(
                 anomaly_messages(
                     self.topics.anomalies,
                     records,
                     record_ids,
                     result.scores.bound,
-                    verdict,
+                    to_publish,
                     model_step=model_step,
                     bound_name=self.trainer.estimator.bound_name,
                     threshold_percentile=self.threshold_percentile or 0.0,

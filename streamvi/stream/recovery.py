@@ -18,7 +18,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from streamvi.io.base import RecordSource
+from streamvi.io.base import Partition, RecordSource
 from streamvi.snapshots.store import SnapshotInfo, SnapshotStore
 from streamvi.stream.committers import Committer
 from streamvi.stream.pipeline import StepPipeline
@@ -90,11 +90,29 @@ class Recovery(RewindBackoff):
         self._initial_state: Path | None = None
 
     # -- start-up ----------------------------------------------------------------------------------
-    def load(self, info: SnapshotInfo) -> StreamState:
+    #: A rewind can find the group's committed offsets past the trusted snapshot: only trainer
+    #: workers, some of which may have committed a snapshot the others did not. One trainer's
+    #: commits never pass its trusted snapshot, so its rewinds (often in a broker outage) do not ask.
+    committed_may_pass_trusted = False
+
+    def load(self, info: SnapshotInfo, at_start: bool = True) -> StreamState:
         """Restore ``info`` into the trainer and point the source at its offsets."""
         self.store.restore(self.checkpoint, info)
-        self.source.set_start_offsets(info.offsets)
-        return StreamState.from_meta(info.meta, info.offsets)
+        start = self._start_offsets(info, at_start or self.committed_may_pass_trusted)
+        self.source.set_start_offsets(start)
+        return StreamState.from_meta(info.meta, start)
+
+    def _start_offsets(self, info: SnapshotInfo, ask_group: bool) -> dict[Partition, int]:
+        """The snapshot's offsets; under exactly-once, also where outputs are already visible.
+
+        A transaction may have committed past the snapshot (trainer workers of which only some
+        committed the next one, or a newer snapshot lost): the records in between are trained
+        again, as the snapshot has not learnt from them, but their outputs are withheld.
+        """
+        start = dict(info.offsets)
+        if self.processing.exactly_once and ask_group and start:
+            self.progress.outputs_visible(start, self.source.committed_offsets(sorted(start)))
+        return start
 
     def start_from(self, info: SnapshotInfo | None) -> None:
         """Remember what a rewind goes back to; with no snapshot, the initial state (no offsets)."""
@@ -121,7 +139,7 @@ class Recovery(RewindBackoff):
         self.committer.abort()
         self.pipeline.cancel()  # steps still queued or running belong to the abandoned interval
         if self.trusted is not None:
-            state = self.load(self.trusted)
+            state = self.load(self.trusted, at_start=False)
         elif self._initial_state is not None:
             self.checkpoint.read(str(self._initial_state / "state")).assert_consumed()
             state = StreamState(LoopCounts(), LoopState(), state.history)

@@ -22,13 +22,13 @@ from typing import Any
 
 import tensorflow as tf
 
-from streamvi.errors import WorkerLostError
+from streamvi.errors import StreamVIError, WorkerLostError
 from streamvi.io.base import Partition, RawRecord
 from streamvi.snapshots.store import SnapshotInfo
 from streamvi.stream.online import OnlineLoop
 from streamvi.stream.state import LoopCounts
 from streamvi.training.distributed import DistributedTrainer
-from streamvi.training.lockstep import Agreement, Round, agree
+from streamvi.training.lockstep import Agreement, Round, agree, all_agree
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +75,28 @@ class WorkerLoop(OnlineLoop):
 
         return WorkerRecovery(worker=self.worker, **kwargs)
 
+    def _writes_snapshots(self) -> bool:
+        """Only the chief writes the shared snapshot store; the other workers read it."""
+        return self.worker.is_chief
+
     def restore(self) -> SnapshotInfo | None:
         """Every worker restores the newest trusted snapshot of the shared snapshot store (the
         chief's), then takes the chief's state, so all start from the same parameters even before
-        the first snapshot exists."""
-        info = super().restore()
+        the first snapshot exists. The chief chooses first (under exactly-once it discards the
+        snapshots whose transactions did not commit); the others choose by the same rule once it
+        has, and a different choice is an error."""
+        if self.worker.is_chief:
+            info = super().restore()
+            all_agree(self.worker, True)
+        else:
+            all_agree(self.worker, True)
+            info = super().restore()
+        chosen = self.worker.gather_ints([-1 if info is None else info.step])
+        if len({values[0] for values in chosen}) != 1:
+            raise StreamVIError(
+                f"the trainer workers restored different snapshots (steps {[v[0] for v in chosen]}): "
+                "they must share snapshots.dir"
+            )
         self.worker.sync_from_chief()
         self.recovery.start_from(info)  # the initial state a rewind goes back to: the synced one
         self.pipeline.submitted_step = self.trainer.step

@@ -10,11 +10,16 @@ same branch:
     3. snapshot durable   -- every worker's next offsets (and record counts) are gathered, and the
                              chief writes one snapshot holding the model, optimizer, step, RNG and
                              all of them to the shared snapshot store;
-    4. offsets committed  -- each worker commits its own partitions' offsets, only now.
+    4. offsets committed  -- each worker commits its own partitions' offsets, only now; under
+                             exactly-once in its own transaction, which also makes its outputs
+                             since the last checkpoint visible. Only when every worker committed is
+                             the snapshot trusted (and older ones pruned).
 
 A crash anywhere loses nothing and trains nothing twice: a restarted group restores the newest
-snapshot on every worker and resumes each partition at *its* offsets (the group's committed offsets
-are never ahead of it).
+trusted snapshot on every worker and resumes each partition at *its* offsets. At-least-once, the
+group's committed offsets are never ahead of it. Exactly-once, the workers that committed a
+snapshot the others did not are ahead of the snapshot before it, which the group goes back to: their
+records since are trained again, and their outputs, already visible, withheld (Recovery.load).
 """
 
 from __future__ import annotations
@@ -76,10 +81,16 @@ class WorkerCheckpoints(Checkpoints):
         meta.update(self._group_counts(state.counts))
         step = self.trainer.step
         info = self._write_on_chief(step, meta)
-        # 4. offsets committed: each worker its own partitions
+        # 4. offsets committed: each worker its own partitions (exactly-once: in its own
+        #    transaction, with its outputs). When any failed, the snapshot is not trusted and all
+        #    rewind to the one before; the records of the workers that did commit are then trained
+        #    again with their outputs withheld (their committed offsets are past the rewind's).
         commit_failure = self.committer.commit(info, offsets)
-        if commit_failure is not None:  # at-least-once never fails here; kept for the contract
-            raise StreamVIError(commit_failure)
+        if not all_agree(self.cluster, commit_failure is None):
+            reason = commit_failure or "another worker's transaction failed to commit"
+            self.committer.discard(info, f"not every worker committed it: {reason}")
+            self._rewind_all(reason)
+            return None
         self.committer.committed()
         self._trusted(info)
         self.restart(offsets)
@@ -142,12 +153,14 @@ class WorkerRecovery(Recovery):
     """Loads a group snapshot into one worker: its own counts, and only the offsets of the
     partitions it holds (the others' are resumed by the workers that hold them)."""
 
+    committed_may_pass_trusted = True
+
     def __init__(self, *, worker: DistributedTrainer, **parts: Any) -> None:
         super().__init__(**parts)
         self.worker = worker
 
-    def load(self, info: SnapshotInfo) -> StreamState:
-        state = super().load(info)
+    def load(self, info: SnapshotInfo, at_start: bool = True) -> StreamState:
+        state = super().load(info, at_start)
         per_worker = info.meta.get("worker_counts")
         if isinstance(per_worker, list) and self.worker.worker_index < len(per_worker):
             state.counts = LoopCounts.from_meta({"counts": per_worker[self.worker.worker_index]})

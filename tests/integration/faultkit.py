@@ -165,12 +165,23 @@ class DaemonProcess:
     """``streamvi run`` (or another ``command``, e.g. ``serve``) as a subprocess, stderr to a log
     file, /metrics scraped for progress."""
 
-    def __init__(self, settings: Settings, log_path: Path, *args: str, command: str = "run") -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        log_path: Path,
+        *args: str,
+        command: str = "run",
+        fault_hooks: dict[str, str] | None = None,
+    ) -> None:
+        """``fault_hooks``: environment for tests/integration/fault_hooks/sitecustomize.py, which
+        is then loaded into the subprocess (e.g. ``{"FAULT_COMMIT_FAILS_AT": "2"}``)."""
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 -- closed in wait()
-        self.process = subprocess.Popen(
-            [*STREAMVI, command, *args], env=cli_env(settings), stderr=self._log, cwd=ROOT
-        )
+        env = cli_env(settings)
+        if fault_hooks:
+            env.update(fault_hooks)
+            env["PYTHONPATH"] = str(Path(__file__).parent / "fault_hooks") + os.pathsep + env["PYTHONPATH"]
+        self.process = subprocess.Popen([*STREAMVI, command, *args], env=env, stderr=self._log, cwd=ROOT)
         self.metrics_url: str | None = None
 
     def log_text(self) -> str:

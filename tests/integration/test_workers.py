@@ -9,15 +9,24 @@ from __future__ import annotations
 import re
 import signal
 import time
+from collections import Counter
 from pathlib import Path
 
+import orjson
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
 from streamvi.io.admin import ensure_topics
 from streamvi.io.embedded import free_port
 from streamvi.snapshots import SnapshotStore
-from tests.integration.faultkit import DaemonProcess, committed_offsets, produce, sequenced_records
+from tests.integration.faultkit import (
+    DaemonProcess,
+    committed_offsets,
+    produce,
+    read_committed_emulated,
+    seq_id,
+    sequenced_records,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -38,16 +47,28 @@ def worker_overrides() -> list[str]:
     ]
 
 
-def start_workers(settings_factory, tmp_path: Path, *args: str) -> tuple[list[DaemonProcess], object]:
+def start_workers(
+    settings_factory,
+    tmp_path: Path,
+    *args: str,
+    overrides: tuple[str, ...] = (),
+    fault_hooks: dict[int, dict[str, str]] | None = None,
+) -> tuple[list[DaemonProcess], object]:
+    """The workers as ``streamvi run`` subprocesses; ``fault_hooks``: per worker index, the faults
+    tests/integration/fault_hooks injects into it."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     addresses = ", ".join(f"127.0.0.1:{free_port()}" for _ in range(WORKERS))
     processes = []
     settings = None
     for index in range(WORKERS):
         settings = settings_factory(
-            *worker_overrides(), f"distribution.workers=[{addresses}]", f"distribution.worker_index={index}"
+            *worker_overrides(),
+            *overrides,
+            f"distribution.workers=[{addresses}]",
+            f"distribution.worker_index={index}",
         )
-        processes.append(DaemonProcess(settings, tmp_path / f"worker-{index}.log", *args))
+        hooks = (fault_hooks or {}).get(index)
+        processes.append(DaemonProcess(settings, tmp_path / f"worker-{index}.log", *args, fault_hooks=hooks))
     return processes, settings
 
 
@@ -165,3 +186,66 @@ def test_a_rebalance_mid_run_rewinds_every_worker_together_and_trains_nothing_tw
     check_exactly_once(settings, records)
     logs = [p.log_text() for p in processes]
     assert all("revoked by a rebalance" in text or "another worker rewinds" in text for text in logs)
+
+
+EXACTLY_ONCE = ("processing.guarantee=exactly_once",)
+
+
+def check_latents_exactly_once(settings, records: int) -> None:
+    """What a read_committed consumer of the latents topic sees: every record once."""
+    kafka = settings.kafka
+    messages = read_committed_emulated(kafka.bootstrap_servers[0], kafka.latents_topic, expected=records)
+    ids = Counter(orjson.loads(m.value)["id"] for m in messages)
+    assert sorted(ids) == sorted(seq_id(i) for i in range(records)), len(ids)
+    assert set(ids.values()) == {1}, [i for i, n in ids.items() if n > 1][:10]
+
+
+def test_exactly_once_workers_a_failed_commit_of_one_rewinds_all_and_withholds_what_the_other_committed(
+    settings_factory, tmp_path
+):
+    """Worker 1's second commit fails after the chief's succeeded: the snapshot is discarded, both
+    go back to the one before, and the chief's records since are trained again with their
+    outputs, already visible, withheld. Every latent is visible exactly once."""
+    processes, settings = start_workers(
+        settings_factory,
+        tmp_path,
+        "--idle-timeout",
+        "6",
+        overrides=EXACTLY_ONCE,
+        fault_hooks={1: {"FAULT_COMMIT_FAILS_AT": "2"}},
+    )
+    kafka = settings.kafka
+    ensure_topics(kafka)
+    records = 3000
+    produce(kafka.bootstrap_servers[0], kafka.input_topic, sequenced_records(0, records))
+    ends = finished(processes)
+    assert ends[0] == ends[1], ends
+    check_exactly_once(settings, records)
+    check_latents_exactly_once(settings, records)
+    chief, other = (p.log_text() for p in processes)
+    assert "injected by FAULT_COMMIT_FAILS_AT" in other
+    assert "discarding snapshot" in chief and "not every worker committed it" in chief
+    assert "already have their outputs published" in chief
+
+
+def test_exactly_once_workers_killed_mid_run_and_restarted_publish_every_latent_once(
+    settings_factory, tmp_path
+):
+    processes, settings = start_workers(settings_factory, tmp_path / "first", overrides=EXACTLY_ONCE)
+    kafka = settings.kafka
+    ensure_topics(kafka)
+    records = 3000
+    produce(kafka.bootstrap_servers[0], kafka.input_topic, sequenced_records(0, records))
+    chief, victim = processes
+    chief.wait_for_metrics()
+    chief.wait_for("streamvi_snapshots_total", 2, timeout=300)
+    victim.signal(signal.SIGKILL)
+    assert victim.wait(30) == -signal.SIGKILL
+    assert chief.wait(120) not in (0, None), chief.log_text()[-3000:]
+    restarted, _ = start_workers(
+        settings_factory, tmp_path / "second", "--idle-timeout", "5", overrides=EXACTLY_ONCE
+    )
+    ends = finished(restarted)
+    assert ends[0] == ends[1], ends
+    check_exactly_once(settings, records)
+    check_latents_exactly_once(settings, records)

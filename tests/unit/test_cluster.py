@@ -146,7 +146,8 @@ def test_one_process_starts_no_cluster_and_workers_refuse_what_they_cannot_share
     assert start_cluster(settings()) == (None, None)  # the default: one trainer, as before
     assert progress_file(None) == "progress.json"
     multi = ("distribution.strategy=multi_worker", TWO, "distribution.worker_index=1")
-    with pytest.raises(ConfigError, match=r"processing\.guarantee=exactly_once"):
-        settings(*multi, "processing.guarantee=exactly_once")
+    exactly_once = settings(*multi, "processing.guarantee=exactly_once").processing
+    assert exactly_once.transactional_id_for("g", 1) == "g-streamvi-worker-1"  # one producer each
+    assert exactly_once.transactional_id_for("g") == "g-streamvi"
     with pytest.raises(ConfigError, match=r"training\.baseline=none"):
         settings(*multi, "training.estimator=score_function")

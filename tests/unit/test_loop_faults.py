@@ -4,6 +4,7 @@ deliveries, replay counting, non-finite updates, bad input that never escapes th
 from __future__ import annotations
 
 import os
+import shutil
 
 import numpy as np
 import orjson
@@ -157,6 +158,40 @@ def test_exactly_once_discards_a_snapshot_whose_transaction_never_committed(tmp_
     )
     assert second.trainer.step == 4 and second.state.next_offsets == {("in", 0): 16}
     assert pending.path not in SnapshotStore(tmp_path).candidates()
+
+
+def test_exactly_once_restored_behind_the_committed_offsets_trains_again_and_withholds_outputs(tmp_path):
+    """A newer snapshot lost (or, with trainer workers, one only some workers committed): the
+    group's offsets are past the restored snapshot. Its records are trained again, since the
+    snapshot has not learnt from them, but their outputs (latents and dead letters), already
+    visible, are not sent again."""
+    stream = records(24)
+    stream[18] = RawRecord("in", 0, 18, b"k18", b"{not json")  # a dead letter
+    source, sink = MemorySource(stream), MemorySink(transactional=True)
+    loop = make_loop(source, sink, SnapshotStore(tmp_path), exactly_once=True)
+    loop.run(max_records=24)
+    newest = SnapshotStore(tmp_path).latest()
+    assert source.committed == {("in", 0): 24} == newest.offsets
+    shutil.rmtree(newest.path)  # lost
+    visible = list(sink.delivered)
+
+    registry = CollectorRegistry()
+    source2, sink2 = restarted_source(stream, source), MemorySink(transactional=True)
+    second = make_loop(source2, sink2, SnapshotStore(tmp_path), exactly_once=True, registry=registry)
+    restored = second.state.next_offsets[("in", 0)]
+    assert 0 < restored < 24 and second.counts.records_trained < 23
+    second.run(idle_timeout_seconds=0.3)
+    assert sink2.delivered == [m for m in sink2.delivered if m.topic == "met"]  # nothing per record
+    assert latent_offsets(visible) == [o for o in range(24) if o != 18]
+    assert [m.topic for m in visible].count("dlq") == 1
+    assert registry.get_sample_value("streamvi_outputs_withheld_total") == 24 - restored
+    # trained once in the restored lineage: the snapshot's records, then all the others again
+    assert (
+        second.counts.records_trained
+        == 23
+        == SnapshotStore(tmp_path).latest().meta["counts"]["records_trained"]
+    )
+    assert source2.committed == {("in", 0): 24}
 
 
 def test_failed_delivery_rewinds_and_loses_nothing(tmp_path):
