@@ -697,11 +697,6 @@ class Settings(BaseSettings):
                 "distribution.strategy=multi_worker does not support training.mixed_precision="
                 "mixed_float16 (per-worker loss scales); use off or mixed_bfloat16"
             )
-        if self.input.features is not None and self.input.normalise:
-            raise ValueError(
-                "distribution.strategy=multi_worker does not support input.normalise=true yet "
-                "(the running moments are per worker); set input.normalise=false"
-            )
         if self.anomaly.enabled and self.anomaly.drift_response != "none":
             raise ValueError(
                 f"distribution.strategy=multi_worker does not support anomaly.drift_response="

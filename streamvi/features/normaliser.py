@@ -49,18 +49,41 @@ class RunningMoments(tf.Module):
         return tf.cast(loc, tf.float32), tf.cast(scale, tf.float32)
 
     def fold(self, values: tf.Tensor, rows: tf.Tensor) -> None:
-        """Fold the rows of ``values`` [B, dim] where ``rows`` [B] is true; NaN values are skipped."""
+        """Fold the rows of ``values`` [B, dim] where ``rows`` is true; NaN values are skipped."""
+        self.fold_sums(self.batch_sums(values, rows))
+
+    def batch_sums(self, values: tf.Tensor, rows: tf.Tensor) -> list[tf.Tensor]:
+        """A batch's part of the next fold, as sums that add across batches folded at once (the
+        workers' batches of one distributed step): [records, n, n d, M2, n d^2], float64, per column
+        (records a scalar), with n the observed values, M2 their squared deviations from the
+        batch's own mean (two-pass) and d that mean minus the running mean."""
         values = tf.cast(values, tf.float64)
         observed = tf.logical_and(~tf.math.is_nan(values), rows[:, None])
         zeros = tf.zeros_like(values)
         n_b = tf.reduce_sum(tf.cast(observed, tf.float64), axis=0)
         mean_b = tf.reduce_sum(tf.where(observed, values, zeros), axis=0) / tf.maximum(n_b, 1.0)
         m2_b = tf.reduce_sum(tf.where(observed, tf.square(values - mean_b), zeros), axis=0)
+        offset = tf.where(n_b > 0, mean_b - self.mean, tf.zeros_like(n_b))
+        records = tf.reduce_sum(tf.cast(rows, tf.float64))
+        return [records, n_b, n_b * offset, m2_b, n_b * tf.square(offset)]
+
+    def fold_sums(self, sums: list[tf.Tensor]) -> None:
+        """Fold the summed ``batch_sums`` of one or more batches taken against the current mean.
+
+        The union of K batches has n = sum n_k, mean offset delta = sum n_k d_k / n and
+        M2 = sum M2_k + sum n_k d_k^2 - n delta^2 (Chan et al.'s combination, shifted by the running
+        mean); it is then folded into the running moments as a single batch."""
+        records, n_b, n_offset, m2_within, n_offset2 = sums
+        delta = n_offset / tf.maximum(n_b, 1.0)
+        m2_b = m2_within + tf.maximum(n_offset2 - delta * n_offset, 0.0)
         n_a = self.count.read_value()
         n = n_a + n_b
-        delta = mean_b - self.mean
         share = tf.where(n > 0, n_b / tf.maximum(n, 1.0), tf.zeros_like(n))
         self.m2.assign_add(m2_b + tf.square(delta) * n_a * share)
         self.mean.assign_add(delta * share)
         self.count.assign(n)
-        self.records.assign_add(tf.reduce_sum(tf.cast(rows, tf.int64)))
+        self.records.assign_add(tf.cast(tf.round(records), tf.int64))
+
+    def state(self) -> list[tf.Variable]:
+        """The variables that define the running moments (equal on every distributed worker)."""
+        return [self.records, self.count, self.mean, self.m2]

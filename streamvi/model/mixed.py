@@ -54,6 +54,21 @@ class FeatureInputs(tf.Module):
         if self.normaliser is not None and self.layout.numeric:
             self.normaliser.fold(tf.gather(x, self.layout.numeric, axis=1), rows)
 
+    def batch_sums(self, x: tf.Tensor, rows: tf.Tensor) -> list[tf.Tensor]:
+        """The normaliser's additive sums of a batch (``RunningMoments.batch_sums``); [] without one."""
+        if self.normaliser is None or not self.layout.numeric:
+            return []
+        return self.normaliser.batch_sums(tf.gather(x, self.layout.numeric, axis=1), rows)
+
+    def fold_sums(self, sums: list[tf.Tensor]) -> None:
+        """Fold summed ``batch_sums`` (of one or several workers' batches) into the normaliser."""
+        if sums and self.normaliser is not None:
+            self.normaliser.fold_sums(sums)
+
+    def state(self) -> list[tf.Variable]:
+        """The normaliser's variables; [] without one."""
+        return [] if self.normaliser is None else self.normaliser.state()
+
     def __call__(self, x: tf.Tensor) -> tf.Tensor:
         x = tf.cast(x, tf.float32)
         observed = ~tf.math.is_nan(x)

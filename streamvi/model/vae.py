@@ -94,6 +94,20 @@ class VAE(tf.Module):
         if self.inputs is not None:
             self.inputs.fold(x, rows)
 
+    def input_sums(self, x: tf.Tensor, rows: tf.Tensor) -> list[tf.Tensor]:
+        """The rows' additive contribution to the running input statistics (summed over workers
+        before ``fold_input_sums``); [] when the model keeps none."""
+        return [] if self.inputs is None else self.inputs.batch_sums(x, rows)
+
+    def fold_input_sums(self, sums: list[tf.Tensor]) -> None:
+        """Fold summed ``input_sums`` into the running input statistics."""
+        if self.inputs is not None:
+            self.inputs.fold_sums(sums)
+
+    def input_state(self) -> list[tf.Variable]:
+        """The running input statistics' variables ([] when the model keeps none)."""
+        return [] if self.inputs is None else self.inputs.state()
+
     def observation(self, z: tf.Tensor, c: tf.Tensor) -> tfd.Distribution:
         """p(x|z, c) for z [..., B, latent_size]; the context is broadcast over the leading sample axes."""
         leading = tf.shape(z)[:-1]

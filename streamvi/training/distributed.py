@@ -6,8 +6,9 @@ step is, on every worker at once:
 1. forward and backward on the local rows (the trainer's compiled code, XLA where configured),
    giving the gradient of the *summed* loss ``-sum_i w_i s_i`` (``Estimator.summed_loss``), that
    sum and the local weight ``W_k = sum_i w_i`` (the real, non-padding, non-held-out records);
-2. one all-reduce (SUM) of [gradients, loss sum, weight] over ``MultiWorkerMirroredStrategy``'s
-   collectives (gRPC between workers, configured by ``TF_CONFIG`` or ``distribution.*``);
+2. one all-reduce (SUM) of [gradients, loss sum, weight, the normaliser's batch sums] over
+   ``MultiWorkerMirroredStrategy``'s collectives (gRPC between workers, configured by
+   ``TF_CONFIG`` or ``distribution.*``);
 3. the gradient and loss of the union: both sums divided by ``max(sum_k W_k, 1)``, then the
    trainer's own clipping, non-finite guard, optimizer update and step count (compiled again).
 
@@ -17,7 +18,9 @@ makes on the union of the batches, and a worker with an empty (or all held-out) 
 0. Every worker applies the same reduced gradient to the same parameters (the chief's, broadcast by
 :meth:`DistributedTrainer.sync_from_chief` at start), so they stay identical; the step counter and
 the RNG are ordinary per-worker variables that advance identically because every worker takes part
-in every step (an update is applied on all or none: the gate is computed from reduced values).
+in every step (an update is applied on all or none: the gate is computed from reduced values). The
+online normaliser folds the union's batch sums on every worker, so it stays identical too (its
+``ready`` is part of that gate).
 
 Draws. The step seed comes from the RNG, the same on every worker; worker k draws its latents with
 that seed folded with k (:func:`~streamvi.training.trainer.block_seed`). A single process with
@@ -124,11 +127,6 @@ class DistributedTrainer(Trainer):
             raise ValueError(
                 "a baseline's running average is per worker: distributed steps need baseline=none"
             )
-        if model.inputs is not None and model.inputs.normaliser is not None:
-            raise ValueError(
-                "the online normaliser's running moments are per worker: distributed steps need "
-                "input.normalise off for now"
-            )
         super().__init__(
             model,
             estimator,
@@ -146,7 +144,7 @@ class DistributedTrainer(Trainer):
         self.workers = int(strategy.num_replicas_in_sync)
         self.worker_index = self._replica_id()
         self._local_fn = tf.function(self._local_part, jit_compile=jit_compile)
-        self._finish_fn = tf.function(self._apply, jit_compile=jit_compile)
+        self._finish_fn = tf.function(self._finish, jit_compile=jit_compile)
         self._train_fn = tf.function(self._train_step)  # the collective is not XLA-compiled
 
     @property
@@ -165,8 +163,15 @@ class DistributedTrainer(Trainer):
         worker must call it with tensors of the same shapes and dtypes, in the same order."""
 
         def reduce(*local: tf.Tensor) -> Any:
+            # one batched collective per dtype: a batch packs its tensors into one buffer
             context = tf.distribute.get_replica_context()
-            return context.all_reduce(tf.distribute.ReduceOp.SUM, list(local))
+            out: list[Any] = [None] * len(local)
+            for dtype in dict.fromkeys(value.dtype for value in local):
+                slots = [i for i, value in enumerate(local) if value.dtype == dtype]
+                summed = context.all_reduce(tf.distribute.ReduceOp.SUM, [local[i] for i in slots])
+                for i, value in zip(slots, summed, strict=True):
+                    out[i] = value
+            return out
 
         # The collective's destination is the inputs' device: inside a tf.function, the outputs of
         # a nested (compiled) function have none until placed, so each is placed on this worker.
@@ -178,7 +183,8 @@ class DistributedTrainer(Trainer):
     # -- compiled parts ------------------------------------------------------------------------------
     def _local_part(self, rows: tf.Tensor) -> tuple[Any, ...]:
         """Worker-local forward and backward: packed scores, summed loss, trained weight, trainable
-        weight (before the training floor), gradients.
+        weight (before the training floor), the trained rows' sums for the running input statistics
+        (the normaliser's; none without one), gradients.
 
         The step seed is drawn here, compiled like the single-process step draws it: the RNG's
         kernels compiled by XLA and run by TensorFlow need not give the same numbers."""
@@ -187,21 +193,42 @@ class DistributedTrainer(Trainer):
         terms, weights, summed, grads = self._gradients(x, c, trainable, seed, summed=True)
         total = tf.reduce_sum(tf.where(weights > 0, weights, tf.zeros_like(weights)))
         offered = tf.reduce_sum(tf.where(trainable > 0, trainable, tf.zeros_like(trainable)))
-        return self._pack(terms, x, c, weights), summed, total, offered, grads
+        input_sums = self.model.input_sums(x, weights > 0)
+        return self._pack(terms, x, c, weights), summed, total, offered, input_sums, grads
 
     def _train_step(self, rows: tf.Tensor) -> tf.Tensor:
         """Local gradients, one all-reduce, then the trainer's update on the union's gradient.
         Returns the packed scores and figures (as the trainer's step does) with one more row whose
         first entry is the union's trained weight."""
-        packed, summed, total, offered, grads = self._local_fn(rows)
-        reduced = self.all_reduce([summed, total, offered, *grads])
+        packed, summed, total, offered, input_sums, grads = self._local_fn(rows)
+        reduced = self.all_reduce([summed, total, offered, *grads, *input_sums])
         union_total = reduced[1]
         denominator = tf.maximum(union_total, 1.0)
         loss = reduced[0] / denominator
-        union_grads = [g / denominator for g in reduced[3:]]
-        out = self._finish_fn(packed, loss, union_grads, union_total > 0, counts=reduced[2] > 0)
+        union_grads = [g / denominator for g in reduced[3 : 3 + len(grads)]]
+        union_sums = reduced[3 + len(grads) :]
+        out = self._finish_fn(packed, loss, union_grads, union_total > 0, reduced[2] > 0, union_sums)
         extra = tf.pad(union_total[None, None], [[0, 0], [0, int(out.shape[1]) - 1]])
         return tf.concat([out, extra], axis=0)
+
+    def _finish(
+        self,
+        packed: tf.Tensor,
+        loss: tf.Tensor,
+        grads: list[tf.Tensor],
+        trains: tf.Tensor,
+        counts: tf.Tensor,
+        input_sums: list[tf.Tensor],
+    ) -> tf.Tensor:
+        """The trainer's update on the union's gradient; the union's trained rows feed the running
+        input statistics when the batch counts for them (every worker folds the same sums, so the
+        normaliser stays equal everywhere and its warm-up ends at the same step)."""
+
+        def fold_inputs(applies: tf.Tensor) -> None:
+            gate = tf.cast(applies, tf.float64)
+            self.model.fold_input_sums([part * gate for part in input_sums])
+
+        return self._apply(packed, loss, grads, trains, fold_inputs=fold_inputs, counts=counts)
 
     # -- host API ------------------------------------------------------------------------------------
     def train_rows(self, rows: np.ndarray, n: int, floor: float = -np.inf) -> DistributedStepResult:
@@ -250,8 +277,15 @@ class DistributedTrainer(Trainer):
         return time.perf_counter() - started
 
     def state_variables(self) -> list[tf.Variable]:
-        """Everything that must be equal on every worker: parameters, optimizer slots, step, RNG."""
-        return [*self.trainable_variables, *self.optimizer.variables, self.step_counter, self.rng.state]
+        """Everything that must be equal on every worker: parameters, optimizer slots, running input
+        statistics, step, RNG."""
+        return [
+            *self.trainable_variables,
+            *self.optimizer.variables,
+            *self.model.input_state(),
+            self.step_counter,
+            self.rng.state,
+        ]
 
     def sync_from_chief(self) -> None:
         """Make every worker's state the chief's (after a build, or the chief's restore): a SUM

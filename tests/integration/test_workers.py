@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import orjson
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
@@ -19,6 +20,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from streamvi.io.admin import ensure_topics
 from streamvi.io.embedded import free_port
 from streamvi.snapshots import SnapshotStore
+from streamvi.snapshots.loading import load_trainer
 from tests.integration.faultkit import (
     DaemonProcess,
     committed_offsets,
@@ -27,6 +29,7 @@ from tests.integration.faultkit import (
     seq_id,
     sequenced_records,
 )
+from tests.unit import feature_events
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -110,6 +113,44 @@ def test_two_workers_train_one_model_on_every_record_once(settings_factory, tmp_
     # both partitions hold records (keyed by sequence): each worker trained its share
     assert all(w["records_trained"] > 0 for w in meta["worker_counts"]), meta["worker_counts"]
     print(f"\nsteps {ends[0][0]}, per worker {[w['records_trained'] for w in meta['worker_counts']]}")
+
+
+def test_two_workers_share_the_online_normaliser_of_feature_events(settings_factory, tmp_path):
+    """Named-field events with missing values, standardised online: the normaliser folds both
+    workers' records, so it is part of the equal checksums, and the snapshot's moments are those of
+    every record trained (each observed value once)."""
+    events = feature_events.events(seed=3) + feature_events.events(seed=4)
+    schema = orjson.dumps(feature_events.schema()).decode()
+    overrides = (f"input.features={schema}", "input.normalise_warmup=64", "training.batch_size=32")
+    processes, settings = start_workers(
+        settings_factory, tmp_path, "--idle-timeout", "5", overrides=overrides
+    )
+    kafka = settings.kafka
+    ensure_topics(kafka)
+    keyed = [(f"{e['id']}-{i}".encode(), orjson.dumps(e)) for i, e in enumerate(events)]
+    produce(kafka.bootstrap_servers[0], kafka.input_topic, keyed)
+    ends = finished(processes)
+    assert ends[0] == ends[1] and ends[0][0] > 0, ends
+    meta = check_exactly_once(settings, len(events))
+    assert all(w["records_trained"] > 0 for w in meta["worker_counts"]), meta["worker_counts"]
+    latest = SnapshotStore(settings.snapshots.dir).latest()
+    assert latest is not None
+    _, trainer = load_trainer(latest)
+    normaliser = trainer.model.inputs.normaliser
+    values = np.array(
+        [
+            [
+                e.get(path.split(".")[0], {}).get(path.split(".")[1], np.nan)
+                for path in feature_events.feature_paths()
+            ]
+            for e in events
+        ],
+        dtype=np.float32,
+    ).astype(np.float64)
+    assert int(normaliser.records.numpy()) == len(events)
+    np.testing.assert_array_equal(normaliser.count.numpy(), (~np.isnan(values)).sum(axis=0))
+    np.testing.assert_allclose(normaliser.mean.numpy(), np.nanmean(values, axis=0), rtol=1e-9)
+    np.testing.assert_allclose(normaliser.variance().numpy(), np.nanvar(values, axis=0), rtol=1e-9)
 
 
 def test_a_worker_whose_partition_stays_empty_does_not_block_training(settings_factory, tmp_path):

@@ -1,10 +1,11 @@
 """One trainer worker of a localhost cluster for tests/unit/test_distributed.py (run as a script).
 
-    TF_CONFIG=... python distributed_worker.py INDEX OUT.npz
+    TF_CONFIG=... python distributed_worker.py INDEX OUT.npz [plain|normalised]
 
 Builds the strategy from TF_CONFIG (set by the test, as TensorFlow reads it), perturbs worker 1's
 parameters so the chief's broadcast is visible, then runs the steps of :func:`batches` on its share
-of each batch and saves parameters, checksums and step figures after each.
+of each batch and saves parameters, checksums and step figures after each. The ``normalised``
+scenario trains a feature-schema model whose online normaliser must stay equal on both workers.
 """
 
 from __future__ import annotations
@@ -27,6 +28,46 @@ OVERRIDES = [
 ]
 WORKERS, BATCH, DIM = 2, 8, 6
 
+#: The normalised scenario: three numeric features on scales 1e-3, 1 and 1e3 (sometimes missing)
+#: and a binary one, standardised by the online normaliser after a warm-up of 10 records.
+FEATURES = (
+    "[{name: a, type: numeric}, {name: b, type: numeric}, {name: c, type: numeric}, {name: d, type: binary}]"
+)
+NORMALISED = [
+    f"input.features={FEATURES}",
+    "input.normalise_warmup=10",
+    *[o for o in OVERRIDES if not o.startswith("input.dim")],
+]
+FEATURE_DIM = 4
+
+
+def scenario_overrides(scenario: str) -> list[str]:
+    return NORMALISED if scenario == "normalised" else OVERRIDES
+
+
+def scenario_batches(scenario: str) -> list[tuple[np.ndarray, list[int]]]:
+    return normalised_batches() if scenario == "normalised" else batches()
+
+
+def normalised_batches() -> list[tuple[np.ndarray, list[int]]]:
+    """Three steps of raw feature rows: the first two inside the warm-up (6 + 3, then 8 + 4 real
+    records: parameters stay, the normaliser folds both workers' rows), the third an update on
+    standardised values; 10% of numeric values missing (NaN)."""
+    rng = np.random.default_rng(5)
+    scales = np.array([1e-3, 1.0, 1e3])
+    steps = []
+    for counts in ([6, 3], [8, 4], [7, 8]):
+        rows = np.zeros((WORKERS * BATCH, FEATURE_DIM + 1), dtype=np.float32)
+        numeric = rng.normal(5.0, 2.0, size=(WORKERS * BATCH, 3)) * scales
+        numeric[rng.random(numeric.shape) < 0.1] = np.nan
+        rows[:, :3] = numeric
+        rows[:, 3] = rng.random(WORKERS * BATCH) < 0.5
+        for k, n in enumerate(counts):
+            rows[k * BATCH : k * BATCH + n, -1] = 1.0
+            rows[k * BATCH + n : (k + 1) * BATCH, :FEATURE_DIM] = 0.0  # padding rows
+        steps.append((rows, counts))
+    return steps
+
 
 def batches() -> list[tuple[np.ndarray, list[int]]]:
     """Per step: the union's [x | weight] rows (worker k's block is rows kB..(k+1)B) and each
@@ -45,11 +86,12 @@ def batches() -> list[tuple[np.ndarray, list[int]]]:
     return steps
 
 
-def main(index: int, out: str) -> None:
+def main(index: int, out: str, scenario: str) -> None:
     from streamvi.cluster import resolve_cluster
     from streamvi.config import load_settings
 
-    settings = load_settings(overrides=[*OVERRIDES, "distribution.strategy=multi_worker"], environ={})
+    overrides = [*scenario_overrides(scenario), "distribution.strategy=multi_worker"]
+    settings = load_settings(overrides=overrides, environ={})
     import os
 
     cluster = resolve_cluster(settings.distribution, os.environ)
@@ -65,7 +107,7 @@ def main(index: int, out: str) -> None:
     trainer.sync_from_chief()
     saved: dict[str, np.ndarray] = {"worker_index": np.array(trainer.worker_index)}
     saved["checksum_0"] = np.array(trainer.checksum())
-    for step, (rows, counts) in enumerate(batches(), start=1):
+    for step, (rows, counts) in enumerate(scenario_batches(scenario), start=1):
         mine = rows[index * BATCH : (index + 1) * BATCH]
         result = trainer.train_rows(np.ascontiguousarray(mine), counts[index])
         saved[f"figures_{step}"] = np.array(
@@ -75,6 +117,11 @@ def main(index: int, out: str) -> None:
         saved[f"checksum_{step}"] = np.array(trainer.checksum())
         for i, variable in enumerate(trainer.model.trainable_variables):
             saved[f"param_{step}_{i}"] = variable.numpy()
+        for i, variable in enumerate(trainer.model.input_state()):
+            saved[f"moments_{step}_{i}"] = variable.numpy()
+    if scenario == "normalised":
+        np.savez(out, **saved)
+        return
     saved["rounds"] = np.array([_agreement(a) for a in lockstep_rounds(trainer, index)])
     from streamvi.training.lockstep import gather_offsets
 
@@ -106,4 +153,4 @@ def _agreement(agreement) -> list[int]:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), sys.argv[2])
+    main(int(sys.argv[1]), sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "plain")

@@ -30,7 +30,7 @@ from tests.unit import distributed_worker as worker
 ATOL = 1e-5
 
 
-def run_workers(tmp_path: Path) -> list[dict[str, np.ndarray]]:
+def run_workers(tmp_path: Path, scenario: str = "plain") -> list[dict[str, np.ndarray]]:
     addresses = [f"127.0.0.1:{free_port()}" for _ in range(worker.WORKERS)]
     processes, outputs = [], []
     for index in range(worker.WORKERS):
@@ -41,7 +41,10 @@ def run_workers(tmp_path: Path) -> list[dict[str, np.ndarray]]:
         log = (tmp_path / f"worker{index}.log").open("w")
         processes.append(
             subprocess.Popen(
-                [sys.executable, worker.__file__, str(index), str(out)], env=env, stdout=log, stderr=log
+                [sys.executable, worker.__file__, str(index), str(out), scenario],
+                env=env,
+                stdout=log,
+                stderr=log,
             )
         )
         outputs.append(out)
@@ -57,20 +60,22 @@ def run_workers(tmp_path: Path) -> list[dict[str, np.ndarray]]:
     return [dict(np.load(out)) for out in outputs]
 
 
-def reference_steps() -> tuple[list[dict[str, np.ndarray]], list[np.ndarray]]:
-    """One process, batch 16 in two draw blocks, the same two steps on the union."""
+def reference_steps(scenario: str = "plain") -> tuple[list[dict[str, np.ndarray]], list[np.ndarray]]:
+    """One process, batch 16 in two draw blocks, the same steps on the union."""
     from streamvi.config import load_settings
     from streamvi.estimators import build_estimator
     from streamvi.model.vae import build_vae
     from streamvi.training.trainer import Trainer
 
-    overrides = [o for o in worker.OVERRIDES if not o.startswith("training.batch_size")]
+    overrides = [o for o in worker.scenario_overrides(scenario) if not o.startswith("training.batch_size")]
     settings = load_settings(overrides=[*overrides, "training.batch_size=16"], environ={})
-    model = build_vae(settings.model, settings.training, settings.input.dim, settings.input.context_dim)
+    model = build_vae(
+        settings.model, settings.training, settings.input.dim, settings.input.context_dim, settings.input
+    )
     trainer = Trainer.from_settings(model, build_estimator(settings), settings.training, draw_blocks=2)
     initial = [v.numpy().copy() for v in trainer.model.trainable_variables]
     steps = []
-    for rows, _ in worker.batches():
+    for rows, _ in worker.scenario_batches(scenario):
         result = trainer.train_rows(rows.copy(), worker.WORKERS * worker.BATCH)
         steps.append(
             {
@@ -80,6 +85,7 @@ def reference_steps() -> tuple[list[dict[str, np.ndarray]], list[np.ndarray]]:
                 "trained": result.trained_records,
                 "bound": result.scores.bound,
                 "params": [v.numpy().copy() for v in trainer.model.trainable_variables],
+                "moments": [v.numpy().copy() for v in trainer.model.input_state()],
             }
         )
     return steps, initial
@@ -118,3 +124,37 @@ def test_two_workers_make_the_single_process_step_on_the_union(tmp_path: Path) -
         assert r["rounds"].tolist() == expected_rounds
         # every worker's offsets, gathered exactly (int64, not float) to every worker
         assert r["offsets"].tolist() == [[0, 17], [1, 2**60 + 5], [3, 9]]
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_normaliser_and_match_the_single_process_steps(tmp_path: Path) -> None:
+    """The online normaliser under distributed steps: both workers fold the union's trained rows
+    (missing values skipped), so its moments, its warm-up and the parameters stay equal everywhere
+    and equal a single process's on the concatenated batches. The moments are float64 sums of the
+    same values in another grouping: 1e-9 relative is rounding; parameters as in the plain test."""
+    results = run_workers(tmp_path, "normalised")
+    reference, initial = reference_steps("normalised")
+    steps = worker.normalised_batches()
+    for step, expected in enumerate(reference, start=1):
+        for r in results:
+            step_count, _, _, union_trained, _ = r[f"figures_{step}"]
+            assert int(step_count) == expected["step"] == step
+            assert int(union_trained) == expected["trained"]
+            for i, moments in enumerate(expected["moments"]):
+                np.testing.assert_allclose(r[f"moments_{step}_{i}"], moments, rtol=1e-9, atol=0)
+            for i, param in enumerate(expected["params"]):
+                np.testing.assert_allclose(r[f"param_{step}_{i}"], param, rtol=0, atol=ATOL)
+        assert str(results[0][f"checksum_{step}"]) == str(results[1][f"checksum_{step}"])
+    # the first two steps fall inside the warm-up: the normaliser folds, the parameters stay
+    for step in (1, 2):
+        for i, param in enumerate(initial):
+            np.testing.assert_array_equal(results[0][f"param_{step}_{i}"], param)
+    moved = max(float(np.max(np.abs(a - b))) for a, b in zip(reference[2]["params"], initial, strict=True))
+    assert moved > 1e-2
+    # after three steps: the two-pass moments of every trained row's observed numeric values
+    trained = np.concatenate([rows[rows[:, -1] > 0, :3] for rows, _ in steps]).astype(np.float64)
+    records, count, mean, m2 = (results[1][f"moments_3_{i}"] for i in range(4))
+    assert int(records) == len(trained) == 6 + 3 + 8 + 4 + 7 + 8
+    np.testing.assert_array_equal(count, (~np.isnan(trained)).sum(axis=0))
+    np.testing.assert_allclose(mean, np.nanmean(trained, axis=0), rtol=1e-12)
+    np.testing.assert_allclose(m2 / count, np.nanvar(trained, axis=0), rtol=1e-9)

@@ -39,3 +39,25 @@ def test_values_pass_through_until_the_warm_up_ends():
     assert bool(moments.ready())
     np.testing.assert_allclose(loc.numpy(), [2.6, 0.0])  # the constant column is left alone
     np.testing.assert_allclose(scale.numpy(), [np.sqrt(np.var([1, 3, 5, 1, 3])), 1.0], rtol=1e-6)
+
+
+def test_summed_batch_sums_of_several_batches_fold_as_their_union():
+    """What distributed workers do: each batch's sums against the same running mean, added, then
+    folded once, equal folding the concatenated batch (and the two-pass moments)."""
+    rng = np.random.default_rng(11)
+    values = rng.normal(3.0, 2.0, size=(300, 3)) * np.array([1e-3, 1.0, 1e3])
+    values[rng.random(values.shape) < 0.2] = np.nan
+    rows = rng.random(300) < 0.9
+    values32 = tf.constant(values, tf.float32)
+    union, parts = RunningMoments(3, warmup=1), RunningMoments(3, warmup=1)
+    for start in range(0, 300, 60):  # a step: the union's 60 rows, or three workers' 20 each
+        batch, used = values32[start : start + 60], tf.constant(rows[start : start + 60])
+        union.fold(batch, used)
+        sums = [parts.batch_sums(batch[k : k + 20], used[k : k + 20]) for k in (0, 20, 40)]
+        parts.fold_sums([tf.add_n(list(column)) for column in zip(*sums, strict=True)])
+    assert int(parts.records.numpy()) == int(union.records.numpy()) == rows.sum()
+    np.testing.assert_array_equal(parts.count.numpy(), union.count.numpy())
+    np.testing.assert_allclose(parts.mean.numpy(), union.mean.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(parts.m2.numpy(), union.m2.numpy(), rtol=1e-9)
+    used64 = values.astype(np.float32).astype(np.float64)[rows]
+    np.testing.assert_allclose(parts.variance().numpy(), np.nanvar(used64, axis=0), rtol=1e-9)
