@@ -18,7 +18,10 @@ Prints one JSON object:
   all-reduce's traffic, 2(N-1)/N of the gradient bytes per worker (1.75 times the 2-worker
   traffic), and its records per second. An estimate, not a measurement: it assumes one worker per
   machine and a network like this machine's loopback, where the 2-worker all-reduce also shares
-  the two cores with the other worker.
+  the two cores with the other worker;
+- ``estimate_8_workers_network``: the same on paper for a real network (``--network-gbps``,
+  default 10, and ``--hop-latency-us`` per ring transfer, default 100): one worker's measured step
+  without its all-reduce, plus a ring all-reduce of the step's bytes at that line rate.
 
 On a 2-core machine two workers cannot be faster than one: they share the same two cores (with the
 broker), so each step takes about as long as one process's step on the union, plus the all-reduce.
@@ -229,6 +232,33 @@ def end_to_end(args: argparse.Namespace, workers: int, broker: Any, workdir: Pat
 def estimate(step: dict[str, Any], batch: int, workers: int = 8) -> dict[str, Any]:
     traffic = (2 * (workers - 1) / workers) / (2 * (2 - 1) / 2)
     step_ms = step["workers_1"]["local_part_ms"] + step["workers_2"]["allreduce_ms"] * traffic
+    return _scaled(step, batch, workers, step_ms)
+
+
+def network_estimate(
+    step: dict[str, Any], batch: int, gbps: float, hop_latency_us: float, workers: int = 8
+) -> dict[str, Any]:
+    """A step on ``workers`` machines joined by a ``gbps`` network, on paper: one worker's step
+    without its all-reduce (forward, backward and update, measured with 1 worker) plus a ring
+    all-reduce of the step's bytes, 2(N-1) transfers of bytes/N each at line rate and
+    ``hop_latency_us`` each. Compute and communication do not overlap (one all-reduce after the
+    backward pass), so the sum is the step."""
+    one = step["workers_1"]
+    compute_ms = one["allreduced_step_ms"] - one["allreduce_ms"]
+    size = one["allreduce_bytes_per_step"]
+    transfer_ms = 2 * (workers - 1) / workers * size / (gbps * 1e9 / 8) * 1000
+    latency_ms = 2 * (workers - 1) * hop_latency_us / 1000
+    step_ms = compute_ms + transfer_ms + latency_ms
+    return {
+        "network_gbps": gbps,
+        "hop_latency_us": hop_latency_us,
+        "compute_ms": round(compute_ms, 3),
+        "allreduce_ms": round(transfer_ms + latency_ms, 3),
+        **_scaled(step, batch, workers, step_ms),
+    }
+
+
+def _scaled(step: dict[str, Any], batch: int, workers: int, step_ms: float) -> dict[str, Any]:
     return {
         "workers": workers,
         "step_ms": round(step_ms, 3),
@@ -247,6 +277,8 @@ def main() -> None:
     parser.add_argument("--partitions", type=int, default=2)
     parser.add_argument("--config", default=str(ROOT / "bench" / "bench.yaml"))
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--network-gbps", type=float, default=10.0, help="for the paper estimate")
+    parser.add_argument("--hop-latency-us", type=float, default=100.0, help="for the paper estimate")
     parser.add_argument("--step-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.set = [f"input.dim={args.dim}", *args.set]
@@ -292,6 +324,7 @@ def main() -> None:
             "two_workers": {**two, "ratio_to_one": round(two["records_per_s"] / one["records_per_s"], 3)},
         },
         "estimate_8_workers": estimate(step, batch),
+        "estimate_8_workers_network": network_estimate(step, batch, args.network_gbps, args.hop_latency_us),
         "machine": {"cpus": os.cpu_count(), **versions()},
     }
     print(json.dumps(results, indent=2))

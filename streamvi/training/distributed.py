@@ -36,8 +36,12 @@ workers. The same seed drawn by the same (compiled or not) kernels matters: see 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,7 +91,27 @@ def build_strategy(cluster: Cluster) -> tf.distribute.MultiWorkerMirroredStrateg
     options = tf.distribute.experimental.CommunicationOptions(
         timeout_seconds=cluster.collective_timeout_seconds
     )
-    return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver, communication_options=options)
+    with _signal_handlers_kept():
+        return tf.distribute.MultiWorkerMirroredStrategy(
+            cluster_resolver=resolver, communication_options=options
+        )
+
+
+@contextlib.contextmanager
+def _signal_handlers_kept() -> Iterator[None]:
+    """Put the process's Python SIGTERM and SIGINT handlers back after the block.
+
+    Starting the strategy starts TensorFlow's preemption notifier, which installs a C-level SIGTERM
+    handler of its own in place of Python's: the daemon would then never see the SIGTERM that asks
+    it to stop at a joint final checkpoint (and Kubernetes would kill it after its grace period)."""
+    kept = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in kept.items():
+                if handler is not None:
+                    signal.signal(signum, handler)
 
 
 def _task(cluster: Cluster) -> tuple[str, int]:

@@ -198,6 +198,36 @@ def test_a_killed_worker_fails_the_other_within_the_timeout_and_the_restarted_gr
     print(f"\nthe survivor noticed in {noticed:.1f}s; resumed from step {before.step}")
 
 
+def test_a_sigterm_to_one_worker_under_load_stops_the_group_at_a_joint_checkpoint(settings_factory, tmp_path):
+    """What a rolling restart does: SIGTERM to one worker while records flow. The stop travels in
+    the next lockstep round, so both workers write one final snapshot and exit cleanly, well inside
+    the collective timeout; the restarted group trains the rest, each record once."""
+    processes, settings = start_workers(settings_factory, tmp_path / "first")
+    kafka = settings.kafka
+    ensure_topics(kafka)
+    records = 6000
+    produce(kafka.bootstrap_servers[0], kafka.input_topic, sequenced_records(0, records))
+    chief, other = processes
+    chief.wait_for_metrics()
+    chief.wait_for("streamvi_records_trained_total", 1000, timeout=300)
+    other.signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    codes = [other.wait(120), chief.wait(120)]
+    stopped = time.monotonic() - signalled
+    assert codes == [0, 0], (codes, other.log_text()[-3000:], chief.log_text()[-3000:])
+    assert stopped < 30, stopped  # not the collective timeout (30 s) or the shutdown grace
+    ends = [CHECKSUM.findall(p.log_text())[-1] for p in processes]
+    assert ends[0][1:] == ends[1][1:], ends  # the same final step and parameters
+    final = SnapshotStore(settings.snapshots.dir).latest()
+    assert final is not None and final.step == int(ends[0][1])  # the joint final checkpoint
+    assert sum(final.offsets.values()) < records  # it did stop mid-stream
+    restarted, _ = start_workers(settings_factory, tmp_path / "second", "--idle-timeout", "5")
+    ends = finished(restarted)
+    assert ends[0] == ends[1], ends
+    check_exactly_once(settings, records)
+    print(f"\nthe group stopped {stopped:.1f}s after the SIGTERM, at step {final.step}")
+
+
 def test_a_rebalance_mid_run_rewinds_every_worker_together_and_trains_nothing_twice(
     settings_factory, tmp_path
 ):
