@@ -5,7 +5,9 @@ strings (categorical, hashed), with None where a value is absent or null. Such c
 with one ``set(map(type, ...))`` and converted with one ``np.fromiter`` per block of same-type
 features (None becomes NaN), so no Python code runs per value. Each function returns None when a
 column holds any other type, and the caller falls back to the general per-column conversion in
-:mod:`streamvi.features.assemble`; both follow ``FeatureSpec.code`` value for value.
+:mod:`streamvi.features.assemble`; both follow ``FeatureSpec.code`` value for value. A fetch
+decoded by :mod:`streamvi.features.typed` has its types fixed already: its numeric, binary and
+count columns come in as floats, unchecked.
 """
 
 from __future__ import annotations
@@ -39,10 +41,17 @@ HASH_MEMORY = 1 << 16
 Block = tuple[np.ndarray, np.ndarray | None]
 
 
-def _mark_nan(columns: Sequence[Sequence[Any]], values: np.ndarray, status: np.ndarray, other: int) -> None:
+def _mark_nan(
+    columns: Sequence[Sequence[Any]], values: np.ndarray, status: np.ndarray, other: int, typed: bool
+) -> None:
     """Give NaN entries of ``values`` [k, n] their status: MISSING where the value is None, ``other``
-    where it is a NaN float (only Avro doubles can be). Only the NaN entries are looked at."""
-    rows, cells = np.nonzero(np.isnan(values))
+    where it is a NaN float (only Avro doubles can be). Only the NaN entries are looked at; when
+    ``typed`` (values read from typed JSON, which has no NaN) every one is a None."""
+    nan = np.isnan(values)
+    if typed:
+        status[nan] = MISSING
+        return
+    rows, cells = np.nonzero(nan)
     if len(rows):
         nones = [columns[j][i] is None for j, i in zip(rows.tolist(), cells.tolist(), strict=True)]
         status[rows, cells] = np.where(nones, MISSING, other)
@@ -60,9 +69,11 @@ def _floats(columns: Sequence[Sequence[Any]], allowed: frozenset[type]) -> np.nd
     return values.reshape(len(columns), size // len(columns))
 
 
-def numeric_block(columns: Sequence[Sequence[Any]]) -> Block | None:
-    """(values [k, n], status or None when all OK) of numeric columns of numbers and None."""
-    values = _floats(columns, _NUMERIC)
+def numeric_block(columns: Sequence[Sequence[Any]], values: np.ndarray | None = None) -> Block | None:
+    """(values [k, n], status or None when all OK) of numeric columns of numbers and None.
+    ``values``, when given, are the columns read as floats from typed JSON (their NaN are None)."""
+    typed = values is not None
+    values = _floats(columns, _NUMERIC) if values is None else values
     if values is None:
         return None
     with np.errstate(invalid="ignore"):
@@ -70,26 +81,28 @@ def numeric_block(columns: Sequence[Sequence[Any]]) -> Block | None:
     if finite.all():
         return values, None
     status = np.where(finite, OK, NON_FINITE).astype(np.int8)
-    _mark_nan(columns, values, status, NON_FINITE)
+    _mark_nan(columns, values, status, NON_FINITE, typed)
     return values, status
 
 
-def binary_block(columns: Sequence[Sequence[Any]]) -> Block | None:
+def binary_block(columns: Sequence[Sequence[Any]], values: np.ndarray | None = None) -> Block | None:
     """Binary columns of bools, numbers and None: 0/1 (or false/true) is OK, other numbers not."""
-    values = _floats(columns, _BINARY)
+    typed = values is not None
+    values = _floats(columns, _BINARY) if values is None else values
     if values is None:
         return None
     good = (values == 0) | (values == 1)
     if good.all():
         return values, None
     status = np.where(good, OK, OUT_OF_RANGE).astype(np.int8)
-    _mark_nan(columns, values, status, OUT_OF_RANGE)
+    _mark_nan(columns, values, status, OUT_OF_RANGE, typed)
     return values, status
 
 
-def count_block(columns: Sequence[Sequence[Any]]) -> Block | None:
+def count_block(columns: Sequence[Sequence[Any]], values: np.ndarray | None = None) -> Block | None:
     """Count columns of numbers and None: non-negative whole numbers within float32 are OK."""
-    values = _floats(columns, _COUNT)
+    typed = values is not None
+    values = _floats(columns, _COUNT) if values is None else values
     if values is None:
         return None
     with np.errstate(invalid="ignore"):
@@ -97,7 +110,7 @@ def count_block(columns: Sequence[Sequence[Any]]) -> Block | None:
     if good.all():
         return values, None
     status = np.where(good, OK, OUT_OF_RANGE).astype(np.int8)
-    _mark_nan(columns, values, status, OUT_OF_RANGE)
+    _mark_nan(columns, values, status, OUT_OF_RANGE, typed)
     return values, status
 
 
@@ -126,7 +139,7 @@ class LabelColumns:
         if not nan.any():
             return values, None
         status = np.zeros(values.shape, dtype=np.int8)
-        _mark_nan([column], values, status, UNKNOWN_CATEGORY)
+        _mark_nan([column], values, status, UNKNOWN_CATEGORY, False)
         return values, status
 
     @staticmethod

@@ -2,7 +2,10 @@
 
 It has the interface of :class:`streamvi.io.codecs.RecordDecoder` (``dim``, ``context_dim``,
 ``decode_many``), so the stream path takes either. Rows hold NaN where a value is not observed;
-``DecodedBatch.observed`` is the same mask as booleans.
+``DecodedBatch.observed`` is the same mask as booleans. A JSON fetch is first decoded typed
+(:mod:`streamvi.features.typed`: only the schema's fields, no dicts); a fetch with any value that
+does not decode that way takes the general path, orjson and the extractor, record by record where
+it must, so every dead letter has the general path's reason and message.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from streamvi.features.assemble import FeatureAssembler
 from streamvi.features.avro import AvroReader
 from streamvi.features.gather import Column, columns_of, compile_extractor
 from streamvi.features.schema import FeatureSpec
+from streamvi.features.typed import TypedJson
 from streamvi.io.base import RawRecord
 from streamvi.io.codecs import DecodedBatch, DecodedRecord, DecodeError
 
@@ -75,6 +79,8 @@ class FeatureDecoder:
         self.assembler = FeatureAssembler(self.features)
         self._extract = compile_extractor([f.keys for f in self.features])
         self.avro = AvroReader(avro_schema, avro_schema_ids or {}) if fmt == "avro" else None
+        typed = fmt == "json" and TypedJson.supports(self.features)
+        self._typed = TypedJson(self.features) if typed else None
 
     def parse(self, value: bytes | None) -> dict[str, Any]:
         """One record value to its document (DecodeError when it cannot be one)."""
@@ -95,15 +101,32 @@ class FeatureDecoder:
         """Decode a fetch: parse and extract each value, then convert every feature column."""
         n = len(records)
         errors: list[DecodeError | None] = [None] * n
-        columns = self._columns([record.value for record in records], errors)
-        record_ids = self._record_ids(columns[0], errors)
-        x = self.assembler.assemble(columns[1:], errors)
+        values = [record.value for record in records]
+        structs = self._structs(values)
+        if self._typed is not None and structs is not None:
+            record_ids = self._record_ids(self._typed.ids(structs), errors)
+            columns = self._typed.columns(structs)
+            x = self.assembler.assemble(columns, errors, columns.floats)
+        else:
+            raw = self._columns(values, errors)
+            record_ids = self._record_ids(raw[0], errors)
+            x = self.assembler.assemble(raw[1:], errors)
         if None in record_ids:
             for i, record in enumerate(records):
                 if errors[i] is None and record_ids[i] is None and record.key is not None:
                     record_ids[i] = record.key.decode("utf-8", errors="replace")
         observed = ~np.isnan(x)
         return DecodedBatch(x, np.zeros((n, 0), dtype=np.float32), record_ids, errors, observed)
+
+    def _structs(self, values: list[bytes | None]) -> list[Any] | None:
+        """The typed structs of a JSON fetch (:mod:`streamvi.features.typed`) when every value has
+        a usable size and decodes to one; None sends the fetch down the general path."""
+        if self._typed is None or not values or None in values:
+            return None
+        sizes = list(map(len, values))  # type: ignore[arg-type]
+        if min(sizes) == 0 or max(sizes) > self.max_bytes:
+            return None
+        return self._typed.decode(values)  # type: ignore[arg-type]
 
     def _columns(self, values: list[bytes | None], errors: list[DecodeError | None]) -> list[Column]:
         """The ``id`` column, then each feature's column of raw values (records with an error in

@@ -178,6 +178,65 @@ def test_the_block_conversions_agree_with_the_reference_on_plain_events(events):
     _agree([json.dumps(e).encode() for e in events])  # json: integers beyond 64 bits too
 
 
+# Values at the edges of the typed JSON path: what it must refuse (so that the general path gives the
+# reference's answer) and what it must read exactly as orjson does.
+_TYPED_EDGES = [
+    b'{"up": 1, "errors": 9223372036854775807}',
+    b'{"up": 1, "errors": 9223372036854775808}',  # beyond int64, still an int in orjson
+    b'{"up": 1, "errors": 18446744073709551616}',  # beyond uint64: a float in orjson
+    b'{"up": 1, "kind": -9223372036854775809}',
+    b'{"up": 1, "metrics": {"cpu": 1e400}}',
+    b'{"up": 1, "metrics": {"cpu": -0.0, "mem": 1e39}}',
+    b'{"up": 1.0, "errors": 2.0, "kind": 7.0}',
+    b'{"up": true, "errors": true, "kind": true}',
+    b'{"up": 1, "metrics": null}',
+    b'{"up": 1, "metrics": {"cpu": 1}, "metrics": {"mem": 2}}',
+    b'{"up": 1, "metrics": {"cpu": "1"}}',
+    b'{"up": 1, "metrics": {"cpu": [1]}}',
+    b'{"up": 1, "metrics": {"cpu": {"v": 1}}}',
+    b'{"up": 1, "metrics": {"cpu": 1, "other": 2}}',
+    b'{"up": 1, "meta": {"host": 3}}',
+    b'{"up": 1, "meta": {"host": {"name": {"x": 1}}}}',
+    b'{"up": 1, "meta": {"host": {"name": "caf\xc3\xa9"}}}',
+    b'{"up": 1, "meta": {"host": {"name": "\\ud83d\\ude00"}}}',
+    b'{"up": 1, "meta": {"host": {"name": "\\udc00"}}}',
+    b'{"up": 1, "other": 1e999}',
+    b'{"up": 1, "other": "\xff"}',
+    b'{"up": 1, "other": "\xed\xa0\x80"}',
+    b'{"up": 1, "\\u0069d": "escaped"}',
+    b'{"up": 1, "id": 9223372036854775808}',
+    b'{"up": 1, "id": false}',
+    b'{"up": 1, "id": 2.0}',
+    b'{"up": 1} ',
+    b'{"up": 1} {}',
+    b'{"up": 1, "kind": "b", "errors": -0}',
+    b"[]",
+]
+
+
+@pytest.mark.parametrize("value", _TYPED_EDGES)
+def test_the_typed_path_agrees_with_the_reference_at_its_edges(value):
+    _agree([value])  # alone, the typed path takes it whenever it decodes typed
+    _agree([value, b'{"up": 0, "metrics": {"cpu": 0.5}}'])
+
+
+def test_plain_fetches_take_the_typed_path_and_others_the_general_one():
+    decoder = FeatureDecoder(SCHEMA)
+    good = [b'{"id": "a", "up": true, "metrics": {"cpu": 1.5}}', b'{"up": 0, "meta": {"host": {}}}']
+    assert decoder._structs(good) is not None
+    assert decoder._structs([*good, b'{"up": 1, "other": 2}']) is None
+    assert decoder._structs([*good, b'{"up": "yes"}']) is None
+    assert FeatureDecoder([FeatureSpec(name="id")])._typed is None  # a feature at the id field
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_RAW, min_size=1, max_size=6))
+def test_each_record_alone_agrees_with_the_reference(values):
+    """A fetch of one record takes the typed path whenever that record decodes typed."""
+    for value in values:
+        _agree([value])
+
+
 # -- config -------------------------------------------------------------------------------------------
 
 

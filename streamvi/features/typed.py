@@ -1,0 +1,131 @@
+"""Typed JSON decoding of a fetch (msgspec): the schema's fields straight into structs, no dicts.
+
+From the feature schema it builds one ``msgspec.Struct`` type per object on the feature paths
+(``g0`` of ``g0.m0``), every field optional (absent = None, an absent object = an empty one), and
+each leaf typed as exactly the plain values its feature's block conversion takes:
+
+- numeric and count: int | float | null; binary: bool | int | float | null;
+- categorical and hashed: str | int | null; the ``id``: str | int | null;
+
+with integers bounded to int64. A value decodes here only when orjson would parse it to the same
+Python values: unknown fields, values of other types, null objects on a path, integers beyond
+int64 (orjson makes some of them floats) and invalid JSON are all rejected, and the caller then
+takes the general path, whose reasons and messages are the reference ones. Unknown fields are
+rejected rather than skipped because msgspec skips them without orjson's checks (numbers beyond a
+double, invalid UTF-8 inside strings): a record orjson refuses must never pass here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import chain
+from operator import attrgetter
+from typing import Annotated, Any
+
+import msgspec
+import numpy as np
+
+from streamvi.features.schema import FeatureSpec
+
+_Int = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+#: The leaf type of each feature type (and of the ``id``): the plain values of its conversion.
+_LEAVES: dict[str, Any] = {
+    "numeric": _Int | float | None,
+    "count": _Int | float | None,
+    "binary": bool | _Int | float | None,
+    "categorical": str | _Int | None,
+    "hashed": str | _Int | None,
+    "id": str | _Int | None,
+}
+
+
+class _Node:
+    """One object on the feature paths: its leaves (key -> feature type) and child objects."""
+
+    def __init__(self) -> None:
+        self.leaves: dict[str, str] = {}
+        self.children: dict[str, _Node] = {}
+
+    def struct(self, name: str) -> type:
+        """The msgspec Struct of this object (attribute ``fN`` for the N-th key, renamed to it)."""
+        fields: list[tuple[str, Any, Any]] = []
+        rename: dict[str, str] = {}
+        for key, kind in self.leaves.items():
+            rename[attribute := f"f{len(rename)}"] = key
+            fields.append((attribute, _LEAVES[kind], None))
+        for key, child in self.children.items():
+            rename[attribute := f"f{len(rename)}"] = key
+            nested = child.struct(f"{name}_{attribute}")
+            fields.append((attribute, nested, msgspec.field(default_factory=nested)))
+        return msgspec.defstruct(name, fields, rename=rename, forbid_unknown_fields=True, gc=False)
+
+    def attribute_path(self, keys: Sequence[str]) -> str:
+        """The dotted attribute path of ``keys`` in this object's structs."""
+        names = list(self.leaves) + list(self.children)
+        head = f"f{names.index(keys[0])}"
+        return head if len(keys) == 1 else f"{head}.{self.children[keys[0]].attribute_path(keys[1:])}"
+
+
+class TypedJson:
+    """Decodes JSON values of a fetch to structs of the schema's fields, and reads their columns."""
+
+    def __init__(self, features: Sequence[FeatureSpec]) -> None:
+        root = _Node()
+        root.leaves["id"] = "id"
+        for feature in features:
+            node = root
+            for key in feature.keys[:-1]:
+                node = node.children.setdefault(key, _Node())
+            node.leaves[feature.keys[-1]] = feature.type
+        self._decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(root.struct("Event"))
+        self._paths = [root.attribute_path(f.keys) for f in features]
+        self._id = attrgetter(root.attribute_path(("id",)))
+
+    @staticmethod
+    def supports(features: Sequence[FeatureSpec]) -> bool:
+        """Whether a schema has a typed form: no feature's path starts at the ``id`` field."""
+        return all(f.keys[0] != "id" for f in features)
+
+    def decode(self, values: Sequence[bytes]) -> list[Any] | None:
+        """The struct of every value, or None when any of them does not decode to one."""
+        try:
+            return list(map(self._decoder.decode, values))
+        except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
+            return None
+
+    def columns(self, structs: Sequence[Any]) -> StructColumns:
+        return StructColumns(structs, self._paths)
+
+    def ids(self, structs: Sequence[Any]) -> list[Any]:
+        """The raw ``id`` of every struct."""
+        return list(map(self._id, structs))
+
+
+class StructColumns(Sequence[Sequence[Any]]):
+    """The feature columns of a fetch of structs, each read out when first asked for; ``floats``
+    reads several at once straight into an array."""
+
+    def __init__(self, structs: Sequence[Any], paths: Sequence[str]) -> None:
+        self._structs = structs
+        self._paths = paths
+        self._cache: dict[int, list[Any]] = {}
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def __getitem__(self, j: Any) -> Any:
+        if not isinstance(j, int):
+            raise TypeError("StructColumns takes one column index")
+        column = self._cache.get(j)
+        if column is None:
+            column = self._cache[j] = list(map(attrgetter(self._paths[j]), self._structs))
+        return column
+
+    def floats(self, members: Sequence[int]) -> np.ndarray:
+        """[k, n] float64 of the ``members`` columns (None becomes NaN); their leaf types hold
+        only numbers, bools and None, so no value needs checking first."""
+        n, k = len(self._structs), len(members)
+        getter = attrgetter(*(self._paths[j] for j in members))
+        rows = map(getter, self._structs)
+        flat = chain.from_iterable(rows) if k > 1 else rows
+        return np.fromiter(flat, dtype=np.float64, count=n * k).reshape(n, k).T
