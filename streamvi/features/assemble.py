@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from streamvi.features.blocks import Block, LabelColumns, binary_block, count_block, numeric_block
+from streamvi.features.blocks import Block, Given, LabelColumns, binary_block, count_block, numeric_block
 from streamvi.features.gather import Column
 from streamvi.features.schema import (
     MISSING,
@@ -139,15 +139,16 @@ def convert(feature: FeatureSpec, values: list[Any]) -> tuple[np.ndarray, np.nda
 
 
 #: The block conversion of each feature type that has one.
-_BLOCKS: dict[str, Callable[[Sequence[Column], np.ndarray | None], Block | None]] = {
+_BLOCKS: dict[str, Callable[[Sequence[Column], Given | None], Block | None]] = {
     "numeric": numeric_block,
     "binary": binary_block,
     "count": count_block,
 }
 
 
-#: Reads the given numeric, binary or count columns as floats [k, n] (None as NaN).
-Floats = Callable[[list[int]], np.ndarray]
+#: Reads the given numeric, binary or count columns as floats [k, n] with their nulls, or None
+#: when their types are not known to be plain.
+Floats = Callable[[list[int]], Given | None]
 
 
 class _Picked(Sequence[Column]):
@@ -213,8 +214,8 @@ class FeatureAssembler:
         out: list[tuple[list[int], np.ndarray, np.ndarray | None]] = []
         left: list[int] = []
         for members, block in self._blocks:
-            values = None if floats is None else floats(members)
-            converted = block(_Picked(columns, members), values)
+            given = None if floats is None else floats(members)
+            converted = block(_Picked(columns, members), given)
             if converted is None:
                 left += members
             else:
@@ -225,7 +226,7 @@ class FeatureAssembler:
             if feature.categories:
                 one = self._labels.convert(j, feature, columns[j])
             else:  # its block holds another type somewhere: this column alone may still be plain
-                one = _BLOCKS[feature.type]([columns[j]], None)
+                one = _BLOCKS[feature.type]([columns[j]], None if floats is None else floats([j]))
             if one is None:
                 values, status = convert(feature, list(columns[j]))
                 one = values[None], status[None]

@@ -121,11 +121,11 @@ class StructColumns(Sequence[Sequence[Any]]):
             column = self._cache[j] = list(map(attrgetter(self._paths[j]), self._structs))
         return column
 
-    def floats(self, members: Sequence[int]) -> np.ndarray:
-        """[k, n] float64 of the ``members`` columns (None becomes NaN); their leaf types hold
-        only numbers, bools and None, so no value needs checking first."""
+    def floats(self, members: Sequence[int]) -> tuple[np.ndarray, None]:
+        """[k, n] float64 of the ``members`` columns (None becomes NaN, and JSON has no other NaN);
+        their leaf types hold only numbers, bools and None, so no value needs checking first."""
         n, k = len(self._structs), len(members)
         getter = attrgetter(*(self._paths[j] for j in members))
         rows = map(getter, self._structs)
         flat = chain.from_iterable(rows) if k > 1 else rows
-        return np.fromiter(flat, dtype=np.float64, count=n * k).reshape(n, k).T
+        return np.fromiter(flat, dtype=np.float64, count=n * k).reshape(n, k).T, None
