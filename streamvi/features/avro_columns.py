@@ -17,7 +17,8 @@ returns None).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from operator import itemgetter
+from typing import Any, cast
 
 import numpy as np
 
@@ -126,20 +127,24 @@ class _State:
         if not keep:
             wide = np.flatnonzero(self.non_ascii(start, end))
             start, end, sel = start[wide], end[wide], sel[wide]
-        raw, out = self.raw, []
-        for i, a, b in zip(sel.tolist(), start.tolist(), end.tolist(), strict=True):
-            try:
-                out.append(raw[a:b].decode("utf-8"))
-            except UnicodeDecodeError:
-                self.rejected[i] = True
-                out.append("")
+        raw, starts, ends = self.raw, start.tolist(), end.tolist()
+        try:
+            out = [raw[a:b].decode("utf-8") for a, b in zip(starts, ends, strict=True)]
+        except UnicodeDecodeError:  # find which, and reject those
+            out = []
+            for i, a, b in zip(sel.tolist(), starts, ends, strict=True):
+                try:
+                    out.append(raw[a:b].decode("utf-8"))
+                except UnicodeDecodeError:
+                    self.rejected[i] = True
+                    out.append("")
         return out if keep else None
 
     def fixed(self, sel: np.ndarray, width: int) -> np.ndarray:
-        """[m, width] bytes at each selected datum."""
+        """[m, width] bytes at each selected datum (rows of a strided view: one gather per row)."""
         start = self.advance(sel, width)
-        index = np.minimum(start[:, None] + np.arange(width), len(self.buf) - 1)
-        return self.buf[index]
+        windows = np.lib.stride_tricks.as_strided(self.buf, (len(self.buf) - width + 1, width), (1, 1))
+        return windows[np.minimum(start, len(windows) - 1)]
 
 
 class _Reader:
@@ -331,20 +336,9 @@ def read_fetch(
     values read here, indices of the values left to fastavro: empty, oversize, a bad header or a
     schema not read here, or rejected). ``readers`` is keyed by the schema id of the wire header,
     or None for values without one."""
-    groups: dict[int | None, list[int]] = {}
-    rest: list[int] = []
-    header = None not in readers
-    for i, value in enumerate(values):
-        if not value or len(value) > max_bytes or (header and len(value) < HEADER_BYTES):
-            rest.append(i)
-            continue
-        key = int.from_bytes(value[1:HEADER_BYTES], "big") if header and value[0] == MAGIC else None
-        if readers.get(key) is None:
-            rest.append(i)
-        else:
-            groups.setdefault(key, []).append(i)
+    groups, rest = _by_schema(readers, values, max_bytes)
     out: list[tuple[np.ndarray, list[Leaf]]] = []
-    skip = HEADER_BYTES if header else 0
+    skip = HEADER_BYTES if None not in readers else 0
     for key, members in groups.items():
         reader = readers[key]
         assert reader is not None
@@ -360,3 +354,32 @@ def read_fetch(
             indices, leaves = indices[keep], [leaf.take(keep) for leaf in leaves]
         out.append((indices, leaves))
     return out, sorted(rest)
+
+
+def _by_schema(
+    readers: dict[int | None, ColumnarAvro | None], values: Sequence[bytes | None], max_bytes: int
+) -> tuple[dict[int | None, list[int]], list[int]]:
+    """The indices of the values each reader reads (by schema id), and of the others. A fetch of
+    usable values all behind one header (or with none) is told at once."""
+    header = None not in readers
+    if values and None not in values:
+        present = cast("list[bytes]", values)
+        sizes = list(map(len, present))
+        heads = set(map(itemgetter(slice(0, HEADER_BYTES)), present)) if header else {b""}
+        if min(sizes) >= (HEADER_BYTES if header else 1) and max(sizes) <= max_bytes and len(heads) == 1:
+            head = heads.pop()
+            key = int.from_bytes(head[1:], "big") if header and head[0] == MAGIC else None
+            if readers.get(key) is not None:
+                return {key: list(range(len(values)))}, []
+    groups: dict[int | None, list[int]] = {}
+    rest: list[int] = []
+    for i, value in enumerate(values):
+        if not value or len(value) > max_bytes or (header and len(value) < HEADER_BYTES):
+            rest.append(i)
+            continue
+        key = int.from_bytes(value[1:HEADER_BYTES], "big") if header and value[0] == MAGIC else None
+        if readers.get(key) is None:
+            rest.append(i)
+        else:
+            groups.setdefault(key, []).append(i)
+    return groups, rest
