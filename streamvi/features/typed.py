@@ -12,7 +12,9 @@ Python values: unknown fields, values of other types, null objects on a path, in
 int64 (orjson makes some of them floats) and invalid JSON are all rejected, and the caller then
 takes the general path, whose reasons and messages are the reference ones. Unknown fields are
 rejected rather than skipped because msgspec skips them without orjson's checks (numbers beyond a
-double, invalid UTF-8 inside strings): a record orjson refuses must never pass here.
+double, invalid UTF-8 inside strings, nesting past orjson's limit of 1024): a record orjson refuses
+must never pass here, and checking the raw text for those first costs about what the general path
+saves on such a fetch.
 """
 
 from __future__ import annotations

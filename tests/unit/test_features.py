@@ -229,6 +229,37 @@ def test_plain_fetches_take_the_typed_path_and_others_the_general_one():
     assert FeatureDecoder([FeatureSpec(name="id")])._typed is None  # a feature at the id field
 
 
+# Unknown fields with text orjson refuses but a parser skipping them might pass: numbers beyond a
+# double, invalid UTF-8, nesting past orjson's limit, among valid JSON of every kind.
+_JSON_TEXT = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=4)),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+    max_leaves=8,
+).map(lambda value: json.dumps(value).encode())  # integers beyond 64 bits, escaped text, Infinity
+_ODD = st.sampled_from(
+    [
+        b"1e999",
+        b"-1E+400",
+        b"1e-400",
+        b"1" * 400,
+        b'"\xff"',
+        b'"\xed\xa0\x80"',
+        b'"\\ud800"',
+        b'"caf\xc3\xa9"',
+        b"[" * 1100 + b"]" * 1100,
+        b"[" * 990 + b"]" * 990,
+        b'"123e4567"',
+    ]
+)
+_UNKNOWN = st.one_of(_JSON_TEXT, _ODD, st.tuples(_JSON_TEXT, _ODD).map(lambda pair: b"[%s, %s]" % pair))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_UNKNOWN, st.sampled_from([b'{"up": 1, "other": %s}', b'{"metrics": {"x": %s, "cpu": 2}, "up": 0}']))
+def test_unknown_fields_of_any_text_agree_with_the_reference(text, frame):
+    _agree([frame % text])
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(_RAW, min_size=1, max_size=6))
 def test_each_record_alone_agrees_with_the_reference(values):
