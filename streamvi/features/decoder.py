@@ -119,23 +119,41 @@ class FeatureDecoder:
         """Decode a fetch: parse and extract each value, then convert every feature column."""
         n = len(records)
         values = [record.value for record in records]
-        if self._columnar is not None:
-            x, record_ids, errors = self._decode_avro(values)
-        else:
-            structs = self._structs(values)
-            if self._typed is not None and structs is not None:
-                columns = self._typed.columns(structs)
-                x, record_ids, errors = self._finish(
-                    self._typed.ids(structs), columns, [None] * n, columns.floats
-                )
-            else:
-                x, record_ids, errors = self._general(values)
+        x, record_ids, errors = self._decode(values)
         if None in record_ids:
             for i, record in enumerate(records):
                 if errors[i] is None and record_ids[i] is None and record.key is not None:
                     record_ids[i] = record.key.decode("utf-8", errors="replace")
         observed = ~np.isnan(x)
         return DecodedBatch(x, np.zeros((n, 0), dtype=np.float32), record_ids, errors, observed)
+
+    def _decode(self, values: list[bytes | None]) -> _Decoded:
+        """The fetch in parts: those a typed reader reads (the columnar Avro reader, a group per
+        schema, or typed JSON), then the rest through the general path; each part assembled on its
+        own, as a record's vector depends on that record alone."""
+        if self._columnar is not None:
+            groups, rest = read_fetch(self._columnar, values, self._paths, self.max_bytes)
+            parts = [(indices, self._read_leaves(leaves)) for indices, leaves in groups]
+        elif self._typed is not None:
+            typed, rest = self._typed.decode(values, self.max_bytes)
+            parts = [(np.asarray(indices), self._read_structs(structs)) for indices, structs in typed]
+        else:
+            return self._general(values)
+        if not parts:
+            return self._general(values)
+        if not rest and len(parts) == 1:
+            return parts[0][1]  # one part of every value, in order
+        n = len(values)
+        x = np.empty((n, self.dim), dtype=np.float32)
+        record_ids: list[str | None] = [None] * n
+        errors: list[DecodeError | None] = [None] * n
+        if rest:
+            parts.append((np.asarray(rest), self._general([values[i] for i in rest])))
+        for indices, (part_x, part_ids, part_errors) in parts:
+            x[indices] = part_x
+            for i, record_id, error in zip(indices.tolist(), part_ids, part_errors, strict=True):
+                record_ids[i], errors[i] = record_id, error
+        return x, record_ids, errors
 
     def _general(self, values: list[bytes | None]) -> _Decoded:
         """Parse (orjson or fastavro) and extract each value, then assemble."""
@@ -154,40 +172,16 @@ class FeatureDecoder:
         record_ids = self._record_ids(ids, errors)
         return self.assembler.assemble(columns, errors, floats), record_ids, errors
 
-    def _decode_avro(self, values: list[bytes | None]) -> _Decoded:
-        """An Avro fetch: the values of schemas the columnar reader reads, a group per schema,
-        then the others (and any it rejected) through fastavro; each part assembled on its own."""
-        assert self._columnar is not None
-        groups, rest = read_fetch(self._columnar, values, self._paths, self.max_bytes)
-        if not groups:
-            return self._general(values)
-        n = len(values)
-        x = np.empty((n, self.dim), dtype=np.float32)
-        record_ids: list[str | None] = [None] * n
-        errors: list[DecodeError | None] = [None] * n
-        parts = [(indices, self._read_leaves(leaves)) for indices, leaves in groups]
-        if rest:
-            parts.append((np.asarray(rest), self._general([values[i] for i in rest])))
-        for indices, (part_x, part_ids, part_errors) in parts:
-            x[indices] = part_x
-            for i, record_id, error in zip(indices.tolist(), part_ids, part_errors, strict=True):
-                record_ids[i], errors[i] = record_id, error
-        return x, record_ids, errors
-
     def _read_leaves(self, leaves: list[Leaf]) -> _Decoded:
         """(vectors, ids, errors) of a group read by the columnar reader (the ``id`` leaf first)."""
         columns = LeafColumns(leaves[1:])
         return self._finish(leaves[0].python(), columns, [None] * len(leaves[0].nulls), columns.floats)
 
-    def _structs(self, values: list[bytes | None]) -> list[Any] | None:
-        """The typed structs of a JSON fetch (:mod:`streamvi.features.typed`) when every value has
-        a usable size and decodes to one; None sends the fetch down the general path."""
-        if self._typed is None or not values or None in values:
-            return None
-        sizes = list(map(len, values))  # type: ignore[arg-type]
-        if min(sizes) == 0 or max(sizes) > self.max_bytes:
-            return None
-        return self._typed.decode(values)  # type: ignore[arg-type]
+    def _read_structs(self, structs: list[Any]) -> _Decoded:
+        """(vectors, ids, errors) of the values decoded typed."""
+        assert self._typed is not None
+        columns = self._typed.columns(structs)
+        return self._finish(self._typed.ids(structs), columns, [None] * len(structs), columns.floats)
 
     def _columns(self, values: list[bytes | None], errors: list[DecodeError | None]) -> list[Column]:
         """The ``id`` column, then each feature's column of raw values (records with an error in

@@ -221,11 +221,15 @@ def test_the_typed_path_agrees_with_the_reference_at_its_edges(value):
 
 
 def test_plain_fetches_take_the_typed_path_and_others_the_general_one():
-    decoder = FeatureDecoder(SCHEMA)
+    typed = FeatureDecoder(SCHEMA)._typed
+    assert typed is not None
     good = [b'{"id": "a", "up": true, "metrics": {"cpu": 1.5}}', b'{"up": 0, "meta": {"host": {}}}']
-    assert decoder._structs(good) is not None
-    assert decoder._structs([*good, b'{"up": 1, "other": 2}']) is None
-    assert decoder._structs([*good, b'{"up": "yes"}']) is None
+    parts, rest = typed.decode(good * 8, 64)
+    assert [indices for indices, _ in parts] == [list(range(16))] and rest == []
+    odd = [b'{"up": 1, "other": 2}', b'{"up": "yes"}', None, b"", b'{"up": 1, "metrics": {"cpu": 1}} ' * 3]
+    parts, rest = typed.decode([*odd, *(good * 20)], 64)
+    assert rest == [0, 1, 2, 3, 4] and parts[0][0] == list(range(5, 45))  # the others stay typed
+    assert typed.decode([*odd, *good], 64) == ([], list(range(7)))  # too many: all go the general way
     assert FeatureDecoder([FeatureSpec(name="id")])._typed is None  # a feature at the id field
 
 
