@@ -94,8 +94,9 @@ class TypedJson:
         self, values: Sequence[bytes | None], max_bytes: int
     ) -> tuple[list[tuple[list[int], list[Any]]], list[int]]:
         """((indices, structs) of the values that decode typed, indices of the others: absent,
-        empty or oversize, or not decoding). When more than one in ``GIVE_UP`` does not decode,
-        the fetch is left to the general path whole, which is then faster."""
+        empty or oversize, or not decoding). When more than one in ``GIVE_UP`` of those tried
+        does not decode (after the first two failures), the fetch is left to the general path
+        whole, which is then faster."""
         decode, n = self._decoder.decode, len(values)
         sizes = list(map(len, values)) if None not in values else []  # type: ignore[arg-type]
         if sizes and min(sizes) > 0 and max(sizes) <= max_bytes:
@@ -113,7 +114,7 @@ class TypedJson:
                 structs.append(struct)
                 continue
             rest.append(i)
-            if len(rest) * GIVE_UP > n:
+            if len(rest) * GIVE_UP > max(i + 1, GIVE_UP * 2):  # so far, more than one in GIVE_UP
                 return [], list(range(n))
         return ([(indices, structs)] if indices else []), rest
 
