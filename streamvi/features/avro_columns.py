@@ -220,6 +220,7 @@ class _Reader:
             self._number(state, sel, leaf)
 
     def _objects(self, state: _State, sel: np.ndarray, keep: bool) -> Sequence[Any] | None:
+        """The strings, enum symbols or bytes at the selected datums (None when not ``keep``)."""
         if self.kind == "string":
             return state.strings(sel, keep)
         if self.kind == "enum":
@@ -234,6 +235,7 @@ class _Reader:
         return [state.raw[a:b] for a, b in zip(start.tolist(), end.tolist(), strict=True)] if keep else None
 
     def _number(self, state: _State, sel: np.ndarray, leaf: Leaf | None) -> None:
+        """Read a boolean or number at the selected datums into ``leaf`` (when a path wants it)."""
         width = _FLOATS[self.kind]
         typed: np.ndarray
         if width == 0:
