@@ -27,6 +27,12 @@ from streamvi.features.avro import HEADER_BYTES, MAGIC, named_types
 #: Avro types whose values a numeric, binary or count block reads as floats, and their width.
 _FLOATS = {"boolean": 1, "int": 0, "long": 0, "float": 4, "double": 8}
 _PRIMITIVES = {"null", "string", "bytes", *_FLOATS}
+#: The Avro types whose values each block's conversion takes as floats without a type check.
+_BLOCK_KINDS = {
+    "numeric": frozenset({"int", "long", "float", "double", "null"}),
+    "count": frozenset({"int", "long", "float", "double", "null"}),
+    "binary": frozenset({"boolean", "int", "long", "float", "double", "null"}),
+}
 #: Bytes a datum's buffer is padded with, so that reads past its end stay inside the buffer.
 _PAD = 16
 
@@ -304,8 +310,9 @@ class LeafColumns(Sequence[Sequence[Any]]):
     """The feature columns of a fetch read by :class:`ColumnarAvro`, as the assembler takes them:
     Python values when asked for (built once), and ``floats`` for blocks of number columns."""
 
-    def __init__(self, leaves: Sequence[Leaf]) -> None:
+    def __init__(self, leaves: Sequence[Leaf], types: Sequence[str]) -> None:
         self._leaves = leaves
+        self._types = types
         self._cache: dict[int, list[Any]] = {}
 
     def __len__(self) -> int:
@@ -321,9 +328,12 @@ class LeafColumns(Sequence[Sequence[Any]]):
 
     def floats(self, members: Sequence[int]) -> tuple[np.ndarray, np.ndarray | None] | None:
         """([k, n] float64 of the ``members`` columns, which entries are null), or None when one
-        of them holds values that are not numbers or booleans in this schema."""
+        of them holds, in this schema, values its feature's block does not take as they are
+        (booleans are binary values only)."""
         leaves = [self._leaves[j] for j in members]
-        if not all(leaf.floats for leaf in leaves):
+        if not all(
+            leaf.kind in _BLOCK_KINDS[self._types[j]] for leaf, j in zip(leaves, members, strict=True)
+        ):
             return None
         return np.stack([leaf.values for leaf in leaves]), np.stack([leaf.nulls for leaf in leaves])
 

@@ -174,7 +174,7 @@ class FeatureDecoder:
 
     def _read_leaves(self, leaves: list[Leaf]) -> _Decoded:
         """(vectors, ids, errors) of a group read by the columnar reader (the ``id`` leaf first)."""
-        columns = LeafColumns(leaves[1:])
+        columns = LeafColumns(leaves[1:], [f.type for f in self.features])
         return self._finish(leaves[0].python(), columns, [None] * len(leaves[0].nulls), columns.floats)
 
     def _read_structs(self, structs: list[Any]) -> _Decoded:

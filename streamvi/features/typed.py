@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from itertools import chain
 from operator import attrgetter
-from typing import Annotated, Any
+from typing import Annotated, Any, Union
 
 import msgspec
 import numpy as np
@@ -32,22 +32,29 @@ from streamvi.features.schema import FeatureSpec
 _Int = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 #: A fetch with more than one value in this many that does not decode typed goes the general way.
 GIVE_UP = 8
-#: The leaf type of each feature type (and of the ``id``): the plain values of its conversion.
-_LEAVES: dict[str, Any] = {
-    "numeric": _Int | float | None,
-    "count": _Int | float | None,
-    "binary": bool | _Int | float | None,
-    "categorical": str | _Int | None,
-    "hashed": str | _Int | None,
-    "id": str | _Int | None,
+#: The plain values of each feature type's block conversion (and of the ``id``).
+_PLAIN: dict[str, frozenset[Any]] = {
+    "numeric": frozenset({_Int, float, None}),
+    "count": frozenset({_Int, float, None}),
+    "binary": frozenset({bool, _Int, float, None}),
+    "categorical": frozenset({str, _Int, None}),
+    "hashed": frozenset({str, _Int, None}),
+    "id": frozenset({str, _Int, None}),
 }
+
+
+def _leaf_type(kinds: frozenset[Any]) -> Any:
+    """The union of ``kinds`` as a type msgspec decodes (None stands for null)."""
+    return Union[tuple(sorted(kinds, key=str))]  # noqa: UP007 (a union built at run time)
 
 
 class _Node:
     """One object on the feature paths: its leaves (key -> feature type) and child objects."""
 
     def __init__(self) -> None:
-        self.leaves: dict[str, str] = {}
+        #: The plain values a leaf may hold: those of every feature at it, so a path of two
+        #: features (a numeric and a binary) holds only what both blocks take.
+        self.leaves: dict[str, frozenset[Any]] = {}
         self.children: dict[str, _Node] = {}
 
     def struct(self, name: str) -> type:
@@ -56,7 +63,7 @@ class _Node:
         rename: dict[str, str] = {}
         for key, kind in self.leaves.items():
             rename[attribute := f"f{len(rename)}"] = key
-            fields.append((attribute, _LEAVES[kind], None))
+            fields.append((attribute, _leaf_type(kind), None))
         for key, child in self.children.items():
             rename[attribute := f"f{len(rename)}"] = key
             nested = child.struct(f"{name}_{attribute}")
@@ -75,12 +82,13 @@ class TypedJson:
 
     def __init__(self, features: Sequence[FeatureSpec]) -> None:
         root = _Node()
-        root.leaves["id"] = "id"
+        root.leaves["id"] = _PLAIN["id"]
         for feature in features:
             node = root
             for key in feature.keys[:-1]:
                 node = node.children.setdefault(key, _Node())
-            node.leaves[feature.keys[-1]] = feature.type
+            key = feature.keys[-1]
+            node.leaves[key] = node.leaves.get(key, _PLAIN[feature.type]) & _PLAIN[feature.type]
         self._decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(root.struct("Event"))
         self._paths = [root.attribute_path(f.keys) for f in features]
         self._id = attrgetter(root.attribute_path(("id",)))

@@ -62,12 +62,14 @@ FEATURES = [
     FeatureSpec(name="cpu", path="metrics.cpu"),
     FeatureSpec(name="ratio", path="metrics.ratio", type="binary", malformed="mask"),
     FeatureSpec(name="requests", path="metrics.requests", type="count", malformed="default", default=0),
-    FeatureSpec(name="note", path="metrics.note"),  # a string for a numeric feature: wrong_type
+    FeatureSpec(name="note", path="metrics.note", malformed="mask"),  # a string for a number: masked
     FeatureSpec(name="n", path="extra.n", type="count", missing="default", default=1),
     FeatureSpec(name="level", type="categorical", vocabulary=["low", "high"], malformed="mask"),
     FeatureSpec(name="up", type="binary", missing="dead_letter"),
     FeatureSpec(name="host", type="hashed", buckets=8),
     FeatureSpec(name="absent", path="metrics.absent"),
+    FeatureSpec(name="up_number", path="up", malformed="mask"),  # a boolean for a number: masked
+    FeatureSpec(name="level_count", path="level", type="count", malformed="mask"),
 ]
 
 _TEXT = st.text(max_size=6)
@@ -137,7 +139,7 @@ def _agree(decoder: FeatureDecoder, values: list[bytes | None]) -> None:
             )
             continue
         assert batch.errors[i] is None, batch.errors[i]
-        np.testing.assert_array_equal(batch.x[i], row)
+        np.testing.assert_array_equal(batch.x[i], row)  # NaN where masked, on both sides
         assert batch.record_ids[i] == record_id
 
 

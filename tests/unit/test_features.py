@@ -148,14 +148,14 @@ _PLAIN_EVENT = st.fixed_dictionaries(
 )
 
 
-def _agree(values: list[bytes | None]) -> None:
+def _agree(values: list[bytes | None], schema: list[FeatureSpec] = SCHEMA) -> None:
     """The whole-fetch decoder gives every record the reference decoder's vector, mask, id or error."""
     records = [record(v, offset=i, key=b"k%d" % i) for i, v in enumerate(values)]
-    batch = FeatureDecoder(SCHEMA, max_bytes=4096).decode_many(records)
+    batch = FeatureDecoder(schema, max_bytes=4096).decode_many(records)
     assert batch.observed is not None
     for i, value in enumerate(values):
         try:
-            row, record_id = decode_json_record(SCHEMA, value, 4096)
+            row, record_id = decode_json_record(schema, value, 4096)
         except DecodeError as expected:
             got = batch.errors[i]
             assert got is not None and (got.reason, got.detail) == (expected.reason, expected.detail)
@@ -271,6 +271,21 @@ def test_each_record_alone_agrees_with_the_reference(values):
     """A fetch of one record takes the typed path whenever that record decodes typed."""
     for value in values:
         _agree([value])
+
+
+# Two features at one path, of different types: each value must suit both, or take the general path.
+SHARED = [
+    FeatureSpec(name="up_number", path="up", malformed="mask"),
+    FeatureSpec(name="kind_count", path="kind", type="count", malformed="mask"),
+    *SCHEMA,
+]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_PLAIN_EVENT, min_size=1, max_size=12), st.lists(_RAW, max_size=2))
+def test_features_sharing_a_path_agree_with_the_reference(events, raw):
+    _agree([json.dumps(e).encode() for e in events], SHARED)
+    _agree([json.dumps(e).encode() for e in events] + raw, SHARED)
 
 
 # -- config -------------------------------------------------------------------------------------------
