@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from streamvi.features.blocks import Block, LabelColumns, binary_block, count_block, numeric_block
+from streamvi.features.blocks import Block, Given, LabelColumns, binary_block, count_block, numeric_block
 from streamvi.features.gather import Column
 from streamvi.features.schema import (
     MISSING,
@@ -139,11 +139,30 @@ def convert(feature: FeatureSpec, values: list[Any]) -> tuple[np.ndarray, np.nda
 
 
 #: The block conversion of each feature type that has one.
-_BLOCKS: dict[str, Callable[[Sequence[Column]], Block | None]] = {
+_BLOCKS: dict[str, Callable[[Sequence[Column], Given | None], Block | None]] = {
     "numeric": numeric_block,
     "binary": binary_block,
     "count": count_block,
 }
+
+
+#: Reads the given numeric, binary or count columns as floats [k, n] with their nulls, or None
+#: when their types are not known to be plain.
+Floats = Callable[[list[int]], Given | None]
+
+
+class _Picked(Sequence[Column]):
+    """Some of the columns, in ``members`` order, each taken from ``columns`` only when used."""
+
+    def __init__(self, columns: Sequence[Column], members: list[int]) -> None:
+        self._columns = columns
+        self._members = members
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def __getitem__(self, r: Any) -> Any:
+        return self._columns[self._members[r]]
 
 
 class FeatureAssembler:
@@ -163,16 +182,20 @@ class FeatureAssembler:
         members = {kind: [j for j, f in enumerate(self.features) if f.type == kind] for kind in _BLOCKS}
         self._blocks = [(columns, _BLOCKS[kind]) for kind, columns in members.items() if columns]
 
-    def assemble(self, columns: Sequence[Column], errors: list[DecodeError | None]) -> np.ndarray:
+    def assemble(
+        self, columns: Sequence[Column], errors: list[DecodeError | None], floats: Floats | None = None
+    ) -> np.ndarray:
         """The [n, dim] float32 vector from each feature's column of raw values (NaN = not
         observed); the first feature a record must be dead-lettered for sets its entry of
-        ``errors`` (already-set ones are kept)."""
+        ``errors`` (already-set ones are kept). ``floats``, when given, reads numeric, binary and
+        count columns known to hold only their plain types straight into float arrays, and
+        ``columns`` is then asked only for the columns still needed."""
         n = len(errors)
         rows = np.zeros((n, self.dim), dtype=np.float32)
         if n == 0:
             return rows
         pending: list[tuple[int, np.ndarray, np.ndarray]] = []
-        for members, values, status in self._converted(columns):
+        for members, values, status in self._converted(columns, floats):
             if status is not None:
                 values = np.where(status == OK, values, np.nan)
                 pending += self._needing_policy(members, values, status)
@@ -183,13 +206,16 @@ class FeatureAssembler:
                 rows[:, j] = self._apply_policies(j, values, status, columns[j], errors, dead)
         return rows
 
-    def _converted(self, columns: Sequence[Column]) -> list[tuple[list[int], np.ndarray, np.ndarray | None]]:
+    def _converted(
+        self, columns: Sequence[Column], floats: Floats | None
+    ) -> list[tuple[list[int], np.ndarray, np.ndarray | None]]:
         """(features, their values [k, n], status or None when all OK) of every feature: the plain
         blocks, then each feature of a block that was not plain, converted alone."""
         out: list[tuple[list[int], np.ndarray, np.ndarray | None]] = []
         left: list[int] = []
         for members, block in self._blocks:
-            converted = block([columns[j] for j in members])
+            given = None if floats is None else floats(members)
+            converted = block(_Picked(columns, members), given)
             if converted is None:
                 left += members
             else:
@@ -200,7 +226,7 @@ class FeatureAssembler:
             if feature.categories:
                 one = self._labels.convert(j, feature, columns[j])
             else:  # its block holds another type somewhere: this column alone may still be plain
-                one = _BLOCKS[feature.type]([columns[j]])
+                one = _BLOCKS[feature.type]([columns[j]], None if floats is None else floats([j]))
             if one is None:
                 values, status = convert(feature, list(columns[j]))
                 one = values[None], status[None]

@@ -53,18 +53,19 @@ def _record_of(schema: Any, named: Mapping[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def _named_types(schema: Any, found: dict[str, Any]) -> dict[str, Any]:
+def named_types(schema: Any, found: dict[str, Any]) -> dict[str, Any]:
+    """Every named type (record, enum, fixed) defined in ``schema``, by name, added to ``found``."""
     if isinstance(schema, list):
         for item in schema:
-            _named_types(item, found)
+            named_types(item, found)
     elif isinstance(schema, dict):
         if "name" in schema and schema.get("type") in ("record", "enum", "fixed"):
             found[schema["name"]] = schema
         for field in schema.get("fields", ()):
-            _named_types(field["type"], found)
+            named_types(field["type"], found)
         for key in ("items", "values"):
             if key in schema:
-                _named_types(schema[key], found)
+                named_types(schema[key], found)
     return found
 
 
@@ -84,7 +85,7 @@ def check_paths(schemas: list[tuple[str, dict[str, Any]]], features: list[Featur
 
 def _check_path(schema: dict[str, Any], feature: FeatureSpec, origin: str) -> None:
     """ValueError unless ``feature``'s path names a field of ``schema``."""
-    named = _named_types(schema, {})
+    named = named_types(schema, {})
     node: dict[str, Any] | None = schema
     for depth, key in enumerate(feature.keys):
         fields = {f["name"]: f["type"] for f in (node or {}).get("fields", ())}
@@ -97,7 +98,7 @@ def _check_path(schema: dict[str, Any], feature: FeatureSpec, origin: str) -> No
 def _locate(schema: dict[str, Any], body: bytes) -> str:
     """The dotted name of the field where ``body`` stops decoding under ``schema``: the fields are
     read one by one (nested records field by field) until one fails. Only for a failed record."""
-    named = _named_types(schema, {})
+    named = named_types(schema, {})
     stream = io.BytesIO(body)
 
     def walk(record: dict[str, Any], prefix: str) -> str | None:

@@ -5,7 +5,9 @@ strings (categorical, hashed), with None where a value is absent or null. Such c
 with one ``set(map(type, ...))`` and converted with one ``np.fromiter`` per block of same-type
 features (None becomes NaN), so no Python code runs per value. Each function returns None when a
 column holds any other type, and the caller falls back to the general per-column conversion in
-:mod:`streamvi.features.assemble`; both follow ``FeatureSpec.code`` value for value.
+:mod:`streamvi.features.assemble`; both follow ``FeatureSpec.code`` value for value. A fetch
+decoded typed (:mod:`streamvi.features.typed`, :mod:`streamvi.features.avro_columns`) has its
+types fixed already: its numeric, binary and count columns come in as floats, unchecked.
 """
 
 from __future__ import annotations
@@ -37,12 +39,24 @@ _LABELS: frozenset[type] = frozenset({str, int, _NONE})
 HASH_MEMORY = 1 << 16
 
 Block = tuple[np.ndarray, np.ndarray | None]
+#: Columns already read as floats [k, n] by a typed decoder, and which entries are null (None:
+#: exactly the NaN ones).
+Given = tuple[np.ndarray, np.ndarray | None]
 
 
-def _mark_nan(columns: Sequence[Sequence[Any]], values: np.ndarray, status: np.ndarray, other: int) -> None:
+def _mark_nan(
+    columns: Sequence[Sequence[Any]], values: np.ndarray, status: np.ndarray, other: int, given: Given | None
+) -> None:
     """Give NaN entries of ``values`` [k, n] their status: MISSING where the value is None, ``other``
-    where it is a NaN float (only Avro doubles can be). Only the NaN entries are looked at."""
-    rows, cells = np.nonzero(np.isnan(values))
+    where it is a NaN float (only Avro doubles can be). Only the NaN entries are looked at; values
+    ``given`` read typed come with their nulls (None: every NaN is one, as in JSON)."""
+    nan = np.isnan(values)
+    if given is not None:
+        nulls = nan if given[1] is None else given[1]
+        status[nan] = other
+        status[nan & nulls] = MISSING
+        return
+    rows, cells = np.nonzero(nan)
     if len(rows):
         nones = [columns[j][i] is None for j, i in zip(rows.tolist(), cells.tolist(), strict=True)]
         status[rows, cells] = np.where(nones, MISSING, other)
@@ -60,9 +74,10 @@ def _floats(columns: Sequence[Sequence[Any]], allowed: frozenset[type]) -> np.nd
     return values.reshape(len(columns), size // len(columns))
 
 
-def numeric_block(columns: Sequence[Sequence[Any]]) -> Block | None:
-    """(values [k, n], status or None when all OK) of numeric columns of numbers and None."""
-    values = _floats(columns, _NUMERIC)
+def numeric_block(columns: Sequence[Sequence[Any]], given: Given | None = None) -> Block | None:
+    """(values [k, n], status or None when all OK) of numeric columns of numbers and None.
+    ``given``: the columns as floats already, from a typed decoder that fixed their types."""
+    values = _floats(columns, _NUMERIC) if given is None else given[0]
     if values is None:
         return None
     with np.errstate(invalid="ignore"):
@@ -70,26 +85,26 @@ def numeric_block(columns: Sequence[Sequence[Any]]) -> Block | None:
     if finite.all():
         return values, None
     status = np.where(finite, OK, NON_FINITE).astype(np.int8)
-    _mark_nan(columns, values, status, NON_FINITE)
+    _mark_nan(columns, values, status, NON_FINITE, given)
     return values, status
 
 
-def binary_block(columns: Sequence[Sequence[Any]]) -> Block | None:
+def binary_block(columns: Sequence[Sequence[Any]], given: Given | None = None) -> Block | None:
     """Binary columns of bools, numbers and None: 0/1 (or false/true) is OK, other numbers not."""
-    values = _floats(columns, _BINARY)
+    values = _floats(columns, _BINARY) if given is None else given[0]
     if values is None:
         return None
     good = (values == 0) | (values == 1)
     if good.all():
         return values, None
     status = np.where(good, OK, OUT_OF_RANGE).astype(np.int8)
-    _mark_nan(columns, values, status, OUT_OF_RANGE)
+    _mark_nan(columns, values, status, OUT_OF_RANGE, given)
     return values, status
 
 
-def count_block(columns: Sequence[Sequence[Any]]) -> Block | None:
+def count_block(columns: Sequence[Sequence[Any]], given: Given | None = None) -> Block | None:
     """Count columns of numbers and None: non-negative whole numbers within float32 are OK."""
-    values = _floats(columns, _COUNT)
+    values = _floats(columns, _COUNT) if given is None else given[0]
     if values is None:
         return None
     with np.errstate(invalid="ignore"):
@@ -97,7 +112,7 @@ def count_block(columns: Sequence[Sequence[Any]]) -> Block | None:
     if good.all():
         return values, None
     status = np.where(good, OK, OUT_OF_RANGE).astype(np.int8)
-    _mark_nan(columns, values, status, OUT_OF_RANGE)
+    _mark_nan(columns, values, status, OUT_OF_RANGE, given)
     return values, status
 
 
@@ -126,7 +141,7 @@ class LabelColumns:
         if not nan.any():
             return values, None
         status = np.zeros(values.shape, dtype=np.int8)
-        _mark_nan([column], values, status, UNKNOWN_CATEGORY)
+        _mark_nan([column], values, status, UNKNOWN_CATEGORY, None)
         return values, status
 
     @staticmethod

@@ -148,14 +148,14 @@ _PLAIN_EVENT = st.fixed_dictionaries(
 )
 
 
-def _agree(values: list[bytes | None]) -> None:
+def _agree(values: list[bytes | None], schema: list[FeatureSpec] = SCHEMA) -> None:
     """The whole-fetch decoder gives every record the reference decoder's vector, mask, id or error."""
     records = [record(v, offset=i, key=b"k%d" % i) for i, v in enumerate(values)]
-    batch = FeatureDecoder(SCHEMA, max_bytes=4096).decode_many(records)
+    batch = FeatureDecoder(schema, max_bytes=4096).decode_many(records)
     assert batch.observed is not None
     for i, value in enumerate(values):
         try:
-            row, record_id = decode_json_record(SCHEMA, value, 4096)
+            row, record_id = decode_json_record(schema, value, 4096)
         except DecodeError as expected:
             got = batch.errors[i]
             assert got is not None and (got.reason, got.detail) == (expected.reason, expected.detail)
@@ -176,6 +176,116 @@ def test_whole_fetch_and_reference_decoders_agree_on_every_record(values):
 @given(st.lists(_PLAIN_EVENT, min_size=1, max_size=30))
 def test_the_block_conversions_agree_with_the_reference_on_plain_events(events):
     _agree([json.dumps(e).encode() for e in events])  # json: integers beyond 64 bits too
+
+
+# Values at the edges of the typed JSON path: what it must refuse (so that the general path gives the
+# reference's answer) and what it must read exactly as orjson does.
+_TYPED_EDGES = [
+    b'{"up": 1, "errors": 9223372036854775807}',
+    b'{"up": 1, "errors": 9223372036854775808}',  # beyond int64, still an int in orjson
+    b'{"up": 1, "errors": 18446744073709551616}',  # beyond uint64: a float in orjson
+    b'{"up": 1, "kind": -9223372036854775809}',
+    b'{"up": 1, "metrics": {"cpu": 1e400}}',
+    b'{"up": 1, "metrics": {"cpu": -0.0, "mem": 1e39}}',
+    b'{"up": 1.0, "errors": 2.0, "kind": 7.0}',
+    b'{"up": true, "errors": true, "kind": true}',
+    b'{"up": 1, "metrics": null}',
+    b'{"up": 1, "metrics": {"cpu": 1}, "metrics": {"mem": 2}}',
+    b'{"up": 1, "metrics": {"cpu": "1"}}',
+    b'{"up": 1, "metrics": {"cpu": [1]}}',
+    b'{"up": 1, "metrics": {"cpu": {"v": 1}}}',
+    b'{"up": 1, "metrics": {"cpu": 1, "other": 2}}',
+    b'{"up": 1, "meta": {"host": 3}}',
+    b'{"up": 1, "meta": {"host": {"name": {"x": 1}}}}',
+    b'{"up": 1, "meta": {"host": {"name": "caf\xc3\xa9"}}}',
+    b'{"up": 1, "meta": {"host": {"name": "\\ud83d\\ude00"}}}',
+    b'{"up": 1, "meta": {"host": {"name": "\\udc00"}}}',
+    b'{"up": 1, "other": 1e999}',
+    b'{"up": 1, "other": "\xff"}',
+    b'{"up": 1, "other": "\xed\xa0\x80"}',
+    b'{"up": 1, "\\u0069d": "escaped"}',
+    b'{"up": 1, "id": 9223372036854775808}',
+    b'{"up": 1, "id": false}',
+    b'{"up": 1, "id": 2.0}',
+    b'{"up": 1} ',
+    b'{"up": 1} {}',
+    b'{"up": 1, "kind": "b", "errors": -0}',
+    b"[]",
+]
+
+
+@pytest.mark.parametrize("value", _TYPED_EDGES)
+def test_the_typed_path_agrees_with_the_reference_at_its_edges(value):
+    _agree([value])  # alone, the typed path takes it whenever it decodes typed
+    _agree([value, b'{"up": 0, "metrics": {"cpu": 0.5}}'])
+
+
+def test_plain_fetches_take_the_typed_path_and_others_the_general_one():
+    typed = FeatureDecoder(SCHEMA)._typed
+    assert typed is not None
+    good = [b'{"id": "a", "up": true, "metrics": {"cpu": 1.5}}', b'{"up": 0, "meta": {"host": {}}}']
+    parts, rest = typed.decode(good * 8, 64)
+    assert [indices for indices, _ in parts] == [list(range(16))] and rest == []
+    odd = [b'{"up": 1, "other": 2}', b'{"up": "yes"}', None, b"", b'{"up": 1, "metrics": {"cpu": 1}} ' * 3]
+    mixed = [value for bad in odd for value in (*(good * 4), bad)]
+    parts, rest = typed.decode(mixed, 64)
+    assert rest == [8, 17, 26, 35, 44] and len(parts[0][0]) == 40  # the others stay typed
+    assert typed.decode([*odd, *good], 64) == ([], list(range(7)))  # too many: all go the general way
+    assert FeatureDecoder([FeatureSpec(name="id")])._typed is None  # a feature at the id field
+
+
+# Unknown fields with text orjson refuses but a parser skipping them might pass: numbers beyond a
+# double, invalid UTF-8, nesting past orjson's limit, among valid JSON of every kind.
+_JSON_TEXT = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=4)),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+    max_leaves=8,
+).map(lambda value: json.dumps(value).encode())  # integers beyond 64 bits, escaped text, Infinity
+_ODD = st.sampled_from(
+    [
+        b"1e999",
+        b"-1E+400",
+        b"1e-400",
+        b"1" * 400,
+        b'"\xff"',
+        b'"\xed\xa0\x80"',
+        b'"\\ud800"',
+        b'"caf\xc3\xa9"',
+        b"[" * 1100 + b"]" * 1100,
+        b"[" * 990 + b"]" * 990,
+        b'"123e4567"',
+    ]
+)
+_UNKNOWN = st.one_of(_JSON_TEXT, _ODD, st.tuples(_JSON_TEXT, _ODD).map(lambda pair: b"[%s, %s]" % pair))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_UNKNOWN, st.sampled_from([b'{"up": 1, "other": %s}', b'{"metrics": {"x": %s, "cpu": 2}, "up": 0}']))
+def test_unknown_fields_of_any_text_agree_with_the_reference(text, frame):
+    _agree([frame % text])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_RAW, min_size=1, max_size=6))
+def test_each_record_alone_agrees_with_the_reference(values):
+    """A fetch of one record takes the typed path whenever that record decodes typed."""
+    for value in values:
+        _agree([value])
+
+
+# Two features at one path, of different types: each value must suit both, or take the general path.
+SHARED = [
+    FeatureSpec(name="up_number", path="up", malformed="mask"),
+    FeatureSpec(name="kind_count", path="kind", type="count", malformed="mask"),
+    *SCHEMA,
+]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_PLAIN_EVENT, min_size=1, max_size=12), st.lists(_RAW, max_size=2))
+def test_features_sharing_a_path_agree_with_the_reference(events, raw):
+    _agree([json.dumps(e).encode() for e in events], SHARED)
+    _agree([json.dumps(e).encode() for e in events] + raw, SHARED)
 
 
 # -- config -------------------------------------------------------------------------------------------
