@@ -221,10 +221,20 @@ def test_a_sigterm_to_one_worker_under_load_stops_the_group_at_a_joint_checkpoin
     final = SnapshotStore(settings.snapshots.dir).latest()
     assert final is not None and final.step == int(ends[0][1])  # the joint final checkpoint
     assert sum(final.offsets.values()) < records  # it did stop mid-stream
-    restarted, _ = start_workers(settings_factory, tmp_path / "second", "--idle-timeout", "5")
+    # The restart joins under another group id: after every member of a group has left cleanly,
+    # the embedded broker (Tansu 0.6) can keep a departed member as the group's leader, so a group
+    # restarted at once under the same id may wait for its assignment for good (seen here; a Kafka
+    # broker elects a leader among the members that join). The snapshot holds the offsets.
+    restarted, again = start_workers(
+        settings_factory,
+        tmp_path / "second",
+        "--idle-timeout",
+        "5",
+        overrides=(f"kafka.group_id={settings.kafka.group_id}-restarted",),
+    )
     ends = finished(restarted)
     assert ends[0] == ends[1], ends
-    check_exactly_once(settings, records)
+    check_exactly_once(again, records)
     print(f"\nthe group stopped {stopped:.1f}s after the SIGTERM, at step {final.step}")
 
 
