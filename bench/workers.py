@@ -196,6 +196,8 @@ def end_to_end(args: argparse.Namespace, workers: int, broker: Any, workdir: Pat
                 f"input.dim={args.dim}",
                 f"snapshots.dir={workdir / group}",
                 "metrics.port=0",
+                # every record is trained on (flagged ones too), so the trained count reaches --records
+                "anomaly.train_on_flagged=true",
                 *args.set,
                 *cluster,
             ],
