@@ -697,12 +697,6 @@ class Settings(BaseSettings):
                 "distribution.strategy=multi_worker does not support training.mixed_precision="
                 "mixed_float16 (per-worker loss scales); use off or mixed_bfloat16"
             )
-        if self.anomaly.enabled and self.anomaly.drift_response != "none":
-            raise ValueError(
-                f"distribution.strategy=multi_worker does not support anomaly.drift_response="
-                f"{self.anomaly.drift_response} yet (each worker detects drift on its own scores, and "
-                "the optimizer must stay equal on all); use none"
-            )
         return self
 
     def public_dict(self) -> dict[str, Any]:

@@ -70,8 +70,12 @@ class DriftDetector:
             if self._feed(value):
                 self.detections += 1
                 found.append(position)
-                self._detector, self._replay = self._build(), collections.deque(maxlen=REPLAY_RECORDS)
+                self.restart()
         return found
+
+    def restart(self) -> None:
+        """Start the detector afresh (after a drift: its window describes the stream before it)."""
+        self._detector, self._replay = self._build(), collections.deque(maxlen=REPLAY_RECORDS)
 
     def _feed(self, value: float) -> bool:
         """One score into the detector; True when it detected a fall. ADWIN drops the older part of

@@ -143,6 +143,15 @@ class AnomalyMonitor:
             self.reference.reset()
             self.reference.update(elbo)
 
+    def follow_drift(self) -> None:
+        """Another trainer worker's detector found a drift: restart this one's reference and
+        detector and adapt as if it had found it, so every worker answers the drift once."""
+        if self.learns:
+            self.reference.reset()
+            if self.detector is not None:
+                self.detector.restart()
+            self.adapt_left = self.settings.adapt_records_after_drift
+
     def note_trained(self, records: int) -> None:
         """Count trained records against the adaptation after a drift."""
         self.adapt_left = max(0, self.adapt_left - records)

@@ -255,34 +255,42 @@ class OnlineLoop(StreamProcessor):
         fresh, self._fresh_reference = self._fresh_reference, None
         if fresh is not None and not verdict.drift:
             monitor.refresh(fresh)
-        if result.trained:
+        if self._step_counts_for_response(result):
             self._run_change(monitor.response.after_step(self.trainer))
         if verdict.drift:
-            self._drifted(monitor, result)
+            self._drift_found(monitor, result.step)
         metrics.drift_adapting.set(1.0 if monitor.adapting else 0.0)
 
-    def _drifted(self, monitor: AnomalyMonitor, result: StepResult) -> None:
+    def _step_counts_for_response(self, result: StepResult) -> bool:
+        """Whether a step counts against a drift response's steps (a raised learning rate's)."""
+        return result.trained
+
+    def _drift_found(self, monitor: AnomalyMonitor, step: int) -> None:
+        """This loop's detector found a drift after ``step``: act on it now."""
+        self._drifted(monitor, step)
+
+    def _drifted(self, monitor: AnomalyMonitor, step: int) -> None:
         """A drift: count and report it, tag the last snapshot before it, start the response."""
         now = time.time()
-        monitor.note_drift(now, result.step)
+        monitor.note_drift(now, step)
         self.counts.drifts_detected += 1
         metrics = trainer_metrics(self.metrics)
         metrics.drift_detected.inc()
         metrics.record_drift_time(now)
         tagged = self.store.latest()
-        if tagged is not None:
-            self.store.tag(tagged, "pre-drift", {"detected_at": now, "detected_at_step": result.step})
+        if tagged is not None and self._writes_snapshots():
+            self.store.tag(tagged, "pre-drift", {"detected_at": now, "detected_at_step": step})
         log.warning(
             "drift detected in the reference scores at step %d (%s); last snapshot before it: %s; "
             "response: %s",
-            result.step,
+            step,
             monitor.settings.drift_detector,
             tagged.path.name if tagged is not None else "(none yet)",
             monitor.response.name,
         )
         payload = {
             "kind": "drift",
-            "step": result.step,
+            "step": step,
             "detector": monitor.settings.drift_detector,
             "detected_at": now,
             "drifts_detected": self.counts.drifts_detected,

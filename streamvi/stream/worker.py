@@ -5,7 +5,8 @@ workers taken on an all-reduced round (streamvi/training/lockstep.py): when batc
 of the all-reduced trainer, streamvi/training/distributed.py, with every worker's batch, empty ones
 included), when all checkpoint together (streamvi/stream/worker_checkpoint.py), when all stop, and
 when all rewind to the last trusted snapshot (after a rebalance moved partitions, or a worker failed
-to deliver its outputs). A decision never comes from one worker's state alone, so the workers issue
+to deliver its outputs), and when all answer a drift one of their detectors found (the response
+changes the optimizer). A decision never comes from one worker's state alone, so the workers issue
 the same collectives in the same order and none waits on another forever.
 
 Steps run one at a time (the step pipeline's depth is 1 and a step is waited for before the next
@@ -22,13 +23,15 @@ from typing import Any
 
 import tensorflow as tf
 
+from streamvi.anomaly.monitor import AnomalyMonitor
 from streamvi.errors import StreamVIError, WorkerLostError
 from streamvi.io.base import Partition, RawRecord
 from streamvi.snapshots.store import SnapshotInfo
 from streamvi.stream.online import OnlineLoop
 from streamvi.stream.state import LoopCounts
-from streamvi.training.distributed import DistributedTrainer
+from streamvi.training.distributed import DistributedStepResult, DistributedTrainer
 from streamvi.training.lockstep import Agreement, Round, agree, all_agree
+from streamvi.training.results import StepResult
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,8 @@ class WorkerLoop(OnlineLoop):
         self._in_round = False
         #: A round agreed to stop: no further round; the loop goes to the final checkpoint.
         self._stop_agreed = False
+        #: This worker's detector found a drift that the next round will answer everywhere.
+        self._drift_found_here = False
 
     # -- the parts that differ from the single trainer --------------------------------------------
     def _make_checkpoints(self, **kwargs: Any) -> Any:
@@ -135,9 +140,31 @@ class WorkerLoop(OnlineLoop):
         """A failure seen by this worker alone: every worker rewinds at the next round."""
         self._rewind_wanted = reason
 
+    # -- drifts are answered by every worker at the same round ------------------------------------
+    def _drift_found(self, monitor: AnomalyMonitor, step: int) -> None:
+        """Not acted on alone: the response changes the optimizer, which must stay equal on every
+        worker, so the drift goes to the next round and every worker answers it there."""
+        self._drift_found_here = True
+
+    def _agreed_drift(self) -> None:
+        """Some worker found a drift: every worker reports it and runs the response, before the
+        round's step; those that did not find it adapt as the finder did."""
+        assert self.anomaly is not None
+        if not self._drift_found_here:
+            self.anomaly.follow_drift()
+        self._drift_found_here = False
+        self._drifted(self.anomaly, self.trainer.step)
+
+    def _step_counts_for_response(self, result: StepResult) -> bool:
+        """Every worker counts the steps the union trained (an idle worker's too), so a raised
+        learning rate ends at the same step everywhere."""
+        return isinstance(result, DistributedStepResult) and result.union_trained_records > 0
+
     def _rewind_now(self, reason: str) -> None:
-        """Rewind this worker now: called on every worker at the same agreed point."""
+        """Rewind this worker now: called on every worker at the same agreed point (a drift found
+        in the abandoned interval is dropped with it)."""
         self._rewind_wanted = None
+        self._drift_found_here = False
         super()._rewind(reason)
         self.pipeline.submitted_step = self.trainer.step
 
@@ -171,11 +198,14 @@ class WorkerLoop(OnlineLoop):
             checkpoint=self.checkpoints.due(),
             rewind=self._rewind_wanted is not None,
             idle=self._idle,
+            drift=self._drift_found_here,
         )
         agreement = agree(self.worker, mine)
         if agreement.rewind:
             self._rewind_now(self._rewind_wanted or "another worker rewinds")
             return agreement
+        if agreement.drift:
+            self._agreed_drift()
         if agreement.close:
             self._step_everywhere()
         if agreement.checkpoint:
@@ -211,6 +241,7 @@ class WorkerLoop(OnlineLoop):
             evaluation.every_steps if evaluation is not None else None,
             self._heldout_payload,
             lambda: evaluation.reservoir.contents() if evaluation is not None else None,
+            self.anomaly.thresholds() if self.anomaly is not None else None,
         )
         self._drain()
         self.pipeline.submitted_step = self.trainer.step

@@ -17,6 +17,10 @@ others wait on their input, or never. So once per turn of its loop each worker b
 - **rewind** when any worker lost partitions in a rebalance (or failed to deliver its outputs):
   every worker goes back to the last trusted snapshot at once and resumes the partitions it now
   holds at that snapshot's offsets, so no record is trained twice and the parameters stay equal;
+- **drift** when any worker's drift detector found a drift in its reference scores: every worker
+  counts and reports it and runs the drift response (reset the optimizer, raise the learning rate)
+  before the round's step, so the optimizer stays equal everywhere; the workers that did not find
+  it restart their reference and detector as the finder did;
 - **idle** when no worker holds a record: nothing closes, and the next round waits up to the
   latency bound in its poll before it comes (the poll's own timeout paces the rounds), so an idle
   topic costs a few small collectives a second, not a spinning CPU.
@@ -62,9 +66,11 @@ class Round:
     rewind: bool = False
     #: Idle past its idle timeout: the workers stop once every one of them is.
     idle: bool = False
+    #: Its drift detector found a drift: every worker answers it at this round.
+    drift: bool = False
 
     def vector(self) -> list[float]:
-        flags = (self.full, self.due, self.stopping, self.checkpoint, self.rewind, self.idle)
+        flags = (self.full, self.due, self.stopping, self.checkpoint, self.rewind, self.idle, self.drift)
         return [float(self.rows), *(float(flag) for flag in flags), 1.0]
 
 
@@ -82,6 +88,8 @@ class Agreement:
     checkpoint: bool = False
     #: Some worker must go back to the last snapshot: every worker rewinds (before anything else).
     rewind: bool = False
+    #: Some worker's detector found a drift: every worker runs the drift response before the step.
+    drift: bool = False
 
     @property
     def idle(self) -> bool:
@@ -91,13 +99,13 @@ class Agreement:
     @classmethod
     def of_sums(cls, sums: list[float]) -> Agreement:
         """The agreement from the all-reduced (summed) :meth:`Round.vector` of every worker."""
-        rows, full, due, stopping, checkpoint, rewind, idle, workers = (round(value) for value in sums)
+        rows, full, due, stopping, checkpoint, rewind, idle, drift, workers = (round(value) for value in sums)
         stop = stopping > 0 or idle == workers
-        if rewind > 0:  # what is open belongs to the interval the rewind abandons
+        if rewind > 0:  # what is open belongs to the interval the rewind abandons (its drift too)
             return cls(close=False, rows=rows, stop=stop, rewind=True)
         checkpoint_due = checkpoint > 0
         close = rows > 0 and (full > 0 or due > 0 or stop or checkpoint_due)
-        return cls(close=close, rows=rows, stop=stop, checkpoint=checkpoint_due)
+        return cls(close=close, rows=rows, stop=stop, checkpoint=checkpoint_due, drift=drift > 0)
 
 
 def agree(cluster: AllReduce, mine: Round) -> Agreement:

@@ -17,6 +17,7 @@ import orjson
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
+from streamvi.datasets import encode_record, load_digits
 from streamvi.io.admin import ensure_topics
 from streamvi.io.embedded import free_port
 from streamvi.snapshots import SnapshotStore
@@ -151,6 +152,51 @@ def test_two_workers_share_the_online_normaliser_of_feature_events(settings_fact
     np.testing.assert_array_equal(normaliser.count.numpy(), (~np.isnan(values)).sum(axis=0))
     np.testing.assert_allclose(normaliser.mean.numpy(), np.nanmean(values, axis=0), rtol=1e-9)
     np.testing.assert_allclose(normaliser.variance().numpy(), np.nanvar(values, axis=0), rtol=1e-9)
+
+
+DRIFT = re.compile(r"drift detected in the reference scores at step (\d+)")
+RAISED = re.compile(r"drift response: learning rate \S+ for \d+ steps")
+
+
+def test_a_drift_found_by_one_worker_is_answered_by_both_and_the_parameters_stay_equal(
+    settings_factory, tmp_path
+):
+    """Digits, then the same digits inverted (1 - x): a worker's detector finds the fall, the next
+    round tells every worker, and both raise the learning rate before the same step and put it back
+    after the same number of the union's steps, so the checksums stay equal."""
+    overrides = (
+        "anomaly.drift_response=raise_learning_rate",
+        "anomaly.learning_rate_steps=10",
+        "anomaly.drift_warmup_records=300",
+        "anomaly.train_on_flagged=true",  # every record trained: exact counts
+    )
+    processes, settings = start_workers(
+        settings_factory, tmp_path, "--idle-timeout", "5", overrides=overrides
+    )
+    kafka = settings.kafka
+    ensure_topics(kafka)
+    digits = load_digits().x
+    records = 6000
+    stream = [
+        (
+            seq_id(i).encode(),
+            encode_record(
+                digits[i % len(digits)] if i < 3000 else 1 - digits[i % len(digits)], seq_id(i), "json"
+            ),
+        )
+        for i in range(records)
+    ]
+    produce(kafka.bootstrap_servers[0], kafka.input_topic, stream)
+    ends = finished(processes)
+    assert ends[0] == ends[1], ends  # the optimizer changed identically on both
+    check_exactly_once(settings, records)
+    logs = [p.log_text() for p in processes]
+    drifts = [DRIFT.findall(text) for text in logs]
+    assert drifts[0] and drifts[0] == drifts[1], drifts  # the same drifts, at the same steps
+    for text in logs:
+        assert len(RAISED.findall(text)) == len(drifts[0]), text[-3000:]
+        assert "learning rate back to" in text
+    print(f"\ndrifts answered at steps {drifts[0]} of {ends[0][0]}")
 
 
 def test_a_worker_whose_partition_stays_empty_does_not_block_training(settings_factory, tmp_path):

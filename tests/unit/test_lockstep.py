@@ -43,6 +43,13 @@ def test_a_rewind_anywhere_rewinds_every_worker_and_closes_nothing():
     assert agreement.rewind and not agreement.close and not agreement.checkpoint
 
 
+def test_a_drift_found_by_one_worker_is_answered_by_every_worker_and_a_rewind_drops_it():
+    agreement = Agreement.of_sums(sums(Round(3, full=True), Round(2, drift=True)))
+    assert agreement.drift and agreement.close
+    assert not Agreement.of_sums(sums(Round(3, full=True), Round(2))).drift
+    assert not Agreement.of_sums(sums(Round(0, drift=True), Round(0, rewind=True))).drift
+
+
 def test_the_idle_timeout_stops_the_workers_only_once_every_one_is_idle():
     assert not Agreement.of_sums(sums(Round(0, idle=True), Round(3))).stop
     assert Agreement.of_sums(sums(Round(0, idle=True), Round(0, idle=True))).stop
