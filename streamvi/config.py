@@ -687,11 +687,6 @@ class Settings(BaseSettings):
         if self.distribution.strategy != "multi_worker":
             return self
         training = self.training
-        if training.estimator == "score_function" and training.baseline != "none":
-            raise ValueError(
-                "distribution.strategy=multi_worker needs training.baseline=none with "
-                "training.estimator=score_function: the baseline's running average is per worker"
-            )
         if training.mixed_precision == "mixed_float16":
             raise ValueError(
                 "distribution.strategy=multi_worker does not support training.mixed_precision="

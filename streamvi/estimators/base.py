@@ -150,7 +150,21 @@ class Estimator(tf.Module, ABC):
     def update_state(self, terms: BoundTerms, weights: tf.Tensor) -> None:
         """Fold a batch into the estimator's own running state (none by default). The trainer calls
         it inside the step, only when the batch's update is applied."""
+        self.fold_state_sums(self.state_sums(terms, weights))
+
+    def state_sums(self, terms: BoundTerms, weights: tf.Tensor) -> list[tf.Tensor]:
+        """A batch's part of the running state's next update, as sums that add across the batches
+        of one distributed step (summed over workers before :meth:`fold_state_sums`); [] when the
+        estimator keeps no running state."""
+        return []
+
+    def fold_state_sums(self, sums: list[tf.Tensor]) -> None:
+        """Fold the summed :meth:`state_sums` of one step's batches into the running state."""
         return
+
+    def state(self) -> list[tf.Variable]:
+        """The running state's variables (equal on every distributed worker)."""
+        return []
 
 
 def masked_sum(values: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import tensorflow as tf
 import tf_keras
 
-from streamvi.estimators.base import BoundTerms, Estimator, draw, elbo_parts, masked_mean
+from streamvi.estimators.base import BoundTerms, Estimator, draw, elbo_parts, masked_sum
 from streamvi.model.vae import VAE
 
 
@@ -93,19 +93,29 @@ class ScoreFunction(Estimator):
             bound, kl, reconstruction, surrogate, z_loc, z_scale, signal=tf.reduce_mean(signal, 0)
         )
 
-    def update_state(self, terms: BoundTerms, weights: tf.Tensor) -> None:
-        """Fold this batch's mean learning signal into the running baseline (bias-corrected EMA).
+    def state_sums(self, terms: BoundTerms, weights: tf.Tensor) -> list[tf.Tensor]:
+        """The batch's weighted sum of the learning signal and its weight (the running baseline's
+        update); [] without a baseline."""
+        if self.baseline == "none" or terms.signal is None:
+            return []
+        w = tf.cast(weights, tf.float32)
+        return [masked_sum(terms.signal, w), tf.reduce_sum(w)]
+
+    def fold_state_sums(self, sums: list[tf.Tensor]) -> None:
+        """Fold the batch mean learning signal into the running baseline (bias-corrected EMA).
 
         Called by the trainer only for applied updates; a batch whose mean signal is not finite
         (a record with an infinite term) leaves the average as it was instead of poisoning it.
         """
-        if self.baseline == "none" or terms.signal is None:
+        if not sums:
             return
-        w = tf.cast(weights, tf.float32)
-        total = tf.reduce_sum(w)
-        batch_mean = masked_mean(terms.signal, w)
+        signal_sum, total = sums
+        batch_mean = signal_sum / tf.maximum(total, 1.0)
         folds = tf.logical_and(total > 0, tf.math.is_finite(batch_mean))
         keep = tf.where(folds, self.decay, 1.0)
         contribution = tf.where(folds, (1.0 - keep) * batch_mean, 0.0)
         self.running_sum.assign(keep * self.running_sum + contribution)
         self.running_weight.assign(keep * self.running_weight + (1.0 - keep))
+
+    def state(self) -> list[tf.Variable]:
+        return [self.running_sum, self.running_weight]

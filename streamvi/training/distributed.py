@@ -6,7 +6,8 @@ step is, on every worker at once:
 1. forward and backward on the local rows (the trainer's compiled code, XLA where configured),
    giving the gradient of the *summed* loss ``-sum_i w_i s_i`` (``Estimator.summed_loss``), that
    sum and the local weight ``W_k = sum_i w_i`` (the real, non-padding, non-held-out records);
-2. one all-reduce (SUM) of [gradients, loss sum, weight, the normaliser's batch sums] over
+2. one all-reduce (SUM) of [gradients, loss sum, weight, the normaliser's batch sums, the
+   estimator's running-state sums (a score-function baseline's)] over
    ``MultiWorkerMirroredStrategy``'s collectives (gRPC between workers, configured by
    ``TF_CONFIG`` or ``distribution.*``);
 3. the gradient and loss of the union: both sums divided by ``max(sum_k W_k, 1)``, then the
@@ -19,8 +20,8 @@ makes on the union of the batches, and a worker with an empty (or all held-out) 
 :meth:`DistributedTrainer.sync_from_chief` at start), so they stay identical; the step counter and
 the RNG are ordinary per-worker variables that advance identically because every worker takes part
 in every step (an update is applied on all or none: the gate is computed from reduced values). The
-online normaliser folds the union's batch sums on every worker, so it stays identical too (its
-``ready`` is part of that gate).
+online normaliser and a score-function baseline's running average fold the union's sums on every
+worker, so they stay identical too (the normaliser's ``ready`` is part of that gate).
 
 Draws. The step seed comes from the RNG, the same on every worker; worker k draws its latents with
 that seed folded with k (:func:`~streamvi.training.trainer.block_seed`). A single process with
@@ -147,10 +148,6 @@ class DistributedTrainer(Trainer):
         device: str | None = None,
         explain_top_k: int = 0,
     ) -> None:
-        if getattr(estimator, "baseline", "none") != "none":
-            raise ValueError(
-                "a baseline's running average is per worker: distributed steps need baseline=none"
-            )
         super().__init__(
             model,
             estimator,
@@ -218,20 +215,24 @@ class DistributedTrainer(Trainer):
         total = tf.reduce_sum(tf.where(weights > 0, weights, tf.zeros_like(weights)))
         offered = tf.reduce_sum(tf.where(trainable > 0, trainable, tf.zeros_like(trainable)))
         input_sums = self.model.input_sums(x, weights > 0)
-        return self._pack(terms, x, c, weights), summed, total, offered, input_sums, grads
+        state_sums = self.estimator.state_sums(terms, weights)
+        return self._pack(terms, x, c, weights), summed, total, offered, input_sums, state_sums, grads
 
     def _train_step(self, rows: tf.Tensor) -> tf.Tensor:
         """Local gradients, one all-reduce, then the trainer's update on the union's gradient.
         Returns the packed scores and figures (as the trainer's step does) with one more row whose
         first entry is the union's trained weight."""
-        packed, summed, total, offered, input_sums, grads = self._local_fn(rows)
-        reduced = self.all_reduce([summed, total, offered, *grads, *input_sums])
+        packed, summed, total, offered, input_sums, state_sums, grads = self._local_fn(rows)
+        reduced = self.all_reduce([summed, total, offered, *grads, *input_sums, *state_sums])
         union_total = reduced[1]
         denominator = tf.maximum(union_total, 1.0)
         loss = reduced[0] / denominator
         union_grads = [g / denominator for g in reduced[3 : 3 + len(grads)]]
-        union_sums = reduced[3 + len(grads) :]
-        out = self._finish_fn(packed, loss, union_grads, union_total > 0, reduced[2] > 0, union_sums)
+        union_sums = reduced[3 + len(grads) : 3 + len(grads) + len(input_sums)]
+        union_state = reduced[3 + len(grads) + len(input_sums) :]
+        out = self._finish_fn(
+            packed, loss, union_grads, union_total > 0, reduced[2] > 0, union_sums, union_state
+        )
         extra = tf.pad(union_total[None, None], [[0, 0], [0, int(out.shape[1]) - 1]])
         return tf.concat([out, extra], axis=0)
 
@@ -243,16 +244,23 @@ class DistributedTrainer(Trainer):
         trains: tf.Tensor,
         counts: tf.Tensor,
         input_sums: list[tf.Tensor],
+        state_sums: list[tf.Tensor],
     ) -> tf.Tensor:
         """The trainer's update on the union's gradient; the union's trained rows feed the running
-        input statistics when the batch counts for them (every worker folds the same sums, so the
-        normaliser stays equal everywhere and its warm-up ends at the same step)."""
+        input statistics when the batch counts for them, and the estimator's running state (a
+        baseline's average) when the update applies. Every worker folds the same sums, so both
+        stay equal everywhere (and the normaliser's warm-up ends at the same step)."""
+
+        def fold_state() -> None:
+            self.estimator.fold_state_sums(state_sums)
 
         def fold_inputs(applies: tf.Tensor) -> None:
             gate = tf.cast(applies, tf.float64)
             self.model.fold_input_sums([part * gate for part in input_sums])
 
-        return self._apply(packed, loss, grads, trains, fold_inputs=fold_inputs, counts=counts)
+        return self._apply(
+            packed, loss, grads, trains, fold_state=fold_state, fold_inputs=fold_inputs, counts=counts
+        )
 
     # -- host API ------------------------------------------------------------------------------------
     def train_rows(self, rows: np.ndarray, n: int, floor: float = -np.inf) -> DistributedStepResult:
@@ -307,6 +315,7 @@ class DistributedTrainer(Trainer):
             *self.trainable_variables,
             *self.optimizer.variables,
             *self.model.input_state(),
+            *self.estimator.state(),
             self.step_counter,
             self.rng.state,
         ]

@@ -1,11 +1,12 @@
 """One trainer worker of a localhost cluster for tests/unit/test_distributed.py (run as a script).
 
-    TF_CONFIG=... python distributed_worker.py INDEX OUT.npz [plain|normalised]
+    TF_CONFIG=... python distributed_worker.py INDEX OUT.npz [plain|normalised|baseline]
 
 Builds the strategy from TF_CONFIG (set by the test, as TensorFlow reads it), perturbs worker 1's
 parameters so the chief's broadcast is visible, then runs the steps of :func:`batches` on its share
 of each batch and saves parameters, checksums and step figures after each. The ``normalised``
-scenario trains a feature-schema model whose online normaliser must stay equal on both workers.
+scenario trains a feature-schema model whose online normaliser must stay equal on both workers,
+the ``baseline`` one the score-function estimator with its running-mean baseline.
 """
 
 from __future__ import annotations
@@ -41,8 +42,12 @@ NORMALISED = [
 FEATURE_DIM = 4
 
 
+#: The baseline scenario: the score-function estimator with its running-mean baseline.
+BASELINE = [*OVERRIDES, "training.estimator=score_function", "training.baseline=running_mean"]
+
+
 def scenario_overrides(scenario: str) -> list[str]:
-    return NORMALISED if scenario == "normalised" else OVERRIDES
+    return {"normalised": NORMALISED, "baseline": BASELINE}.get(scenario, OVERRIDES)
 
 
 def scenario_batches(scenario: str) -> list[tuple[np.ndarray, list[int]]]:
@@ -119,7 +124,9 @@ def main(index: int, out: str, scenario: str) -> None:
             saved[f"param_{step}_{i}"] = variable.numpy()
         for i, variable in enumerate(trainer.model.input_state()):
             saved[f"moments_{step}_{i}"] = variable.numpy()
-    if scenario == "normalised":
+        for i, variable in enumerate(trainer.estimator.state()):
+            saved[f"estimator_{step}_{i}"] = variable.numpy()
+    if scenario != "plain":
         np.savez(out, **saved)
         return
     saved["rounds"] = np.array([_agreement(a) for a in lockstep_rounds(trainer, index)])

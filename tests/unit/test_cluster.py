@@ -72,7 +72,6 @@ def test_tf_config_as_tensorflow_reads_it_with_a_chief_first():
         (["distribution.worker_index=0"], "distribution.worker_index needs distribution.workers"),
         ([TWO, "distribution.worker_index=2"], "distribution.worker_index=2 is not a position"),
         (["distribution.collective_timeout_seconds=0"], "collective_timeout_seconds"),
-        (["training.estimator=score_function"], "training.baseline=none"),
         (["training.mixed_precision=mixed_float16"], "training.mixed_precision"),
     ],
 )
@@ -149,5 +148,5 @@ def test_one_process_starts_no_cluster_and_workers_refuse_what_they_cannot_share
     exactly_once = settings(*multi, "processing.guarantee=exactly_once").processing
     assert exactly_once.transactional_id_for("g", 1) == "g-streamvi-worker-1"  # one producer each
     assert exactly_once.transactional_id_for("g") == "g-streamvi"
-    with pytest.raises(ConfigError, match=r"training\.baseline=none"):
-        settings(*multi, "training.estimator=score_function")
+    # a score-function baseline's running average is all-reduced like the gradients
+    assert settings(*multi, "training.estimator=score_function").training.baseline == "running_mean"

@@ -86,6 +86,7 @@ def reference_steps(scenario: str = "plain") -> tuple[list[dict[str, np.ndarray]
                 "bound": result.scores.bound,
                 "params": [v.numpy().copy() for v in trainer.model.trainable_variables],
                 "moments": [v.numpy().copy() for v in trainer.model.input_state()],
+                "estimator": [v.numpy().copy() for v in trainer.estimator.state()],
             }
         )
     return steps, initial
@@ -158,3 +159,25 @@ def test_two_workers_share_one_normaliser_and_match_the_single_process_steps(tmp
     np.testing.assert_array_equal(count, (~np.isnan(trained)).sum(axis=0))
     np.testing.assert_allclose(mean, np.nanmean(trained, axis=0), rtol=1e-12)
     np.testing.assert_allclose(m2 / count, np.nanvar(trained, axis=0), rtol=1e-9)
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_score_function_baseline(tmp_path: Path) -> None:
+    """The score-function estimator's running-mean baseline under distributed steps: every worker
+    folds the union's learning-signal sum and weight, so the baseline (which shapes the next
+    step's gradient) and the parameters equal a single process's on the concatenated batches.
+    The baseline sums the same float32 signals in another grouping: 1e-5 relative is rounding."""
+    results = run_workers(tmp_path, "baseline")
+    reference, initial = reference_steps("baseline")
+    for step, expected in enumerate(reference, start=1):
+        for r in results:
+            assert int(r[f"figures_{step}"][0]) == expected["step"] == step
+            for i, value in enumerate(expected["estimator"]):
+                np.testing.assert_allclose(r[f"estimator_{step}_{i}"], value, rtol=1e-5)
+            for i, param in enumerate(expected["params"]):
+                np.testing.assert_allclose(r[f"param_{step}_{i}"], param, rtol=0, atol=ATOL)
+        assert str(results[0][f"checksum_{step}"]) == str(results[1][f"checksum_{step}"])
+    running_sum, running_weight = (results[0][f"estimator_2_{i}"] for i in range(2))
+    assert float(running_weight) > 0 and float(running_sum) != 0  # the baseline did move
+    moved = max(float(np.max(np.abs(a - b))) for a, b in zip(reference[1]["params"], initial, strict=True))
+    assert moved > 1e-2
