@@ -205,7 +205,8 @@ class DistributedTrainer(Trainer):
     def _local_part(self, rows: tf.Tensor) -> tuple[Any, ...]:
         """Worker-local forward and backward: packed scores, summed loss, trained weight, trainable
         weight (before the training floor), the trained rows' sums for the running input statistics
-        (the normaliser's; none without one), gradients.
+        (the normaliser's) and for the estimator's running state (a baseline's; none without
+        either), gradients.
 
         The step seed is drawn here, compiled like the single-process step draws it: the RNG's
         kernels compiled by XLA and run by TensorFlow need not give the same numbers."""
