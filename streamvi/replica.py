@@ -20,6 +20,7 @@ from streamvi.runtime import (
     anomaly_monitor,
     build_decoder,
     build_trainer,
+    frozen_heap,
     gil_switch_interval,
     kafka_clients,
     output_topics,
@@ -77,13 +78,16 @@ class ReplicaDaemon:
     ) -> LoopCounts:
         stop = stop or threading.Event()
         try:
-            model = self.watcher.wait_for_first(stop, self.health.beat)
-            if model is None:
-                return LoopCounts()
-            self.loop = self._loop(model)
-            watch_broker(self.source, self.health, self._closed)
-            with gil_switch_interval(self.settings.processing.gil_switch_interval_ms):
-                return self.loop.run(stop, max_records=max_records, idle_timeout_seconds=idle_timeout_seconds)
+            with frozen_heap():
+                model = self.watcher.wait_for_first(stop, self.health.beat)
+                if model is None:
+                    return LoopCounts()
+                self.loop = self._loop(model)
+                watch_broker(self.source, self.health, self._closed)
+                with gil_switch_interval(self.settings.processing.gil_switch_interval_ms):
+                    return self.loop.run(
+                        stop, max_records=max_records, idle_timeout_seconds=idle_timeout_seconds
+                    )
         finally:
             self.close()
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import tensorflow as tf
 
 from streamvi.anomaly.monitor import STATE_FILE, AnomalyMonitor
@@ -198,9 +197,7 @@ class SnapshotWatcher:
             model=objects["model"], estimator=objects["estimator"], step=objects["step"], rng=objects["rng"]
         )
         self.reader.restore(checkpoint, info, partial=True)
-        zeros = np.zeros((1, trainer.model.input_dim), dtype=np.float32)
-        context = np.zeros((1, trainer.context_dim), dtype=np.float32)
-        trainer.evaluate(zeros, context)  # trace and compile the scoring step now, not on the loop
+        trainer.warm_up_scoring()  # trace and compile the scoring step now, not on the loop
         return LoadedModel(trainer, info, self._anomaly(info))
 
     def _anomaly(self, info: SnapshotInfo) -> AnomalyMonitor | None:

@@ -267,9 +267,12 @@ class StreamProcessor(ABC):
         return now - max(last_record_time, self._assigned_at)
 
     def _poll_timeout(self) -> float:
+        """While steps are queued 5 ms (an overdue open batch waits for them anyway: no busy polling
+        on the cores the step needs), else until the open batch is due (0.2 s at most)."""
+        if len(self.pipeline):
+            return 0.005
         wait = self.pipeline.batcher.time_left()
-        timeout = 0.2 if wait is None else min(0.2, wait)
-        return min(timeout, 0.005) if len(self.pipeline) else timeout
+        return 0.2 if wait is None else min(0.2, wait)
 
     def handle(self, records: list[RawRecord]) -> None:
         """Ingest one fetch: decode it at once and move it into micro-batches, a block at a time,

@@ -104,6 +104,7 @@ class Trainer:
         self._floor_value = -np.inf
         self._train_fn = tf.function(self._train_step, jit_compile=jit_compile)
         self._eval_fn = tf.function(self._eval_step, jit_compile=jit_compile)
+        self._score_fn = tf.function(self._score_step, jit_compile=jit_compile)
         self._loglik_fns: dict[int, Any] = {}
 
     @classmethod
@@ -329,6 +330,11 @@ class Trainer:
     def _eval_step(self, x: tf.Tensor, c: tf.Tensor) -> tf.Tensor:
         return self._pack(self.estimator.terms(self.model, x, c, self._seed(), self.step_counter), x, c)
 
+    def _score_step(self, x: tf.Tensor, c: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """``_eval_step`` and the step counter in one call: a batch that trains nothing (an encoder
+        replica's) costs no separate read of the counter."""
+        return self._eval_step(x, c), self.step_counter.read_value()
+
     # -- host API ----------------------------------------------------------------------------------
     def _context(self, c: np.ndarray | None, rows: int) -> np.ndarray:
         if c is None:
@@ -386,8 +392,9 @@ class Trainer:
         with self._placement():
             if trainable == 0:
                 x, c = rows[:, : self.model.input_dim], rows[:, self.model.input_dim : -1]
-                packed = self._eval_fn(tf.constant(x), tf.constant(c)).numpy()
-                loss, grad_norm, learning_rate, finite, step = np.nan, 0.0, np.nan, 1.0, self.step
+                scores, counter = self._score_fn(tf.constant(x), tf.constant(c))
+                packed, step = scores.numpy(), int(counter.numpy())
+                loss, grad_norm, learning_rate, finite = np.nan, 0.0, np.nan, 1.0
                 clipped = 0.0
                 trained = 0
             else:
@@ -433,6 +440,14 @@ class Trainer:
             self._train_fn(tf.constant(rows)).numpy()
             self.rng.reset(rng_state)
         return time.perf_counter() - started
+
+    def warm_up_scoring(self) -> None:
+        """Trace and compile the step that scores a batch without training (``train_rows`` with no
+        trainable row) on an all-padding batch; it draws from the RNG as scoring a batch does."""
+        x = np.zeros((self.batch_size, self.model.input_dim), dtype=np.float32)
+        c = np.zeros((self.batch_size, self.context_dim), dtype=np.float32)
+        with self._placement():
+            self._score_fn(tf.constant(x), tf.constant(c))[0].numpy()
 
     def _chunks(self, x: np.ndarray, c: np.ndarray | None) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
         """Fixed-shape padded chunks of any number of rows, so evaluation never retraces."""

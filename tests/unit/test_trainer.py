@@ -173,3 +173,25 @@ def test_step_counts_beyond_float32_precision_come_back_exact():
     start = 2**24 + 2**30 + 1  # not representable in float32
     trainer.step_counter.assign(start)
     assert trainer.train(data(8), 8).step == start + 1 == trainer.step
+
+
+def test_a_batch_that_trains_nothing_is_scored_as_evaluate_scores_it():
+    """``train_rows`` with no trainable row gives evaluate's scores bit for bit (same draws), the
+    trainer's step, and no update; the warm-up compiles it and draws as ``evaluate`` does."""
+    x = data(8)
+    scored, evaluated = make(), make()
+    for trainer in (scored, evaluated):
+        trainer.step_counter.assign(2**24 + 5)
+    weights = variables(scored)
+    scored.warm_up_scoring()
+    evaluated.evaluate(np.zeros((1, 6), np.float32))
+    assert np.array_equal(scored.rng.state.numpy(), evaluated.rng.state.numpy())
+    rows = np.zeros((8, scored.row_width), np.float32)
+    rows[:5, :6] = x[:5]
+    for _ in range(2):
+        result, expected = scored.train_rows(rows, 5), evaluated.evaluate(x[:5])
+        assert result.step == 2**24 + 5 and not result.trained
+        for name in ("bound", "z_loc", "z_scale"):
+            assert np.array_equal(getattr(result.scores, name), getattr(expected, name))
+    assert all(np.array_equal(a, b) for a, b in zip(weights, variables(scored), strict=True))
+    assert scored._score_fn.experimental_get_tracing_count() == 1
