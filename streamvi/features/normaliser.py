@@ -6,9 +6,13 @@ LeVeque (1979): for a batch of n_b values with mean m_b and M2_b, delta = m_b - 
 m += delta n_b / n, M2 += M2_b + delta^2 n_a n_b / n (n = n_a + n_b). It equals the two-pass
 mean and variance of every value folded so far (tests/unit/test_normaliser.py checks it).
 
-Until ``warmup`` records have been folded the normaliser is not ready: it passes values through
-unchanged and the trainer leaves the model's parameters alone, so the model only ever learns on
-standardised values. The variables are part of the model: snapshots save and restore them, and the
+Values are standardised with the moments folded so far from the first fold on: a column is centred
+once it has a value and scaled once its values vary. Until ``warmup`` records have been folded the
+normaliser is not *ready* and the trainer leaves the model's parameters alone, so the model only
+learns on moments of at least ``warmup`` records; the warm-up's records are still scored on
+standardised values, so their bounds are of the untrained model's order, not of the raw units'
+(a raw value of 1e3 would otherwise give a bound near -5e5 nats, which then dominates any ranking
+or reference of scores). The variables are part of the model: snapshots save and restore them, and the
 SavedModel export carries them, so a served encoder takes raw values.
 """
 
@@ -40,12 +44,11 @@ class RunningMoments(tf.Module):
         return tf.where(self.count > 1, self.m2 / tf.maximum(self.count, 1.0), tf.zeros_like(self.m2))
 
     def location_scale(self) -> tuple[tf.Tensor, tf.Tensor]:
-        """The (mean, standard deviation) in force, float32 [dim]: (0, 1) before the warm-up ends and
-        for a column whose observed values do not vary."""
+        """The (mean, standard deviation) in force, float32 [dim]: the mean once a column has a value
+        (0 before), the standard deviation once its values vary (1 before)."""
         variance = self.variance()
-        usable = tf.logical_and(self.ready(), variance > 0)
-        loc = tf.where(usable, self.mean, tf.zeros_like(self.mean))
-        scale = tf.where(usable, tf.sqrt(variance), tf.ones_like(variance))
+        loc = tf.where(self.count > 0, self.mean, tf.zeros_like(self.mean))
+        scale = tf.where(variance > 0, tf.sqrt(variance), tf.ones_like(variance))
         return tf.cast(loc, tf.float32), tf.cast(scale, tf.float32)
 
     def fold(self, values: tf.Tensor, rows: tf.Tensor) -> None:

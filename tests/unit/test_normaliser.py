@@ -28,16 +28,20 @@ def test_batched_folds_equal_two_pass_moments_with_missing_values_and_unused_row
     np.testing.assert_allclose(moments.variance().numpy(), np.nanvar(used, axis=0), rtol=1e-9)
 
 
-def test_values_pass_through_until_the_warm_up_ends():
+def test_values_are_standardised_with_the_moments_so_far_during_and_after_the_warm_up():
     moments = RunningMoments(2, warmup=5)
+    loc, scale = moments.location_scale()
+    assert loc.numpy().tolist() == [0, 0] and scale.numpy().tolist() == [1, 1]  # nothing folded yet
     batch = tf.constant([[1.0, 7.0], [3.0, 7.0], [5.0, 7.0]])
     moments.fold(batch, tf.constant([True, True, True]))
     loc, scale = moments.location_scale()
-    assert not bool(moments.ready()) and loc.numpy().tolist() == [0, 0] and scale.numpy().tolist() == [1, 1]
+    assert not bool(moments.ready())
+    np.testing.assert_allclose(loc.numpy(), [3.0, 7.0])  # a constant column is centred, not scaled
+    np.testing.assert_allclose(scale.numpy(), [np.sqrt(np.var([1, 3, 5])), 1.0], rtol=1e-6)
     moments.fold(batch, tf.constant([True, True, False]))
     loc, scale = moments.location_scale()
     assert bool(moments.ready())
-    np.testing.assert_allclose(loc.numpy(), [2.6, 0.0])  # the constant column is left alone
+    np.testing.assert_allclose(loc.numpy(), [2.6, 7.0])
     np.testing.assert_allclose(scale.numpy(), [np.sqrt(np.var([1, 3, 5, 1, 3])), 1.0], rtol=1e-6)
 
 
