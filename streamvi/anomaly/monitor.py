@@ -111,9 +111,29 @@ class AnomalyMonitor:
         excluded = not self.training_flagged and math.isfinite(flag_below)
         return Thresholds(flag_below, flag_below if excluded else -math.inf, frozen)
 
-    def judge(self, bound: np.ndarray, thresholds: Thresholds, reference_rows: np.ndarray) -> Verdict:
+    def judge(
+        self,
+        bound: np.ndarray,
+        thresholds: Thresholds,
+        reference_rows: np.ndarray,
+        model_ready: bool = True,
+    ) -> Verdict:
         """Percentiles and flags of a finished batch, then its reference scores (``bound`` where
-        ``reference_rows``) fed to the sketch and the detector, in stream order."""
+        ``reference_rows``) fed to the sketch and the detector, in stream order.
+
+        A batch scored by a model that was not ready (its normaliser warming up, its parameters
+        never updated) gets no percentile and no flag, and its scores feed nothing: they are far
+        below what the model scores once it learns, so in the reference they would hold its lower
+        tail, and the threshold under it, for as long as they stay there (a window's worth of
+        reference scores, ten times as many records at a held-out share of 0.1).
+        """
+        if not model_ready:
+            return Verdict(
+                None,
+                np.zeros(np.shape(bound), dtype=bool),
+                self.reference.records,
+                self.reference.threshold_elbo(self.settings.threshold_percentile),
+            )
         source = thresholds.reference if thresholds.reference is not None else self.reference
         percentiles = source.percentiles(bound)
         with np.errstate(invalid="ignore"):

@@ -398,7 +398,7 @@ class StreamProcessor(ABC):
             if self._reference_untrained and untrained is not None
             else np.ones(bound.shape, dtype=bool)
         )
-        return self.anomaly.judge(bound, finished.thresholds, reference)
+        return self.anomaly.judge(bound, finished.thresholds, reference, finished.result.model_ready)
 
     # -- checkpoints and rewinds ---------------------------------------------------------------------
     def run_checkpoint(self, reason: str) -> SnapshotInfo | None:

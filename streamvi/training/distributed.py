@@ -295,6 +295,7 @@ class DistributedTrainer(Trainer):
             applied=finite > 0.5,
             clipped=float(figures[6]) > 0.5,
             excluded_records=trainable - trained,
+            model_ready=float(figures[7]) > 0.5,
             union_trained_records=round(float(union[0])),
         )
 

@@ -64,6 +64,9 @@ class StepResult:
     counted: bool | None = None
     #: Trainable rows left out of the update because their bound was below the training floor.
     excluded_records: int = 0
+    #: Whether the model that scored the batch was ready (its normaliser past the warm-up): the
+    #: scores of a model that has not learned yet are no reference for anomalies.
+    model_ready: bool = True
 
     @property
     def trained(self) -> bool:

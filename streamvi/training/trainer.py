@@ -55,7 +55,7 @@ def concat_terms(parts: list[BoundTerms]) -> BoundTerms:
 
 #: Figures of a step that follow its scores, in one extra row: loss, gradient norm, learning rate,
 #: whether the update was finite, the step count's low and high 24 bits, and whether it was clipped.
-_FIGURES = 7
+_FIGURES = 8
 
 
 class Trainer:
@@ -304,6 +304,7 @@ class Trainer:
             step % 2**24,
             step // 2**24,
             tf.logical_and(clipped, gate),
+            ready,  # what the batch was scored with: the normaliser's warm-up was over
         ]
         figures_row = tf.stack([tf.cast(v, tf.float32) for v in figures])[None, :]
         width = max(int(packed.shape[1]), _FIGURES)
@@ -330,10 +331,10 @@ class Trainer:
     def _eval_step(self, x: tf.Tensor, c: tf.Tensor) -> tf.Tensor:
         return self._pack(self.estimator.terms(self.model, x, c, self._seed(), self.step_counter), x, c)
 
-    def _score_step(self, x: tf.Tensor, c: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """``_eval_step`` and the step counter in one call: a batch that trains nothing (an encoder
-        replica's) costs no separate read of the counter."""
-        return self._eval_step(x, c), self.step_counter.read_value()
+    def _score_step(self, x: tf.Tensor, c: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """``_eval_step``, the step counter and whether the model is ready in one call: a batch that
+        trains nothing (an encoder replica's) costs no separate read of either."""
+        return self._eval_step(x, c), self.step_counter.read_value(), self.model.ready()
 
     # -- host API ----------------------------------------------------------------------------------
     def _context(self, c: np.ndarray | None, rows: int) -> np.ndarray:
@@ -392,8 +393,8 @@ class Trainer:
         with self._placement():
             if trainable == 0:
                 x, c = rows[:, : self.model.input_dim], rows[:, self.model.input_dim : -1]
-                scores, counter = self._score_fn(tf.constant(x), tf.constant(c))
-                packed, step = scores.numpy(), int(counter.numpy())
+                scores, counter, is_ready = self._score_fn(tf.constant(x), tf.constant(c))
+                packed, step, ready = scores.numpy(), int(counter.numpy()), float(is_ready.numpy())
                 loss, grad_norm, learning_rate, finite = np.nan, 0.0, np.nan, 1.0
                 clipped = 0.0
                 trained = 0
@@ -402,7 +403,7 @@ class Trainer:
                 packed, figures = out[: self.batch_size], out[self.batch_size]
                 loss, grad_norm, learning_rate, finite = (float(v) for v in figures[:4])
                 step = int(figures[4]) + (int(figures[5]) << 24)
-                clipped = float(figures[6])
+                clipped, ready = float(figures[6]), float(figures[7])
                 trained = int(np.count_nonzero(packed[:n, self._admitted_column] > 0.5))
         return StepResult(
             scores=self._unpack(packed, n),
@@ -416,6 +417,7 @@ class Trainer:
             clipped=clipped > 0.5,
             counted=trainable > 0,
             excluded_records=trainable - trained,
+            model_ready=ready > 0.5,
         )
 
     @property

@@ -227,3 +227,17 @@ def test_refresh_replaces_the_reference_by_the_current_models_scores():
     replica = AnomalyMonitor(settings(), learns=False)
     replica.refresh(fresh)
     assert replica.reference.records == 0
+
+
+def test_a_batch_scored_before_the_model_is_ready_feeds_nothing_and_gets_no_percentile():
+    rng = np.random.default_rng(5)
+    monitor = AnomalyMonitor(settings(drift_detector="adwin"))
+    monitor.judge(rng.normal(-50, 1, 100), monitor.thresholds(), np.ones(100, bool))
+    before, threshold = monitor.reference.state(), monitor.thresholds().flag_below
+    detector_before = monitor.detector.state() if monitor.detector is not None else None
+    warm_up = np.full(100, -5e5)  # an untrained model's scores: far below any trained one's
+    verdict = monitor.judge(warm_up, monitor.thresholds(), np.ones(100, bool), model_ready=False)
+    assert verdict.percentiles is None and not verdict.flagged.any() and not verdict.drift
+    assert monitor.reference.state() == before and monitor.thresholds().flag_below == threshold
+    assert verdict.reference_records == 100 and verdict.threshold_elbo == threshold
+    assert (monitor.detector.state() if monitor.detector is not None else None) == detector_before

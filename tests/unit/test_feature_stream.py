@@ -309,3 +309,48 @@ def test_report_on_a_feature_schema_snapshot_draws_raw_events_on_one_scale(tmp_p
     assert result.exit_code == 0, result.output
     assert "encoded 50 records from the input given" in result.output
     assert {p.name for p in (tmp_path / "given").iterdir()} == names
+
+
+def test_the_normaliser_warm_up_is_scored_standardised_and_kept_out_of_the_anomaly_reference(tmp_path):
+    """Its records are scored in the untrained model's order of nats (not raw units'), get no
+    percentile, and none of their scores enters the reference."""
+    settings = feature_settings(*QUICK, "anomaly.min_reference_records=10", "evaluation.every_steps=1000")
+    events = feature_events.events(seed=2)
+    records = feature_events.records(events[:320])
+    trainer = build_trainer(settings)
+    sink = MemorySink()
+    from streamvi.runtime import anomaly_monitor
+
+    monitor = anomaly_monitor(settings)
+    assert monitor is not None
+    loop = OnlineLoop(
+        source=MemorySource(records),
+        sink=sink,
+        decoder=build_decoder(settings),
+        trainer=trainer,
+        store=SnapshotStore(tmp_path),
+        topics=OutputTopics("lat", "met", "dlq", "anom"),
+        policy=CheckpointPolicy(every_steps=10_000, every_seconds=3600),
+        max_batch_latency_seconds=60.0,
+        evaluation=evaluation_policy(settings),
+        anomaly=monitor,
+    )
+    loop.restore()
+    loop.run(max_records=len(records))
+    latents = sorted((orjson.loads(m.value) for m in sink.on_topic("lat")), key=lambda m: m["offset"])
+    policy = evaluation_policy(settings)
+    assert policy is not None
+    held = np.array([policy.reservoir.selects(r) for r in records])
+    # the warm-up ends once 64 trainable (not held-out) records are folded: batch by batch of 32
+    batch_of = np.arange(len(records)) // 32
+    trainable_before = np.array([(~held[batch_of < b]).sum() for b in batch_of])
+    warm = trainable_before < 64
+    assert 0 < warm.sum() < len(records)
+    elbo = np.array([m["elbo"] for m in latents])
+    # past the first batch (nothing folded yet) the warm-up's bounds are of the trained bounds' order
+    first = batch_of == 0
+    assert np.median(-elbo[warm & ~first]) < 10 * np.median(-elbo[~warm])
+    assert all(m["anomaly_percentile"] is None for m, w in zip(latents, warm, strict=True) if w)
+    assert any(m["anomaly_percentile"] is not None for m in latents)
+    # the reference holds exactly the held-out records scored after the warm-up
+    assert monitor.reference.records == int((held & ~warm).sum())
