@@ -267,6 +267,7 @@ class Publisher:
             "step_seconds": result.duration_seconds,
             "update_skipped": not result.applied,
             "clipped": result.clipped,
+            "model_ready": result.model_ready,
             "wall_time": time.time(),
             "records_trained": state.counts.records_trained,
         }

@@ -354,3 +354,6 @@ def test_the_normaliser_warm_up_is_scored_standardised_and_kept_out_of_the_anoma
     assert any(m["anomaly_percentile"] is not None for m in latents)
     # the reference holds exactly the held-out records scored after the warm-up
     assert monitor.reference.records == int((held & ~warm).sum())
+    steps = [orjson.loads(m.value) for m in sink.on_topic("met")]
+    ready = [m["model_ready"] for m in steps if m["kind"] == "step"]
+    assert ready == [not warm[b * 32] for b in range(len(ready))]
