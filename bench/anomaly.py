@@ -17,7 +17,9 @@ Part 1, detection. Three labelled streams, each in one fixed (seeded) record ord
   with 25 distinct malignant records (6.5%) inserted at random positions.
 
 For each stream: ROC AUC and average precision (scikit-learn) of the daemon's score (-elbo from the
-latents topic) and of River's HalfSpaceTrees (behind a MinMaxScaler), OneClassSVM (behind a
+latents topic; the first batch, scored at model step 0 before the daemon had seen any record, ranks
+lowest, as HalfSpaceTrees' first window scores 0; ``streamvi_scores`` lists the other ways it is
+also ranked) and of River's HalfSpaceTrees (behind a MinMaxScaler), OneClassSVM (behind a
 StandardScaler) and LocalOutlierFactor (ILOF), each scoring a record with ``score_one`` before
 ``learn_one``. ILOF's cost grows with the records it holds, so it runs on a prefix of each stream
 (``--lof-prefix``); every detector is scored on that prefix as well (``on_lof_prefix``). For the
@@ -116,11 +118,56 @@ def run_daemon(values: list[bytes], overrides: list[str]) -> dict[str, Any]:
     return {
         "elbo": np.array([np.nan if m["elbo"] is None else m["elbo"] for m in latents], dtype=np.float64),
         "flag": np.array([bool(m["anomaly"]) for m in latents]),
+        "percentile": np.array(
+            [np.nan if m["anomaly_percentile"] is None else m["anomaly_percentile"] for m in latents]
+        ),
         "percentile_null": np.array([m["anomaly_percentile"] is None for m in latents]),
+        "ready": scored_ready(metrics, len(records)),
+        "model_step": np.array([m["model_step"] for m in latents]),
         "metrics": metrics,
         "heldout": held,
         "counts": counts,
         "settings": settings,
+    }
+
+
+def scored_ready(metrics: list[dict[str, Any]], records: int) -> np.ndarray:
+    """Per record, whether the model that scored it was ready (the step message's ``model_ready``,
+    over its batch's ``records``); a batch with no step message (nothing trainable) counts as ready."""
+    ready = np.ones(records, dtype=bool)
+    position = 0
+    for m in sorted((m for m in metrics if m.get("kind") == "step"), key=lambda m: m["step"]):
+        ready[position : position + m["records"]] = m["model_ready"]
+        position += m["records"]
+    return ready
+
+
+def streamvi_scores(run: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The daemon's scores four ways (higher: more anomalous).
+
+    - ``streamvi``: -elbo, except that a record scored by the model at step 0, before the daemon had
+      seen any record of the stream (the first batch), has no opinion and ranks lowest, as River's
+      HalfSpaceTrees scores 0 until it has seen its first window (``score_one`` returns 0 there).
+    - ``streamvi_warm_up_no_opinion``: likewise for every record scored before the model was ready
+      (the normaliser's warm-up, a few batches; the same as ``streamvi`` without a normaliser).
+    - ``streamvi_every_elbo``: -elbo of every record.
+    - ``streamvi_percentile``: the calibrated percentile, ties (100: below every reference score)
+      broken by -elbo, a null percentile ranking lowest.
+    """
+    elbo = run["elbo"]
+    neg = -np.where(np.isfinite(elbo), elbo, -np.inf)  # a missing bound: most anomalous
+    ready = np.where(run["ready"], neg, -np.inf)
+    seen = np.where(run["model_step"] > 0, neg, -np.inf)
+    finite = neg[np.isfinite(neg)]
+    spread = float(finite.max() - finite.min()) + 1.0 if finite.size else 1.0
+    # the percentile first, then -elbo squeezed into (0, 1) of a percentile point: a lexicographic order
+    tie = (np.clip(neg, finite.min(), finite.max()) - finite.min()) / spread if finite.size else 0
+    percentile = np.where(np.isnan(run["percentile"]), -np.inf, run["percentile"] + 0.999 * tie)
+    return {
+        "streamvi": seen,
+        "streamvi_warm_up_no_opinion": ready,
+        "streamvi_every_elbo": neg,
+        "streamvi_percentile": percentile,
     }
 
 
@@ -176,7 +223,7 @@ def ranking(labels: np.ndarray, score: np.ndarray) -> dict[str, Any]:
 
 def compare(labels: np.ndarray, scores: dict[str, np.ndarray]) -> dict[str, Any]:
     figures = {name: ranking(labels, s) for name, s in scores.items()}
-    river = {k: v for k, v in figures.items() if k != "streamvi"}
+    river = {k: v for k, v in figures.items() if not k.startswith("streamvi")}
     out: dict[str, Any] = {"records": len(labels), "anomalies": int(labels.sum()), **figures}
     for metric in ("roc_auc", "average_precision"):
         best = max(river, key=lambda k: river[k][metric])
@@ -201,18 +248,18 @@ def detection(
     started = time.time()
     run = run_daemon(values, overrides)
     daemon_seconds = time.time() - started
-    elbo, flag = run["elbo"], run["flag"]
-    score = -np.where(np.isfinite(elbo), elbo, -np.inf)  # a missing bound: most anomalous
+    flag = run["flag"]
+    ours = streamvi_scores(run)
     started = time.time()
     river = river_scores(rows, ["half_space_trees", "one_class_svm"], seed)
     prefix = min(lof_prefix, len(rows))
     lof = river_scores(rows[:prefix], ["local_outlier_factor"], seed)
     river_seconds = time.time() - started
     tp = int((flag & (labels == 1)).sum())
-    result = compare(labels, {"streamvi": score, **river})
+    result = compare(labels, {**ours, **river})
     result["on_lof_prefix"] = compare(
         labels[:prefix],
-        {"streamvi": score[:prefix], **{k: v[:prefix] for k, v in river.items()}, **lof},
+        {**{k: v[:prefix] for k, v in ours.items()}, **{k: v[:prefix] for k, v in river.items()}, **lof},
     )
     result["streamvi_flag"] = {
         "threshold_percentile": run["settings"].anomaly.threshold_percentile,
@@ -221,6 +268,8 @@ def detection(
         "precision": round(tp / flag.sum(), 4) if flag.sum() else None,
         "recall": round(tp / labels.sum(), 4),
         "percentile_null_fraction": round(float(run["percentile_null"].mean()), 4),
+        "scored_before_ready": int((~run["ready"]).sum()),
+        "scored_at_step_0": int((run["model_step"] == 0).sum()),
         "first_calibrated_record": int(np.argmin(run["percentile_null"]))
         if not run["percentile_null"].all()
         else None,
