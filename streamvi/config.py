@@ -284,6 +284,7 @@ class ModelSettings(_Section):
             (_GUMBEL_LATENT,),
         ),
         "likelihood": (AppliesWhen("input.features", (None,)),),  # each feature's type chooses it
+        "numeric_likelihood": (AppliesWhenGiven("input.features"),),
         "observation_scale": (_GAUSSIAN_LIKELIHOOD,),
         "learn_observation_scale": (_GAUSSIAN_LIKELIHOOD,),
         "min_observation_scale": (_GAUSSIAN_LIKELIHOOD, AppliesWhen("learn_observation_scale", (True,))),
@@ -303,6 +304,10 @@ class ModelSettings(_Section):
     #: p(x|z): ``bernoulli`` for binary x, ``continuous_bernoulli`` for values in [0, 1] (a true
     #: density there), ``gaussian`` for real values, ``poisson`` for counts.
     likelihood: Literal["bernoulli", "continuous_bernoulli", "gaussian", "poisson"] = "bernoulli"
+    #: Under a feature schema, the density of each numeric feature's standardised value: a Gaussian,
+    #: or a Student-t whose degrees of freedom are learned per feature (heavy tails: a value far
+    #: off a nearly constant feature costs tens of nats, not the Gaussian's millions).
+    numeric_likelihood: Literal["gaussian", "student_t"] = "gaussian"
     observation_scale: float = Field(0.1, gt=0.0)
     learn_observation_scale: bool = False
     #: Floor of a learned Gaussian observation scale (in the data's units): it bounds each

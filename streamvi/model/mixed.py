@@ -1,8 +1,8 @@
 """Mixed-type observations under a feature schema: the encoder's input and the decoder's likelihood.
 
 The model vector holds one raw value per feature, NaN where not observed. The likelihood is the
-product over the observed features of a Gaussian density (numeric, on the standardised value), a
-Bernoulli mass (binary), a categorical mass (categorical, hashed) and a Poisson mass (count); a
+product over the observed features of a Gaussian or Student-t density (numeric, on the standardised
+value), a Bernoulli mass (binary), a categorical mass (categorical, hashed) and a Poisson mass (count); a
 masked feature contributes nothing, so the ELBO bounds log p(observed part). A standardised value
 u = (x - m) / s has density p(u) / s in x, so the Gaussian term carries -log s: the bound is a
 density of the raw values in nats, comparable with and without normalisation and across time.
@@ -24,6 +24,9 @@ from streamvi.model.base import Likelihood
 #: starting at 1 (one standard deviation of the standardised value); the floor bounds each
 #: numeric dimension's log-density by -log(floor) - 0.919 nats in standardised units.
 MIN_NUMERIC_SCALE = 1e-3
+#: A Student-t's degrees of freedom are learned per feature as 1 + exp(log_df), starting at 5: at
+#: least a Cauchy's tails, at most (df to infinity) the Gaussian's.
+STUDENT_T_START_DF = 5.0
 
 
 class FeatureInputs(tf.Module):
@@ -123,8 +126,8 @@ class MixedObservation:
         if layout.numeric:
             loc, scale = self.likelihood.inputs.location_scale()
             standard = (tf.gather(filled, layout.numeric, axis=1) - loc) / scale
-            sigma = self.likelihood.numeric_scale()
-            density = tfd.Normal(parts["numeric"], sigma).log_prob(standard) - tf.math.log(scale)
+            density = self.likelihood.numeric_density(parts["numeric"]).log_prob(standard)
+            density -= tf.math.log(scale)
             terms.append((density, layout.numeric))
         if layout.binary:
             values = tf.gather(filled, layout.binary, axis=1)
@@ -185,17 +188,39 @@ class MixedLikelihood(Likelihood):
 
     name = "mixed"
 
-    def __init__(self, layout: FeatureLayout, inputs: FeatureInputs) -> None:
+    def __init__(self, layout: FeatureLayout, inputs: FeatureInputs, numeric: str = "gaussian") -> None:
         super().__init__(layout.dim)
+        if numeric not in ("gaussian", "student_t"):
+            raise ValueError(f"unknown numeric likelihood {numeric!r} (gaussian or student_t)")
         self.layout = layout
         self.inputs = inputs
+        self.numeric = numeric
         self.log_scale = tf.Variable(
             tf.fill([len(layout.numeric)], math.log(1.0 - MIN_NUMERIC_SCALE)), name="log_numeric_scale"
         )
+        #: Only a Student-t has them (a Gaussian model's checkpoint holds no such variable).
+        self.log_df = (
+            tf.Variable(
+                tf.fill([len(layout.numeric)], math.log(STUDENT_T_START_DF - 1.0)), name="log_numeric_df"
+            )
+            if numeric == "student_t"
+            else None
+        )
 
     def numeric_scale(self) -> tf.Tensor:
-        """The learned Gaussian scale of each numeric feature, in standardised units."""
+        """The learned scale of each numeric feature's density, in standardised units."""
         return MIN_NUMERIC_SCALE + tf.exp(self.log_scale)
+
+    def numeric_df(self) -> tf.Tensor | None:
+        """The learned degrees of freedom of each numeric feature's Student-t (None: Gaussian)."""
+        return None if self.log_df is None else 1.0 + tf.exp(self.log_df)
+
+    def numeric_density(self, loc: tf.Tensor) -> tfd.Distribution:
+        """Each numeric feature's density of its standardised value, around the decoder's ``loc``."""
+        df = self.numeric_df()
+        if df is None:
+            return tfd.Normal(loc, self.numeric_scale())
+        return tfd.StudentT(df, loc, self.numeric_scale())
 
     @property
     def param_size(self) -> int:

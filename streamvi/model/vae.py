@@ -190,7 +190,7 @@ def build_vae(
             RunningMoments(len(layout.numeric), inputs.normalise_warmup) if inputs.normalise else None
         )
         features = FeatureInputs(layout, normaliser)
-        likelihood = MixedLikelihood(layout, features)
+        likelihood = MixedLikelihood(layout, features, model.numeric_likelihood)
         input_dim = layout.dim
     else:
         likelihood = build_likelihood(model, input_dim)

@@ -86,7 +86,14 @@ def test_the_bound_on_masked_records_is_the_closed_form_marginal_of_the_observed
         )
 
 
-def mixed_model():
+#: scipy's density of the numeric feature, per numeric likelihood (the Student-t's df is the test's).
+NUMERIC = {
+    "gaussian": lambda loc, sd: stats.norm(loc, sd),
+    "student_t": lambda loc, sd: stats.t(3.0, loc, sd),
+}
+
+
+def mixed_model(numeric: str = "gaussian"):
     specs = (
         FeatureSpec(name="temperature"),
         FeatureSpec(name="up", type="binary"),
@@ -97,22 +104,25 @@ def mixed_model():
     moments = RunningMoments(1, warmup=2)
     moments.fold(tf.constant([[15.0], [25.0], [20.0]]), tf.constant([True, True, True]))  # mean 20, sd 4.08
     inputs = FeatureInputs(layout, moments)
-    likelihood = MixedLikelihood(layout, inputs)
+    likelihood = MixedLikelihood(layout, inputs, numeric)
     likelihood.log_scale.assign([math.log(0.7 - MIN_NUMERIC_SCALE)])
+    if likelihood.log_df is not None:
+        likelihood.log_df.assign([math.log(3.0 - 1.0)])  # df = 1 + exp(log_df) = 3
     # decoder outputs: numeric loc (standardised), binary logit, count log-rate, three class logits
     params = tf.constant([[0.3, -0.4, math.log(2.5), 0.1, 1.2, -0.7]])
     return likelihood, params, moments
 
 
-def test_the_mixed_log_likelihood_is_the_sum_of_each_features_density_in_raw_units():
-    likelihood, params, moments = mixed_model()
+@pytest.mark.parametrize("numeric", sorted(NUMERIC))
+def test_the_mixed_log_likelihood_is_the_sum_of_each_features_density_in_raw_units(numeric):
+    likelihood, params, moments = mixed_model(numeric)
     loc, scale = (float(v.numpy()[0]) for v in moments.location_scale())
     x = np.array([[23.0, 1.0, 4.0, 2.0], [np.nan, 0.0, np.nan, 0.0]], np.float32)
     got = likelihood.distribution(tf.repeat(params, 2, axis=0)).log_prob(x).numpy()
     classes = stats.multinomial(1, np.exp(params.numpy()[0, 3:]) / np.exp(params.numpy()[0, 3:]).sum())
     p_up = 1.0 / (1.0 + math.exp(0.4))
     first = (
-        stats.norm(loc + 0.3 * scale, 0.7 * scale).logpdf(23.0)
+        NUMERIC[numeric](loc + 0.3 * scale, 0.7 * scale).logpdf(23.0)
         + math.log(p_up)
         + stats.poisson(2.5).logpmf(4)
         + classes.logpmf([0, 0, 1])
@@ -121,8 +131,10 @@ def test_the_mixed_log_likelihood_is_the_sum_of_each_features_density_in_raw_uni
     np.testing.assert_allclose(got, [first, second], rtol=1e-5)
 
 
-def test_the_mixed_likelihood_is_a_true_density_it_sums_and_integrates_to_one():
-    likelihood, params, _ = mixed_model()
+@pytest.mark.parametrize("numeric", sorted(NUMERIC))
+def test_the_mixed_likelihood_is_a_true_density_it_sums_and_integrates_to_one(numeric):
+    likelihood, params, moments = mixed_model(numeric)
+    loc, scale = (float(v.numpy()[0]) for v in moments.location_scale())
     grid = np.linspace(-20.0, 60.0, 8001)  # the raw temperature: sd 0.7 x 4.08 around 21.2
     total = 0.0
     for up in (0.0, 1.0):
@@ -131,5 +143,36 @@ def test_the_mixed_likelihood_is_a_true_density_it_sums_and_integrates_to_one():
                 x = np.stack([grid, *(np.full_like(grid, v) for v in (up, errors, kind))], axis=1)
                 density = np.exp(likelihood.distribution(params).log_prob(x.astype(np.float32)).numpy())
                 total += np.trapezoid(density.astype(np.float64), grid)
-    # trapezoid error on a 0.01 grid is ~1e-8 for this Gaussian; float32 log-densities ~1e-6 relative
-    assert total == pytest.approx(1.0, abs=1e-4)
+    # the numeric density's mass on the grid (a Student-t's tails reach past it: ~7e-4 at df 3);
+    # trapezoid error on a 0.01 grid is ~1e-8 here; float32 log-densities ~1e-6 relative
+    numeric_density = NUMERIC[numeric](loc + 0.3 * scale, 0.7 * scale)
+    on_grid = numeric_density.cdf(grid[-1]) - numeric_density.cdf(grid[0])
+    assert total == pytest.approx(on_grid, abs=1e-4)
+    assert numeric == "gaussian" or 1.0 - on_grid > 1e-4  # so the Student-t's check is not the Gaussian's
+
+
+def test_a_student_t_learns_its_degrees_of_freedom_and_a_gaussian_has_none():
+    gaussian, _, _ = mixed_model("gaussian")
+    assert gaussian.log_df is None and gaussian.numeric_df() is None
+    assert all("df" not in v.name for v in gaussian.trainable_variables)
+    likelihood, params, _ = mixed_model("student_t")
+    assert likelihood.log_df in likelihood.trainable_variables
+    np.testing.assert_allclose(likelihood.numeric_df().numpy(), [3.0], rtol=1e-6)
+    x = tf.constant([[35.0, 1.0, 4.0, 2.0]])  # 14 / (0.7 x 4.08) = 4.9 scales off the decoder's loc
+    with tf.GradientTape() as tape:
+        log_prob = likelihood.distribution(params).log_prob(x)
+    (grad,) = tape.gradient(log_prob, [likelihood.log_df])
+    # an outlying value makes heavier tails (lower df) more likely
+    assert grad is not None and float(grad.numpy()[0]) < 0
+
+
+def test_numeric_likelihood_needs_a_feature_schema():
+    from streamvi.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model\.numeric_likelihood"):
+        load_settings(overrides=["model.numeric_likelihood=student_t"], environ={})
+    settings = load_settings(
+        overrides=["input.features=[{name: a}]", "model.numeric_likelihood=student_t"], environ={}
+    )
+    trainer = build_trainer(settings)
+    assert trainer.model.likelihood.log_df is not None
