@@ -4,7 +4,7 @@ The model vector holds one raw value per feature, NaN where not observed. The li
 product over the observed features of a Gaussian or Student-t density (numeric, on the standardised
 value), a Bernoulli mass (binary), a categorical mass (categorical, hashed) and a Poisson mass (count); a
 masked feature contributes nothing, so the ELBO bounds log p(observed part). A standardised value
-u = (x - m) / s has density p(u) / s in x, so the Gaussian term carries -log s: the bound is a
+u = (x - m) / s has density p(u) / s in x, so the numeric term carries -log s: the bound is a
 density of the raw values in nats, comparable with and without normalisation and across time.
 """
 

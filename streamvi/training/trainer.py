@@ -54,7 +54,8 @@ def concat_terms(parts: list[BoundTerms]) -> BoundTerms:
 
 
 #: Figures of a step that follow its scores, in one extra row: loss, gradient norm, learning rate,
-#: whether the update was finite, the step count's low and high 24 bits, and whether it was clipped.
+#: whether the update was finite, the step count's low and high 24 bits, whether it was clipped, and
+#: whether the model that scored the batch was ready.
 _FIGURES = 8
 
 
