@@ -332,10 +332,11 @@ class Trainer:
     def _eval_step(self, x: tf.Tensor, c: tf.Tensor) -> tf.Tensor:
         return self._pack(self.estimator.terms(self.model, x, c, self._seed(), self.step_counter), x, c)
 
-    def _score_step(self, x: tf.Tensor, c: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        """``_eval_step``, the step counter and whether the model is ready in one call: a batch that
-        trains nothing (an encoder replica's) costs no separate read of either."""
-        return self._eval_step(x, c), self.step_counter.read_value(), self.model.ready()
+    def _score_step(self, x: tf.Tensor, c: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """``_eval_step``, and the step counter and whether the model is ready as one int64 pair: a
+        batch that trains nothing (an encoder replica's) costs one copy out beside its scores."""
+        state = tf.stack([self.step_counter.read_value(), tf.cast(self.model.ready(), tf.int64)])
+        return self._eval_step(x, c), state
 
     # -- host API ----------------------------------------------------------------------------------
     def _context(self, c: np.ndarray | None, rows: int) -> np.ndarray:
@@ -394,8 +395,10 @@ class Trainer:
         with self._placement():
             if trainable == 0:
                 x, c = rows[:, : self.model.input_dim], rows[:, self.model.input_dim : -1]
-                scores, counter, is_ready = self._score_fn(tf.constant(x), tf.constant(c))
-                packed, step, ready = scores.numpy(), int(counter.numpy()), float(is_ready.numpy())
+                scores, state = self._score_fn(tf.constant(x), tf.constant(c))
+                packed = scores.numpy()
+                step, ready = (int(v) for v in state.numpy())
+                model_ready = ready == 1
                 loss, grad_norm, learning_rate, finite = np.nan, 0.0, np.nan, 1.0
                 clipped = 0.0
                 trained = 0
@@ -404,7 +407,8 @@ class Trainer:
                 packed, figures = out[: self.batch_size], out[self.batch_size]
                 loss, grad_norm, learning_rate, finite = (float(v) for v in figures[:4])
                 step = int(figures[4]) + (int(figures[5]) << 24)
-                clipped, ready = float(figures[6]), float(figures[7])
+                clipped = float(figures[6])
+                model_ready = float(figures[7]) > 0.5
                 trained = int(np.count_nonzero(packed[:n, self._admitted_column] > 0.5))
         return StepResult(
             scores=self._unpack(packed, n),
@@ -418,7 +422,7 @@ class Trainer:
             clipped=clipped > 0.5,
             counted=trainable > 0,
             excluded_records=trainable - trained,
-            model_ready=ready > 0.5,
+            model_ready=model_ready,
         )
 
     @property

@@ -76,6 +76,14 @@ def start_workers(
     return processes, settings
 
 
+def feed(settings, records: int):
+    """Create the topics and produce ``records`` sequenced records to the input; the Kafka settings."""
+    kafka = settings.kafka
+    ensure_topics(kafka)
+    produce(kafka.bootstrap_servers[0], kafka.input_topic, sequenced_records(0, records))
+    return kafka
+
+
 def finished(processes: list[DaemonProcess]) -> list[tuple[int, str]]:
     """(step, checksum) each worker logged as it stopped, in worker order."""
     ends = []
@@ -104,10 +112,8 @@ def check_exactly_once(settings, records: int) -> dict:
 
 def test_two_workers_train_one_model_on_every_record_once(settings_factory, tmp_path):
     processes, settings = start_workers(settings_factory, tmp_path, "--idle-timeout", "5")
-    kafka = settings.kafka
-    ensure_topics(kafka)
     records = 3000
-    produce(kafka.bootstrap_servers[0], kafka.input_topic, sequenced_records(0, records))
+    feed(settings, records)
     ends = finished(processes)
     assert ends[0] == ends[1] and ends[0][0] > 0, ends  # the same step and parameters on both
     meta = check_exactly_once(settings, records)
@@ -220,10 +226,8 @@ def test_a_killed_worker_fails_the_other_within_the_timeout_and_the_restarted_gr
     settings_factory, tmp_path
 ):
     processes, settings = start_workers(settings_factory, tmp_path / "first")
-    kafka = settings.kafka
-    ensure_topics(kafka)
     records = 3000
-    produce(kafka.bootstrap_servers[0], kafka.input_topic, sequenced_records(0, records))
+    feed(settings, records)
     chief, victim = processes
     chief.wait_for_metrics()
     chief.wait_for("streamvi_snapshots_total", 2, timeout=300)  # mid-run, past a group snapshot
@@ -249,10 +253,8 @@ def test_a_sigterm_to_one_worker_under_load_stops_the_group_at_a_joint_checkpoin
     the next lockstep round, so both workers write one final snapshot and exit cleanly, well inside
     the collective timeout; the restarted group trains the rest, each record once."""
     processes, settings = start_workers(settings_factory, tmp_path / "first")
-    kafka = settings.kafka
-    ensure_topics(kafka)
     records = 6000
-    produce(kafka.bootstrap_servers[0], kafka.input_topic, sequenced_records(0, records))
+    feed(settings, records)
     chief, other = processes
     chief.wait_for_metrics()
     chief.wait_for("streamvi_records_trained_total", 1000, timeout=300)
@@ -288,10 +290,8 @@ def test_a_rebalance_mid_run_rewinds_every_worker_together_and_trains_nothing_tw
     settings_factory, tmp_path
 ):
     processes, settings = start_workers(settings_factory, tmp_path, "--idle-timeout", "6")
-    kafka = settings.kafka
-    ensure_topics(kafka)
     records = 6000
-    produce(kafka.bootstrap_servers[0], kafka.input_topic, sequenced_records(0, records))
+    kafka = feed(settings, records)
     processes[0].wait_for_metrics()
     processes[0].wait_for("streamvi_records_trained_total", 300, timeout=300)
     # another member joins the group (and leaves without committing): partitions move twice
@@ -341,10 +341,8 @@ def test_exactly_once_workers_a_failed_commit_of_one_rewinds_all_and_withholds_w
         overrides=EXACTLY_ONCE,
         fault_hooks={1: {"FAULT_COMMIT_FAILS_AT": "2"}},
     )
-    kafka = settings.kafka
-    ensure_topics(kafka)
     records = 3000
-    produce(kafka.bootstrap_servers[0], kafka.input_topic, sequenced_records(0, records))
+    feed(settings, records)
     ends = finished(processes)
     assert ends[0] == ends[1], ends
     check_exactly_once(settings, records)
@@ -359,10 +357,8 @@ def test_exactly_once_workers_killed_mid_run_and_restarted_publish_every_latent_
     settings_factory, tmp_path
 ):
     processes, settings = start_workers(settings_factory, tmp_path / "first", overrides=EXACTLY_ONCE)
-    kafka = settings.kafka
-    ensure_topics(kafka)
     records = 3000
-    produce(kafka.bootstrap_servers[0], kafka.input_topic, sequenced_records(0, records))
+    feed(settings, records)
     chief, victim = processes
     chief.wait_for_metrics()
     chief.wait_for("streamvi_snapshots_total", 2, timeout=300)

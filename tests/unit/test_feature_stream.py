@@ -19,7 +19,7 @@ from streamvi.config import load_settings
 from streamvi.io.base import RawRecord
 from streamvi.io.memory import MemorySink, MemorySource
 from streamvi.report import comparable
-from streamvi.runtime import build_decoder, build_trainer, evaluation_policy, snapshot_meta
+from streamvi.runtime import anomaly_monitor, build_decoder, build_trainer, evaluation_policy, snapshot_meta
 from streamvi.serving import export_saved_model
 from streamvi.snapshots import SnapshotStore
 from streamvi.snapshots.loading import find_snapshot, load_trainer
@@ -43,8 +43,9 @@ def feature_settings(*overrides: str):
     return load_settings(overrides=[f"input.features={schema}", *BASE, *overrides], environ={})
 
 
-def run(settings, records, directory, trainer=None):
-    """The online loop over ``records`` in memory, snapshots in ``directory``; (loop, sink)."""
+def run(settings, records, directory, trainer=None, anomaly=None):
+    """The online loop over ``records`` in memory, snapshots in ``directory`` (with ``anomaly``, an
+    anomaly monitor, flags go to the topic "anom"); (loop, sink)."""
     trainer = trainer or build_trainer(settings)
     sink = MemorySink()
     loop = OnlineLoop(
@@ -53,11 +54,12 @@ def run(settings, records, directory, trainer=None):
         decoder=build_decoder(settings),
         trainer=trainer,
         store=SnapshotStore(directory),
-        topics=OutputTopics("lat", "met", "dlq"),
+        topics=OutputTopics("lat", "met", "dlq", "anom" if anomaly is not None else None),
         policy=CheckpointPolicy(every_steps=10_000, every_seconds=3600),
         max_batch_latency_seconds=60.0,  # batches close by size only: the same boundaries every run
         evaluation=evaluation_policy(settings),
         snapshot_meta=snapshot_meta(settings),
+        anomaly=anomaly,
     )
     info = loop.restore()
     resumed = info.offsets.get(("in", 0), 0) if info is not None else 0
@@ -317,26 +319,9 @@ def test_the_normaliser_warm_up_is_scored_standardised_and_kept_out_of_the_anoma
     settings = feature_settings(*QUICK, "anomaly.min_reference_records=10", "evaluation.every_steps=1000")
     events = feature_events.events(seed=2)
     records = feature_events.records(events[:320])
-    trainer = build_trainer(settings)
-    sink = MemorySink()
-    from streamvi.runtime import anomaly_monitor
-
     monitor = anomaly_monitor(settings)
     assert monitor is not None
-    loop = OnlineLoop(
-        source=MemorySource(records),
-        sink=sink,
-        decoder=build_decoder(settings),
-        trainer=trainer,
-        store=SnapshotStore(tmp_path),
-        topics=OutputTopics("lat", "met", "dlq", "anom"),
-        policy=CheckpointPolicy(every_steps=10_000, every_seconds=3600),
-        max_batch_latency_seconds=60.0,
-        evaluation=evaluation_policy(settings),
-        anomaly=monitor,
-    )
-    loop.restore()
-    loop.run(max_records=len(records))
+    _, sink = run(settings, records, tmp_path, anomaly=monitor)
     latents = sorted((orjson.loads(m.value) for m in sink.on_topic("lat")), key=lambda m: m["offset"])
     policy = evaluation_policy(settings)
     assert policy is not None
