@@ -107,6 +107,8 @@ class Trainer:
         self._eval_fn = tf.function(self._eval_step, jit_compile=jit_compile)
         self._score_fn = tf.function(self._score_step, jit_compile=jit_compile)
         self._loglik_fns: dict[int, Any] = {}
+        #: The per-batch steps as concrete functions of their one batch shape (see ``_concrete``).
+        self._concrete_fns: dict[str, Any] = {}
 
     @classmethod
     def from_settings(
@@ -339,6 +341,23 @@ class Trainer:
         return self._eval_step(x, c), state
 
     # -- host API ----------------------------------------------------------------------------------
+    def _concrete(self, name: str) -> Any:
+        """The training (``train``) or scoring (``score``) step as the concrete function of its one
+        batch shape. Calling it skips ``tf.function``'s per-call argument matching (tens of us of
+        Python under the GIL, which the loop's thread wants at the same time); it is the same trace."""
+        fn = self._concrete_fns.get(name)
+        if fn is None:
+            batch = self.batch_size
+            if name == "train":
+                fn = self._train_fn.get_concrete_function(tf.TensorSpec((batch, self.row_width), tf.float32))
+            else:
+                fn = self._score_fn.get_concrete_function(
+                    tf.TensorSpec((batch, self.model.input_dim), tf.float32),
+                    tf.TensorSpec((batch, self.context_dim), tf.float32),
+                )
+            self._concrete_fns[name] = fn
+        return fn
+
     def _context(self, c: np.ndarray | None, rows: int) -> np.ndarray:
         if c is None:
             if self.context_dim:
@@ -395,7 +414,7 @@ class Trainer:
         with self._placement():
             if trainable == 0:
                 x, c = rows[:, : self.model.input_dim], rows[:, self.model.input_dim : -1]
-                scores, state = self._score_fn(tf.constant(x), tf.constant(c))
+                scores, state = self._concrete("score")(tf.constant(x), tf.constant(c))
                 packed = scores.numpy()
                 step, ready = (int(v) for v in state.numpy())
                 model_ready = ready == 1
@@ -403,7 +422,7 @@ class Trainer:
                 clipped = 0.0
                 trained = 0
             else:
-                out = self._train_fn(tf.constant(rows)).numpy()
+                out = self._concrete("train")(tf.constant(rows)).numpy()
                 packed, figures = out[: self.batch_size], out[self.batch_size]
                 loss, grad_norm, learning_rate, finite = (float(v) for v in figures[:4])
                 step = int(figures[4]) + (int(figures[5]) << 24)
