@@ -278,7 +278,6 @@ class StreamProcessor(ABC):
         """Ingest one fetch: decode it at once and move it into micro-batches, a block at a time,
         submitting each batch as it fills (and checkpointing when one is due)."""
         self.metrics.records_consumed.inc(len(records))
-        self.counts.records_consumed += len(records)
         self.progress.note_replays(records)
         epoch = self.recovery.epoch
         fetch = self.ingest.decode(records)
@@ -290,7 +289,10 @@ class StreamProcessor(ABC):
             stale=lambda: self.recovery.epoch != epoch,
         )
         for block in blocks:
+            # consumed as the offsets move past it, block by block: a checkpoint inside the fetch
+            # saves the count its offsets cover, and a rewind leaves the rest for the next fetch
             self.state.next_offsets.update({(r.topic, r.partition): r.offset + 1 for r in block.consumed})
+            self.counts.records_consumed += len(block.consumed)
             if block.records:
                 self._add_block(fetch, block)
             if self.pipeline.batcher.full:

@@ -25,7 +25,7 @@ import tensorflow as tf
 
 from streamvi.anomaly.monitor import AnomalyMonitor
 from streamvi.errors import StreamVIError, WorkerLostError
-from streamvi.io.base import Partition, RawRecord
+from streamvi.io.base import Partition
 from streamvi.snapshots.store import SnapshotInfo
 from streamvi.stream.online import OnlineLoop
 from streamvi.stream.state import LoopCounts
@@ -173,13 +173,6 @@ class WorkerLoop(OnlineLoop):
         """A full batch (or a due one) goes to the next round rather than straight to the step."""
         if not self._stop_agreed:
             self.lockstep_round()
-
-    def handle(self, records: list[RawRecord]) -> None:
-        super().handle(records)
-        if self._stop_agreed:  # the rest of this fetch was left for a restart: not consumed
-            offsets = self.state.next_offsets
-            left = sum(1 for r in records if r.offset >= offsets.get((r.topic, r.partition), 0))
-            self.counts.records_consumed -= left
 
     def _train_and_drain(self) -> bool:
         """The agreed round before a checkpoint has already stepped every open batch."""

@@ -145,6 +145,28 @@ def test_crash_before_checkpoint_replays_only_records_after_the_snapshot(tmp_pat
     assert second.counts.records_trained == 40  # every record trained on exactly once across the crash
 
 
+def test_every_snapshot_counts_the_records_its_offsets_cover(tmp_path):
+    """A checkpoint inside a fetch (fetches of 5, batches of 4, one every step) saves the records
+    its offsets cover as consumed, not the whole fetch: a restart from it reads the rest of the
+    fetch again, and counts it once."""
+    store = SnapshotStore(tmp_path, keep=100)
+    make_loop(MemorySource(records(30, bad_every=10)), MemorySink(), store, every_steps=1).run(max_records=30)
+    snapshots = list(store.valid())
+    covered = [s.offsets[("in", 0)] for s in snapshots]
+    assert any(c % 5 for c in covered), covered  # some taken inside a fetch
+    assert [s.meta["counts"]["records_consumed"] for s in snapshots] == covered
+
+    # a restart from one taken inside a fetch ends with every record counted once
+    middle = next(s for s in snapshots if s.offsets[("in", 0)] % 5)
+    for info in snapshots:
+        if info.step > middle.step:
+            store.discard(info, "a crash before it")
+    second = make_loop(MemorySource(records(30, bad_every=10)), MemorySink(), store)
+    assert second.trainer.step == middle.step
+    counts = second.run(max_records=30 - middle.offsets[("in", 0)])
+    assert counts.records_consumed == 30
+
+
 def test_partial_batch_closes_on_the_latency_bound(tmp_path):
     source, sink = MemorySource(records(3)), MemorySink()
     loop = make_loop(source, sink, SnapshotStore(tmp_path), latency=0.05)
