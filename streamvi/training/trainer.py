@@ -344,7 +344,9 @@ class Trainer:
     def _concrete(self, name: str) -> Any:
         """The training (``train``) or scoring (``score``) step as the concrete function of its one
         batch shape. Calling it skips ``tf.function``'s per-call argument matching (tens of us of
-        Python under the GIL, which the loop's thread wants at the same time); it is the same trace."""
+        Python under the GIL, which the loop's thread wants at the same time); it is the same trace.
+        The warm-ups trace through it too: a trace made by a call would count towards TensorFlow's
+        frequent-retracing warning, which a replica loading one trainer per snapshot would set off."""
         fn = self._concrete_fns.get(name)
         if fn is None:
             batch = self.batch_size
@@ -463,7 +465,7 @@ class Trainer:
         started = time.perf_counter()
         with self._placement():
             rng_state = tf.identity(self.rng.state)
-            self._train_fn(tf.constant(rows)).numpy()
+            self._concrete("train")(tf.constant(rows)).numpy()
             self.rng.reset(rng_state)
         return time.perf_counter() - started
 
@@ -473,7 +475,7 @@ class Trainer:
         x = np.zeros((self.batch_size, self.model.input_dim), dtype=np.float32)
         c = np.zeros((self.batch_size, self.context_dim), dtype=np.float32)
         with self._placement():
-            self._score_fn(tf.constant(x), tf.constant(c))[0].numpy()
+            self._concrete("score")(tf.constant(x), tf.constant(c))[0].numpy()
 
     def _chunks(self, x: np.ndarray, c: np.ndarray | None) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
         """Fixed-shape padded chunks of any number of rows, so evaluation never retraces."""
