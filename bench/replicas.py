@@ -22,7 +22,9 @@ The records are produced once, before anything runs; each measurement reads all 
 start in a consumer group of its own. Replica rates are taken in the steady state: from the moment
 every replica is ready (model loaded, partitions assigned, the group settled) until the backlog is
 encoded, by the replicas' /metrics. The reload run gets twice as many records more, so that several
-snapshots appear while it runs.
+snapshots appear while it runs. The default of 150,000 records gives one replica several seconds of
+steady state on a 2-core machine (20,000 gave it less than one, and its rate then moved with the
+group's first fetches).
 
 Usage: python bench/replicas.py [--records N] [--format json|f32|both] [--config FILE]
        [--set SECTION.KEY=VALUE ...] [--partitions N] [--reload-every SECONDS]
@@ -310,7 +312,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--records", type=int, default=40_000)
+    parser.add_argument("--records", type=int, default=150_000)
     parser.add_argument("--format", choices=["json", "f32", "both"], default="both")
     parser.add_argument("--dim", type=int, default=784)
     parser.add_argument("--partitions", type=int, default=4)
