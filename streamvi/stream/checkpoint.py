@@ -111,7 +111,7 @@ class Checkpoints(IntervalClock):
         snapshot_meta: dict[str, Any],
         snapshot_files: Callable[[], dict[str, bytes]] | None = None,
         drain: Callable[[], bool],
-        rewind: Callable[[str], None],
+        rewind: Callable[[str, bool], None],
         pending_rewind: Callable[[], str | None],
         trusted: Callable[[SnapshotInfo], None],
         metrics: Any,
@@ -151,7 +151,7 @@ class Checkpoints(IntervalClock):
         try:
             self.sink.flush()
         except StreamVIError as exc:
-            self._rewind(f"outputs were not delivered: {exc}")
+            self._rewind(f"outputs were not delivered: {exc}", False)
             return None
         self.committer.outputs_flushed()
         # 3. snapshot durable: model + optimizer + step + RNG + the offsets it covers.
@@ -167,13 +167,13 @@ class Checkpoints(IntervalClock):
         pending = self._pending_rewind()
         if pending is not None:
             self.committer.snapshot_abandoned(info)
-            self._rewind(pending)
+            self._rewind(pending, True)  # a rebalance during a long step: routine
             return None
         # 4. offsets committed: the group now agrees with the snapshot (exactly-once: the outputs
         #    become visible in the same atomic step, which makes the snapshot trusted).
         failure = self.committer.commit(info, offsets)
         if failure is not None:
-            self._rewind(failure)
+            self._rewind(failure, False)
             return None
         # 5. the guarantee's clean-up (exactly-once: prune the older snapshots only now).
         self.committer.committed()
@@ -218,7 +218,7 @@ class OffsetCommits(IntervalClock):
         pipeline: StepPipeline,
         state: Callable[[], StreamState],
         drain: Callable[[], bool],
-        rewind: Callable[[str], None],
+        rewind: Callable[[str, bool], None],
         pending_rewind: Callable[[], str | None],
         committed: Callable[[], None],
         metrics: Any,
@@ -249,11 +249,11 @@ class OffsetCommits(IntervalClock):
         try:
             self.sink.flush()
         except StreamVIError as exc:
-            self._rewind(f"outputs were not delivered: {exc}")
+            self._rewind(f"outputs were not delivered: {exc}", False)
             return None
         pending = self._pending_rewind()
         if pending is not None:
-            self._rewind(pending)
+            self._rewind(pending, True)  # a rebalance during a long step: routine
             return None
         # 3. offsets committed (exactly-once: together with the outputs, in one transaction).
         offsets = dict(self._state().loop.next_offsets)
@@ -265,7 +265,7 @@ class OffsetCommits(IntervalClock):
                     self.source.commit(offsets)
             except StreamVIError as exc:
                 if self.exactly_once:
-                    self._rewind(f"the transaction failed to commit: {exc}")
+                    self._rewind(f"the transaction failed to commit: {exc}", False)
                     return None
                 log.warning("committing offsets failed (outputs are delivered; retrying later): %s", exc)
                 self.interval.started_at = time.monotonic()

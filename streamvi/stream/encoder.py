@@ -47,8 +47,8 @@ class ReplicaRecovery(RewindBackoff):
         self._cancel = cancel
         self.progress = progress
 
-    def rewind(self, reason: str, state: StreamState) -> StreamState:
-        self.begin_rewind(reason, "the committed offsets")
+    def rewind(self, reason: str, state: StreamState, routine: bool = False) -> StreamState:
+        self.begin_rewind(reason, "the committed offsets", routine)
         if self.processing.exactly_once:
             try:
                 self.sink.abort_transaction()

@@ -62,7 +62,7 @@ class RoleRecovery(Protocol):
     epoch: int
     pending: str | None
 
-    def rewind(self, reason: str, state: StreamState) -> StreamState: ...
+    def rewind(self, reason: str, state: StreamState, routine: bool = False) -> StreamState: ...
 
     def note_step(self, result: StepResult) -> None: ...
 
@@ -407,8 +407,8 @@ class StreamProcessor(ABC):
         """Drain, flush outputs, then commit as the role does (streamvi/stream/checkpoint.py)."""
         return self.checkpoints.run(reason)
 
-    def _rewind(self, reason: str) -> None:
-        self.stream = self.recovery.rewind(reason, self.stream)
+    def _rewind(self, reason: str, routine: bool = False) -> None:
+        self.stream = self.recovery.rewind(reason, self.stream, routine)
         self.checkpoints.restart(self.state.next_offsets)
 
     def _update_lag(self) -> bool:

@@ -42,8 +42,9 @@ class RewindBackoff:
         self.pending: str | None = None
         self._failures = 0  # consecutive failed checkpoints, for the back-off
 
-    def begin_rewind(self, reason: str, target: str) -> None:
-        """Start a rewind to ``target``: a new epoch, then wait out the back-off."""
+    def begin_rewind(self, reason: str, target: str, routine: bool = False) -> None:
+        """Start a rewind to ``target``: a new epoch, then wait out the back-off. ``routine``: an
+        expected event (a rebalance) logs a warning, a failure an error."""
         self.pending = None
         self.epoch += 1
         self._failures += 1
@@ -51,7 +52,8 @@ class RewindBackoff:
             self.processing.retry_max_seconds,
             self.processing.retry_initial_seconds * 2 ** (self._failures - 1),
         )
-        log.error("rewinding to %s in %.1fs: %s", target, delay, reason)
+        level = logging.WARNING if routine else logging.ERROR
+        log.log(level, "rewinding to %s in %.1fs: %s", target, delay, reason)
         time.sleep(delay)
 
     def checkpoint_committed(self) -> None:
@@ -133,9 +135,9 @@ class Recovery(RewindBackoff):
         self.checkpoint_committed()
 
     # -- rewind --------------------------------------------------------------------------------------
-    def rewind(self, reason: str, state: StreamState) -> StreamState:
+    def rewind(self, reason: str, state: StreamState, routine: bool = False) -> StreamState:
         """Go back to the trusted snapshot (or the initial state) and return the state to go on with."""
-        self.begin_rewind(reason, "the last snapshot")
+        self.begin_rewind(reason, "the last snapshot", routine)
         self.committer.abort()
         self.pipeline.cancel()  # steps still queued or running belong to the abandoned interval
         if self.trusted is not None:

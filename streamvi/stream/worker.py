@@ -57,6 +57,8 @@ class WorkerLoop(OnlineLoop):
         self.worker: DistributedTrainer = trainer
         #: Why this worker wants every worker to rewind at the next round (None: it does not).
         self._rewind_wanted: str | None = None
+        #: Whether that rewind answers a rebalance (logged as a warning) rather than a failure.
+        self._rewind_routine = False
         super().__init__(**{**kwargs, "pipeline_depth": 1})
         #: This worker is stopping (signal, record budget or idle timeout): it says so at each round.
         self._stopping = False
@@ -127,7 +129,9 @@ class WorkerLoop(OnlineLoop):
         more; the next round has every worker rewind to that snapshot (no local checkpoint: it would
         be a collective the others do not join)."""
         if partitions:
-            self._rewind_wanted = f"partitions {sorted(partitions)} revoked by a rebalance"
+            if self._rewind_wanted is None:  # a failure already wanted keeps its reason
+                self._rewind_wanted = f"partitions {sorted(partitions)} revoked by a rebalance"
+                self._rewind_routine = True
             for partition in partitions:
                 self.state.next_offsets.pop(partition, None)
             self.checkpoints.forget(partitions)
@@ -136,9 +140,10 @@ class WorkerLoop(OnlineLoop):
         self.health.set(partitions_assigned=bool(self.source.assignment()))
         self._assigned_at = None  # waiting for the new assignment is not idleness
 
-    def _rewind(self, reason: str) -> None:
+    def _rewind(self, reason: str, routine: bool = False) -> None:
         """A failure seen by this worker alone: every worker rewinds at the next round."""
         self._rewind_wanted = reason
+        self._rewind_routine = routine
 
     # -- drifts are answered by every worker at the same round ------------------------------------
     def _drift_found(self, monitor: AnomalyMonitor, step: int) -> None:
@@ -160,12 +165,14 @@ class WorkerLoop(OnlineLoop):
         learning rate ends at the same step everywhere."""
         return isinstance(result, DistributedStepResult) and result.union_trained_records > 0
 
-    def _rewind_now(self, reason: str) -> None:
+    def _rewind_now(self, reason: str, routine: bool = False) -> None:
         """Rewind this worker now: called on every worker at the same agreed point (a drift found
-        in the abandoned interval is dropped with it)."""
+        in the abandoned interval is dropped with it). ``routine``: it answers a rebalance, or
+        another worker's rewind (that worker logs its failure), not a failure of this one."""
         self._rewind_wanted = None
+        self._rewind_routine = False
         self._drift_found_here = False
-        super()._rewind(reason)
+        super()._rewind(reason, routine)
         self.pipeline.submitted_step = self.trainer.step
 
     # -- batches close only on an agreement ---------------------------------------------------------
@@ -195,7 +202,10 @@ class WorkerLoop(OnlineLoop):
         )
         agreement = agree(self.worker, mine)
         if agreement.rewind:
-            self._rewind_now(self._rewind_wanted or "another worker rewinds")
+            if self._rewind_wanted is None:
+                self._rewind_now("another worker rewinds", routine=True)
+            else:
+                self._rewind_now(self._rewind_wanted, routine=self._rewind_routine)
             return agreement
         if agreement.drift:
             self._agreed_drift()

@@ -3,6 +3,7 @@ deliveries, replay counting, non-finite updates, bad input that never escapes th
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 
@@ -23,6 +24,7 @@ from streamvi.metrics import Health, Metrics
 from streamvi.runtime import build_trainer
 from streamvi.snapshots import SnapshotStore
 from streamvi.stream import CheckpointPolicy, OnlineLoop, OutputTopics, ProcessingPolicy
+from streamvi.stream.recovery import RewindBackoff
 from streamvi.training import Trainer
 from tests.unit.test_codecs import payloads
 from tests.unit.test_trainer import data
@@ -316,3 +318,17 @@ def test_bad_processing_settings_fail_naming_the_key(override, key):
 def test_transactional_id_defaults_to_the_group():
     settings = load_settings(overrides=["kafka.group_id=g1"], environ={})
     assert settings.processing.transactional_id_for(settings.kafka.group_id) == "g1-streamvi"
+
+
+def test_a_rewind_answering_a_rebalance_logs_a_warning_and_a_failure_an_error(caplog):
+    """Scaling a group rewinds its trainer workers every time: that is no error to page anyone on."""
+    backoff = RewindBackoff(ProcessingPolicy(retry_initial_seconds=0.0, retry_max_seconds=0.0))
+    rebalance = "partitions [('in', 0)] revoked by a rebalance"
+    with caplog.at_level(logging.WARNING, logger="streamvi.stream.recovery"):
+        backoff.begin_rewind(rebalance, "the last snapshot", routine=True)
+        backoff.begin_rewind("outputs were not delivered: broker unreachable", "the last snapshot")
+    assert [(r.levelno, r.getMessage().split(": ", 1)[1]) for r in caplog.records] == [
+        (logging.WARNING, rebalance),
+        (logging.ERROR, "outputs were not delivered: broker unreachable"),
+    ]
+    assert backoff.epoch == 2
