@@ -79,6 +79,8 @@ def test_rdkafka_consumer_and_producer_roles():
     assert (consumer["session.timeout.ms"], consumer["heartbeat.interval.ms"]) == (6000, 1500)
     assert consumer["max.poll.interval.ms"] == 120000
     assert consumer["fetch.wait.max.ms"] == 40
+    # a full local queue postpones fetching 10 ms, not librdkafka's 1 s (a stall per queue-full)
+    assert consumer["fetch.queue.backoff.ms"] == 10
     assert (consumer["fetch.max.bytes"], consumer["max.partition.fetch.bytes"]) == (2_000_000, 1_048_576)
     assert consumer["enable.auto.commit"] is False and consumer["enable.auto.offset.store"] is False
     assert consumer["auto.offset.reset"] == "earliest"
