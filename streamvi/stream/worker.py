@@ -55,10 +55,9 @@ class WorkerLoop(OnlineLoop):
         if not isinstance(trainer, DistributedTrainer):
             raise TypeError("a worker loop needs the all-reduced trainer (DistributedTrainer)")
         self.worker: DistributedTrainer = trainer
-        #: Why this worker wants every worker to rewind at the next round (None: it does not).
-        self._rewind_wanted: str | None = None
-        #: Whether that rewind answers a rebalance (logged as a warning) rather than a failure.
-        self._rewind_routine = False
+        #: Why this worker wants every worker to rewind at the next round, and whether that answers
+        #: a rebalance (logged as a warning) rather than a failure; None: it does not.
+        self._rewind_wanted: tuple[str, bool] | None = None
         super().__init__(**{**kwargs, "pipeline_depth": 1})
         #: This worker is stopping (signal, record budget or idle timeout): it says so at each round.
         self._stopping = False
@@ -130,8 +129,7 @@ class WorkerLoop(OnlineLoop):
         be a collective the others do not join)."""
         if partitions:
             if self._rewind_wanted is None:  # a failure already wanted keeps its reason
-                self._rewind_wanted = f"partitions {sorted(partitions)} revoked by a rebalance"
-                self._rewind_routine = True
+                self._rewind_wanted = (f"partitions {sorted(partitions)} revoked by a rebalance", True)
             for partition in partitions:
                 self.state.next_offsets.pop(partition, None)
             self.checkpoints.forget(partitions)
@@ -142,8 +140,7 @@ class WorkerLoop(OnlineLoop):
 
     def _rewind(self, reason: str, routine: bool = False) -> None:
         """A failure seen by this worker alone: every worker rewinds at the next round."""
-        self._rewind_wanted = reason
-        self._rewind_routine = routine
+        self._rewind_wanted = (reason, routine)
 
     # -- drifts are answered by every worker at the same round ------------------------------------
     def _drift_found(self, monitor: AnomalyMonitor, step: int) -> None:
@@ -170,7 +167,6 @@ class WorkerLoop(OnlineLoop):
         in the abandoned interval is dropped with it). ``routine``: it answers a rebalance, or
         another worker's rewind (that worker logs its failure), not a failure of this one."""
         self._rewind_wanted = None
-        self._rewind_routine = False
         self._drift_found_here = False
         super()._rewind(reason, routine)
         self.pipeline.submitted_step = self.trainer.step
@@ -202,10 +198,8 @@ class WorkerLoop(OnlineLoop):
         )
         agreement = agree(self.worker, mine)
         if agreement.rewind:
-            if self._rewind_wanted is None:
-                self._rewind_now("another worker rewinds", routine=True)
-            else:
-                self._rewind_now(self._rewind_wanted, routine=self._rewind_routine)
+            # another worker's rewind is routine here: that worker logs its own failure
+            self._rewind_now(*(self._rewind_wanted or ("another worker rewinds", True)))
             return agreement
         if agreement.drift:
             self._agreed_drift()

@@ -8,6 +8,7 @@ Everything the step returns is packed into two tensors so one device-to-host cop
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -107,8 +108,6 @@ class Trainer:
         self._eval_fn = tf.function(self._eval_step, jit_compile=jit_compile)
         self._score_fn = tf.function(self._score_step, jit_compile=jit_compile)
         self._loglik_fns: dict[int, Any] = {}
-        #: The per-batch steps as concrete functions of their one batch shape (see ``_concrete``).
-        self._concrete_fns: dict[str, Any] = {}
 
     @classmethod
     def from_settings(
@@ -341,24 +340,23 @@ class Trainer:
         return self._eval_step(x, c), state
 
     # -- host API ----------------------------------------------------------------------------------
-    def _concrete(self, name: str) -> Any:
-        """The training (``train``) or scoring (``score``) step as the concrete function of its one
-        batch shape. Calling it skips ``tf.function``'s per-call argument matching (tens of us of
-        Python under the GIL, which the loop's thread wants at the same time); it is the same trace.
-        The warm-ups trace through it too: a trace made by a call would count towards TensorFlow's
-        frequent-retracing warning, which a replica loading one trainer per snapshot would set off."""
-        fn = self._concrete_fns.get(name)
-        if fn is None:
-            batch = self.batch_size
-            if name == "train":
-                fn = self._train_fn.get_concrete_function(tf.TensorSpec((batch, self.row_width), tf.float32))
-            else:
-                fn = self._score_fn.get_concrete_function(
-                    tf.TensorSpec((batch, self.model.input_dim), tf.float32),
-                    tf.TensorSpec((batch, self.context_dim), tf.float32),
-                )
-            self._concrete_fns[name] = fn
-        return fn
+    # The steps as concrete functions of their one batch shape. Calling one skips ``tf.function``'s
+    # per-call argument matching (tens of us of Python under the GIL, which the loop's thread wants
+    # at the same time); it is the same trace. The warm-ups trace through them too: a trace made by
+    # a call counts towards TensorFlow's frequent-retracing warning, which a replica loading one
+    # trainer per snapshot would set off.
+    @functools.cached_property
+    def _train_concrete(self) -> Any:
+        return self._train_fn.get_concrete_function(
+            tf.TensorSpec((self.batch_size, self.row_width), tf.float32)
+        )
+
+    @functools.cached_property
+    def _score_concrete(self) -> Any:
+        return self._score_fn.get_concrete_function(
+            tf.TensorSpec((self.batch_size, self.model.input_dim), tf.float32),
+            tf.TensorSpec((self.batch_size, self.context_dim), tf.float32),
+        )
 
     def _context(self, c: np.ndarray | None, rows: int) -> np.ndarray:
         if c is None:
@@ -416,7 +414,7 @@ class Trainer:
         with self._placement():
             if trainable == 0:
                 x, c = rows[:, : self.model.input_dim], rows[:, self.model.input_dim : -1]
-                scores, state = self._concrete("score")(tf.constant(x), tf.constant(c))
+                scores, state = self._score_concrete(tf.constant(x), tf.constant(c))
                 packed = scores.numpy()
                 step, ready = (int(v) for v in state.numpy())
                 model_ready = ready == 1
@@ -424,7 +422,7 @@ class Trainer:
                 clipped = 0.0
                 trained = 0
             else:
-                out = self._concrete("train")(tf.constant(rows)).numpy()
+                out = self._train_concrete(tf.constant(rows)).numpy()
                 packed, figures = out[: self.batch_size], out[self.batch_size]
                 loss, grad_norm, learning_rate, finite = (float(v) for v in figures[:4])
                 step = int(figures[4]) + (int(figures[5]) << 24)
@@ -465,7 +463,7 @@ class Trainer:
         started = time.perf_counter()
         with self._placement():
             rng_state = tf.identity(self.rng.state)
-            self._concrete("train")(tf.constant(rows)).numpy()
+            self._train_concrete(tf.constant(rows)).numpy()
             self.rng.reset(rng_state)
         return time.perf_counter() - started
 
@@ -475,7 +473,7 @@ class Trainer:
         x = np.zeros((self.batch_size, self.model.input_dim), dtype=np.float32)
         c = np.zeros((self.batch_size, self.context_dim), dtype=np.float32)
         with self._placement():
-            self._concrete("score")(tf.constant(x), tf.constant(c))[0].numpy()
+            self._score_concrete(tf.constant(x), tf.constant(c))[0].numpy()
 
     def _chunks(self, x: np.ndarray, c: np.ndarray | None) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
         """Fixed-shape padded chunks of any number of rows, so evaluation never retraces."""
