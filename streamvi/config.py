@@ -264,6 +264,7 @@ class InputSettings(_Section):
 _GAUSSIAN_LATENT = AppliesWhen("latent", ("gaussian",))
 _GUMBEL_LATENT = AppliesWhen("latent", ("gumbel_softmax",))
 _GAUSSIAN_LIKELIHOOD = AppliesWhen("likelihood", ("gaussian",))
+_BINOMIAL_LIKELIHOOD = AppliesWhen("likelihood", ("binomial",))
 
 
 class ModelSettings(_Section):
@@ -288,6 +289,7 @@ class ModelSettings(_Section):
         "observation_scale": (_GAUSSIAN_LIKELIHOOD,),
         "learn_observation_scale": (_GAUSSIAN_LIKELIHOOD,),
         "min_observation_scale": (_GAUSSIAN_LIKELIHOOD, AppliesWhen("learn_observation_scale", (True,))),
+        "binomial_total_count": (_BINOMIAL_LIKELIHOOD,),
     }
 
     latent: Literal["gaussian", "gumbel_softmax"] = "gaussian"
@@ -302,8 +304,9 @@ class ModelSettings(_Section):
     decoder_hidden: list[int] | None = None
     activation: Literal["relu", "elu", "gelu", "tanh", "softplus", "swish"] = "relu"
     #: p(x|z): ``bernoulli`` for binary x, ``continuous_bernoulli`` for values in [0, 1] (a true
-    #: density there), ``gaussian`` for real values, ``poisson`` for counts.
-    likelihood: Literal["bernoulli", "continuous_bernoulli", "gaussian", "poisson"] = "bernoulli"
+    #: density there), ``gaussian`` for real values, ``poisson`` for counts, ``binomial`` for counts
+    #: out of a known total (``binomial_total_count``).
+    likelihood: Literal["bernoulli", "continuous_bernoulli", "gaussian", "poisson", "binomial"] = "bernoulli"
     #: Under a feature schema, the density of each numeric feature's standardised value: a Gaussian,
     #: or a Student-t whose degrees of freedom are learned per feature (heavy tails: a value far
     #: off a nearly constant feature costs tens of nats, not the Gaussian's millions).
@@ -315,6 +318,8 @@ class ModelSettings(_Section):
     #: the ELBO to +infinity. The learned scale is floor + exp(log_scale).
     min_observation_scale: float = Field(1e-3, gt=0.0)
     min_posterior_scale: float = Field(1e-4, gt=0.0)
+    #: N of the binomial likelihood: every value of x is a count in 0..N (required with it).
+    binomial_total_count: int | None = Field(None, ge=1)
 
     @field_validator("encoder_hidden", "decoder_hidden")
     @classmethod
@@ -335,6 +340,10 @@ class ModelSettings(_Section):
         ):
             raise ValueError(
                 "model.observation_scale (the learned scale's start) must exceed model.min_observation_scale"
+            )
+        if self.likelihood == "binomial" and self.binomial_total_count is None:
+            raise ValueError(
+                "model.likelihood=binomial needs model.binomial_total_count (every value a count in 0..N)"
             )
         return self
 

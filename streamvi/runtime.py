@@ -86,7 +86,7 @@ def build_decoder(settings: Settings) -> RecordDecoder | FeatureDecoder:
         inputs.dim,
         inputs.max_record_bytes,
         inputs.context_dim,
-        support=Support.of_likelihood(settings.model.likelihood),
+        support=Support.of_likelihood(settings.model.likelihood, settings.model.binomial_total_count),
     )
 
 

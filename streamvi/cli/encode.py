@@ -91,7 +91,8 @@ def _check_vectors(input_path: str, data: Dataset, settings: Settings) -> None:
         )
     if data.context is None and settings.input.context_dim:
         raise StreamVIError(f"{input_path}: the snapshot's model needs a context 'c' per record")
-    _check_support(input_path, data, Support.of_likelihood(settings.model.likelihood))
+    support = Support.of_likelihood(settings.model.likelihood, settings.model.binomial_total_count)
+    _check_support(input_path, data, support)
 
 
 def load_events(settings: Settings, input_path: str) -> Dataset:

@@ -89,7 +89,7 @@ class DecodedBatch:
         return not any(self.errors)
 
 
-SupportKind = Literal["real", "unit_interval", "count"]
+SupportKind = Literal["real", "unit_interval", "count", "bounded_count"]
 
 #: The values x may take under each ``model.likelihood``: the one place this mapping lives.
 _LIKELIHOOD_SUPPORT: dict[str, SupportKind] = {
@@ -97,35 +97,49 @@ _LIKELIHOOD_SUPPORT: dict[str, SupportKind] = {
     "continuous_bernoulli": "unit_interval",
     "gaussian": "real",
     "poisson": "count",
+    "binomial": "bounded_count",
 }
 _SUPPORT_NEEDS: dict[SupportKind, str] = {
     "real": "finite values",
     "unit_interval": "values in [0, 1]",
     "count": "non-negative integer counts",
+    "bounded_count": "integer counts in [0, {upper}]",
 }
 
 
 @dataclass(frozen=True, slots=True)
 class Support:
     """The set x values must lie in for the likelihood to be a density there; ``origin`` names the
-    setting that chose it, for error messages."""
+    setting that chose it, for error messages. ``upper`` is the largest count of a bounded count."""
 
     kind: SupportKind = "real"
     origin: str = "the input"
+    upper: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind == "bounded_count" and (self.upper is None or self.upper < 1):
+            raise ValueError(f"a bounded count needs an upper bound of at least 1, got {self.upper}")
+        if self.kind != "bounded_count" and self.upper is not None:
+            raise ValueError(f"a {self.kind} support has no upper bound")
 
     @classmethod
-    def of_likelihood(cls, likelihood: str) -> Support:
-        """The support of a ``model.likelihood`` value."""
+    def of_likelihood(cls, likelihood: str, total_count: int | None = None) -> Support:
+        """The support of a ``model.likelihood`` value; ``total_count`` (``model.binomial_total_count``)
+        bounds the binomial's counts and is ignored by the other likelihoods, as the setting is."""
         try:
             kind = _LIKELIHOOD_SUPPORT[likelihood]
         except KeyError:
             raise ValueError(f"unknown model.likelihood {likelihood!r}") from None
-        return cls(kind, f"model.likelihood={likelihood}")
+        if kind != "bounded_count":
+            return cls(kind, f"model.likelihood={likelihood}")
+        if total_count is None:
+            raise ValueError(f"model.likelihood={likelihood} needs model.binomial_total_count")
+        return cls(kind, f"model.likelihood={likelihood}", total_count)
 
     @property
     def requirement(self) -> str:
         """The constraint in words, e.g. "model.likelihood=poisson needs non-negative integer counts"."""
-        return f"{self.origin} needs {_SUPPORT_NEEDS[self.kind]}"
+        return f"{self.origin} needs {_SUPPORT_NEEDS[self.kind].format(upper=self.upper)}"
 
     def outside(self, x: np.ndarray) -> np.ndarray | None:
         """Element mask of the values of ``x`` outside the support, for finite ``x`` (callers check
@@ -135,7 +149,8 @@ class Support:
         with np.errstate(invalid="ignore"):
             if self.kind == "unit_interval":
                 return (x < 0) | (x > 1)
-            return (x < 0) | (np.floor(x) != x)
+            outside = (x < 0) | (np.floor(x) != x)
+            return outside if self.upper is None else outside | (x > self.upper)
 
     def first_violation(self, x: np.ndarray) -> tuple[int, int, float] | None:
         """(row, index, value) of the first value of the 2-D ``x`` that is not finite or lies

@@ -2,12 +2,18 @@
 
 from streamvi.model.base import LatentFamily, LatentSample, Likelihood
 from streamvi.model.latents import DiagonalGaussian, GumbelSoftmax
-from streamvi.model.likelihoods import BernoulliLikelihood, GaussianLikelihood, PoissonLikelihood
+from streamvi.model.likelihoods import (
+    BernoulliLikelihood,
+    BinomialLikelihood,
+    GaussianLikelihood,
+    PoissonLikelihood,
+)
 from streamvi.model.vae import VAE, build_vae
 
 __all__ = [
     "VAE",
     "BernoulliLikelihood",
+    "BinomialLikelihood",
     "DiagonalGaussian",
     "GaussianLikelihood",
     "GumbelSoftmax",

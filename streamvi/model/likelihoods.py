@@ -1,8 +1,9 @@
-"""Observation likelihoods p(x|z): Bernoulli, continuous Bernoulli, Gaussian, Poisson.
+"""Observation likelihoods p(x|z): Bernoulli, continuous Bernoulli, Gaussian, Poisson, binomial.
 
 Each is a normalised density (or mass function) on its support, so log p(x|z) is in nats there:
 Bernoulli on binary x, continuous Bernoulli on [0, 1], Gaussian on the real line, Poisson on the
-non-negative integers. The record decoder rejects values outside the configured likelihood's support.
+non-negative integers, binomial on the integers 0..N. The record decoder rejects values outside the
+configured likelihood's support.
 """
 
 from __future__ import annotations
@@ -98,3 +99,24 @@ class PoissonLikelihood(Likelihood):
 
     def distribution(self, params: tf.Tensor) -> tfd.Distribution:
         return tfd.Independent(tfd.Poisson(log_rate=tf.cast(params, tf.float32)), 1)
+
+
+class BinomialLikelihood(Likelihood):
+    """Independent Binomial(N, p) per dimension for counts out of a known total N (e.g. "on" pixels
+    of a block); the decoder outputs the logits of p."""
+
+    name = "binomial"
+
+    def __init__(self, dim: int, total_count: int) -> None:
+        super().__init__(dim)
+        if total_count < 1:
+            raise ValueError(f"the binomial total count must be at least 1, got {total_count}")
+        self.total_count = total_count
+
+    @property
+    def param_size(self) -> int:
+        return self.dim
+
+    def distribution(self, params: tf.Tensor) -> tfd.Distribution:
+        logits = tf.cast(params, tf.float32)
+        return tfd.Independent(tfd.Binomial(total_count=float(self.total_count), logits=logits), 1)

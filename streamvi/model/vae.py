@@ -17,6 +17,7 @@ from streamvi.model.base import LatentFamily, Likelihood
 from streamvi.model.latents import DiagonalGaussian, GumbelSoftmax
 from streamvi.model.likelihoods import (
     BernoulliLikelihood,
+    BinomialLikelihood,
     ContinuousBernoulliLikelihood,
     GaussianLikelihood,
     PoissonLikelihood,
@@ -169,6 +170,10 @@ def build_likelihood(settings: ModelSettings, input_dim: int) -> Likelihood:
         )
     if settings.likelihood == "poisson":
         return PoissonLikelihood(input_dim)
+    if settings.likelihood == "binomial":
+        if settings.binomial_total_count is None:
+            raise ConfigError("model.likelihood=binomial needs model.binomial_total_count")
+        return BinomialLikelihood(input_dim, settings.binomial_total_count)
     raise ConfigError(f"model.likelihood: unsupported value {settings.likelihood!r}")
 
 

@@ -261,17 +261,19 @@ def reference(decoder: RecordDecoder, value: bytes) -> tuple[str, np.ndarray | N
         return error.reason, None, None
     if not np.isfinite(x).all():
         return "non_finite", None, None
-    if reference_out_of_range(decoder.support.kind, x) is not None:
+    if reference_out_of_range(decoder.support, x) is not None:
         return "out_of_range", None, None
     return "ok", x, record_id
 
 
-def reference_out_of_range(kind: str, x: np.ndarray) -> int | None:
+def reference_out_of_range(support: Support, x: np.ndarray) -> int | None:
     """The first index of x outside the support, value by value in plain Python, or None."""
     for index, value in enumerate(float(v) for v in x):
-        if kind == "unit_interval" and not 0.0 <= value <= 1.0:
+        if support.kind == "unit_interval" and not 0.0 <= value <= 1.0:
             return index
-        if kind == "count" and not (value >= 0.0 and value.is_integer()):
+        if support.kind == "count" and not (value >= 0.0 and value.is_integer()):
+            return index
+        if support.kind == "bounded_count" and not (0.0 <= value <= support.upper and value.is_integer()):
             return index
     return None
 
@@ -285,6 +287,8 @@ numbers = st.one_of(
     st.sampled_from([0.0, -0.0, 1.0, 1.0000001, -1e-7, 2.5, 16.0]),
 )
 likelihoods = st.sampled_from(typing.get_args(ModelSettings.model_fields["likelihood"].annotation))
+#: model.binomial_total_count wherever a support is built (the other likelihoods ignore it)
+TOTAL = 16
 elements = numbers | st.booleans() | st.none() | st.text(max_size=2) | st.lists(numbers, max_size=2)
 documents = st.fixed_dictionaries(
     {},
@@ -302,7 +306,7 @@ documents = st.fixed_dictionaries(
 
 @given(documents, likelihoods)
 def test_fast_json_path_agrees_with_the_reference_decoder(document, likelihood):
-    decoder = RecordDecoder("json", DIM, 4096, support=Support.of_likelihood(likelihood))
+    decoder = RecordDecoder("json", DIM, 4096, support=Support.of_likelihood(likelihood, TOTAL))
     value = orjson.dumps(document)
     expected_reason, expected_x, expected_id = reference(decoder, value)
     batch = decoder.decode_many([record(value, key=None)])
@@ -310,7 +314,7 @@ def test_fast_json_path_agrees_with_the_reference_decoder(document, likelihood):
     assert (error.reason if error is not None else "ok") == expected_reason
     if error is not None and error.reason == "out_of_range":
         x, _, _ = decoder._decode_json(value)
-        index = reference_out_of_range(decoder.support.kind, x)
+        index = reference_out_of_range(decoder.support, x)
         assert error.detail.startswith(f"x[{index}] = ")
     if expected_x is not None:
         np.testing.assert_array_equal(batch.x[0], expected_x)
@@ -382,9 +386,13 @@ def test_valid_documents_take_the_fast_path(monkeypatch):
 # -- the support of the likelihood ---------------------------------------------------------------
 def test_every_configurable_likelihood_has_a_support():
     for likelihood in typing.get_args(ModelSettings.model_fields["likelihood"].annotation):
-        assert Support.of_likelihood(likelihood).origin == f"model.likelihood={likelihood}"
+        assert Support.of_likelihood(likelihood, TOTAL).origin == f"model.likelihood={likelihood}"
     with pytest.raises(ValueError, match=r"model\.likelihood"):
         Support.of_likelihood("laplace")
+    with pytest.raises(ValueError, match=r"model\.binomial_total_count"):
+        Support.of_likelihood("binomial")
+    assert Support.of_likelihood("binomial", 5).upper == 5
+    assert Support.of_likelihood("poisson", 5).upper is None  # the count applies only to the binomial
     assert "out_of_range" in DEAD_LETTER_REASONS
 
 
@@ -408,6 +416,14 @@ BOUNDARIES = [
     ("poisson", vector(0, 3, -1, 0), False),
     ("poisson", vector(0, 3, -1.5, 0), False),
     ("poisson", vector(0, 3, 16, 1e-7), False),
+    ("binomial", vector(0, 3, 16, 0), True),
+    ("binomial", vector(16, 16, 16, 16), True),
+    ("binomial", vector(0, 3, 2.5, 0), False),
+    ("binomial", vector(0, 3, 16, 1e-7), False),
+    ("binomial", vector(0, -1, 16, 0), False),
+    ("binomial", vector(0, 3, 17, 0), False),
+    ("binomial", vector(0, 3, 16.000002, 0), False),
+    ("binomial", vector(0, 3, 1e9, 0), False),
     ("gaussian", vector(-1.5, 2.5, 3.0, -1e30), True),
 ]
 
@@ -415,7 +431,7 @@ BOUNDARIES = [
 @pytest.mark.parametrize("fmt", ["json", "f32"])
 @pytest.mark.parametrize(("likelihood", "x", "accepted"), BOUNDARIES)
 def test_x_outside_the_likelihood_support_is_out_of_range(fmt, likelihood, x, accepted):
-    decoder = RecordDecoder(fmt, DIM, 4096, support=Support.of_likelihood(likelihood))
+    decoder = RecordDecoder(fmt, DIM, 4096, support=Support.of_likelihood(likelihood, TOTAL))
     value = encode_record(x, "r", fmt)
     if accepted:
         np.testing.assert_array_equal(decoder.decode(record(value)).x, x)
@@ -433,6 +449,10 @@ def test_out_of_range_detail_names_the_first_index_value_and_constraint(fmt):
     with pytest.raises(DecodeError) as info:
         bernoulli.decode(record(encode_record(vector(0.5, -1e-7, 3.0, 1), "r", fmt)))
     assert info.value.detail == "x[1] = -1e-07: model.likelihood=bernoulli needs values in [0, 1]"
+    binomial = RecordDecoder(fmt, DIM, 4096, support=Support.of_likelihood("binomial", 16))
+    with pytest.raises(DecodeError) as info:
+        binomial.decode(record(encode_record(vector(16, 0, 3, 17), "r", fmt)))
+    assert info.value.detail == "x[3] = 17.0: model.likelihood=binomial needs integer counts in [0, 16]"
 
 
 def test_the_default_support_is_the_real_line():
@@ -473,6 +493,15 @@ def test_decode_many_rejects_only_the_out_of_range_rows():
             "out_of_range",
         ]
         np.testing.assert_array_equal(batch.x[[0, 2]], np.stack([rows[0], rows[2]]))
+        binomial = RecordDecoder(fmt, DIM, 4096, support=Support.of_likelihood("binomial", 3))
+        rows = [vector(0, 3, 2, 1), vector(0, 4, 0, 0), vector(3, 3, 3, 3), vector(0, 0, 0, 16)]
+        batch = binomial.decode_many([record(encode_record(x, f"r{i}", fmt)) for i, x in enumerate(rows)])
+        assert [e.detail if e is not None else None for e in batch.errors] == [
+            None,
+            "x[1] = 4.0: model.likelihood=binomial needs integer counts in [0, 3]",
+            None,
+            "x[3] = 16.0: model.likelihood=binomial needs integer counts in [0, 3]",
+        ]
 
 
 @given(
@@ -485,7 +514,7 @@ def test_decode_many_rejects_only_the_out_of_range_rows():
 )
 def test_json_and_f32_give_the_same_verdict_on_the_same_vector(values, likelihood):
     x = np.asarray(values, dtype=np.float32)
-    support = Support.of_likelihood(likelihood)
+    support = Support.of_likelihood(likelihood, TOTAL)
     finite = bool(np.isfinite(x).all())
     verdicts = []
     for fmt in ("json", "f32"):
@@ -499,7 +528,7 @@ def test_json_and_f32_give_the_same_verdict_on_the_same_vector(values, likelihoo
     if not finite:
         assert verdicts[0][0] == "non_finite"
     else:
-        outside = reference_out_of_range(support.kind, x) is not None
+        outside = reference_out_of_range(support, x) is not None
         assert verdicts[0][0] == ("out_of_range" if outside else "ok")
 
 
@@ -508,6 +537,9 @@ def test_first_violation_reports_row_index_and_value():
     x = np.stack([vector(0, 1, 0, 1), vector(0, 0.5, 0.5, 0), vector(0, 1, 1, 3)])
     assert support.first_violation(x) == (2, 3, 3.0)
     assert support.first_violation(x[:2]) is None
+    binomial = Support.of_likelihood("binomial", 2)
+    assert binomial.first_violation(np.stack([vector(0, 1, 2, 2), vector(2, 2, 0, 3)])) == (1, 3, 3.0)
+    assert binomial.first_violation(np.stack([vector(0, 1, 2, 2)])) is None
     assert Support.of_likelihood("gaussian").first_violation(np.stack([vector(0, 0, np.nan, 0)]))[:2] == (
         0,
         2,

@@ -70,6 +70,9 @@ def test_bootstrap_servers_accepts_comma_string():
         (["nosuch.key=1"], "nosuch"),
         (["input.format=xml"], "input.format"),
         (["model.likelihood=cauchy"], "model.likelihood"),
+        (["model.likelihood=binomial"], "model.binomial_total_count"),
+        (["model.likelihood=binomial", "model.binomial_total_count=0"], "model.binomial_total_count"),
+        (["model.likelihood=binomial", "model.binomial_total_count=2.5"], "model.binomial_total_count"),
         (["model.encoder_hidden=[64, -1]"], "model.encoder_hidden"),
         (["snapshots.keep=0"], "snapshots.keep"),
         (["metrics.port=70000"], "metrics.port"),
@@ -80,6 +83,18 @@ def test_bad_settings_fail_naming_the_key(overrides, named):
     with pytest.raises(ConfigError) as info:
         load_settings(overrides=overrides, environ={})
     assert named in str(info.value)
+
+
+def test_the_binomial_likelihood_needs_its_total_count():
+    with pytest.raises(ConfigError) as info:
+        load_settings(overrides=["model.likelihood=binomial"], environ={})
+    assert "model.likelihood=binomial needs model.binomial_total_count" in str(info.value)
+    settings = load_settings(
+        overrides=["model.likelihood=binomial", "model.binomial_total_count=16"], environ={}
+    )
+    assert (settings.model.likelihood, settings.model.binomial_total_count) == ("binomial", 16)
+    assert settings.public_dict()["model"]["binomial_total_count"] == 16
+    assert "binomial_total_count" not in load_settings(environ={}).public_dict()["model"]
 
 
 def test_unknown_environment_section_is_rejected():

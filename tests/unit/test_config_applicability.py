@@ -31,6 +31,7 @@ CASES = [
     ),
     ("model.observation_scale", "0.3", "model.likelihood=gaussian", "model.likelihood=bernoulli"),
     ("model.learn_observation_scale", "true", "model.likelihood=gaussian", "model.likelihood=poisson"),
+    ("model.binomial_total_count", "16", "model.likelihood=binomial", "model.likelihood=bernoulli"),
     ("training.baseline", "learned", "training.estimator=score_function", "training.estimator=sgvb_b"),
     ("training.baseline_decay", "0.5", "training.estimator=score_function", "training.estimator=iwae"),
     (

@@ -16,7 +16,7 @@ def settings(*overrides: str):
     return load_settings(overrides=list(overrides), environ={})
 
 
-@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian", "poisson"])
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian", "poisson", "binomial"])
 @pytest.mark.parametrize("latent", ["gaussian", "gumbel_softmax"])
 def test_shapes_and_distributions(likelihood, latent):
     s = settings(
@@ -25,6 +25,7 @@ def test_shapes_and_distributions(likelihood, latent):
             if latent == "gaussian"
             else ["model.categorical_variables=2", "model.categories=4"]
         ),
+        *(["model.binomial_total_count=1"] if likelihood == "binomial" else []),
         "model.encoder_hidden=[16, 8]",
         f"model.likelihood={likelihood}",
         f"model.latent={latent}",
@@ -94,6 +95,21 @@ def test_poisson_likelihood_matches_scipy():
     np.testing.assert_allclose(
         model.likelihood.distribution(log_rate).log_prob(x).numpy(), [expected], rtol=1e-5
     )
+
+
+def test_binomial_likelihood_matches_scipy():
+    s = settings("model.likelihood=binomial", "model.binomial_total_count=16")
+    model = build_vae(s.model, s.training, 4)
+    logits = tf.constant([[0.0, 1.5, -2.0, 0.3], [-0.7, 4.0, 0.1, -3.0]])
+    x = tf.constant([[0.0, 16.0, 3.0, 9.0], [5.0, 15.0, 16.0, 0.0]])
+    p = 1 / (1 + np.exp(-logits.numpy().astype(np.float64)))
+    expected = stats.binom(16, p).logpmf(x.numpy()).sum(axis=1)
+    got = model.likelihood.distribution(logits).log_prob(x).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    # a probability mass: over all 17 counts of one dimension it sums to 1, so log p(x|z) <= 0
+    counts = tf.range(17, dtype=tf.float32)[:, None]
+    mass = tf.exp(model.likelihood.distribution(tf.fill([17, 4], 0.8)).distribution.log_prob(counts))
+    np.testing.assert_allclose(tf.reduce_sum(mass, axis=0).numpy(), 1.0, rtol=1e-5)
 
 
 def gumbel(k: int = 6, **kwargs) -> GumbelSoftmax:
