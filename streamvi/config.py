@@ -363,6 +363,7 @@ class TrainingSettings(_Section):
         "baseline": (_SCORE_FUNCTION,),
         "baseline_decay": (_SCORE_FUNCTION, AppliesWhen("baseline", ("running_mean", "learned"))),
         "baseline_hidden": (_SCORE_FUNCTION, AppliesWhen("baseline", ("learned",))),
+        "rehearsal_steps": (AppliesWhenGiven("rehearsal_window_records"),),
     }
 
     estimator: Literal["sgvb_a", "sgvb_b", "iwae", "stl", "dreg", "score_function"] = "sgvb_b"
@@ -390,6 +391,22 @@ class TrainingSettings(_Section):
     #: records are still counted), for a deployment where encoder replicas (``streamvi serve``),
     #: which see every record, publish both.
     publish_latents: bool = True
+    #: Rehearsal (streamvi/training/rehearsal.py): the last N records trained on, kept beside the
+    #: model, from which every training step draws ``rehearsal_steps`` further batches to update
+    #: on. It learns a small or slow stream in fewer records for (1 + steps) times the step's
+    #: compute; at least ``batch_size``. Unset: one update per micro-batch.
+    rehearsal_window_records: int | None = Field(None, ge=1)
+    rehearsal_steps: int = Field(1, ge=1, le=1024)
+
+    @model_validator(mode="after")
+    def _window_holds_a_batch(self) -> TrainingSettings:
+        window = self.rehearsal_window_records
+        if window is not None and window < self.batch_size:
+            raise ValueError(
+                f"training.rehearsal_window_records ({window}) must be at least training.batch_size "
+                f"({self.batch_size}): a step writes its whole batch into the window"
+            )
+        return self
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -705,6 +722,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 "distribution.strategy=multi_worker does not support training.mixed_precision="
                 "mixed_float16 (per-worker loss scales); use off or mixed_bfloat16"
+            )
+        if training.rehearsal_window_records is not None:
+            raise ValueError(
+                "distribution.strategy=multi_worker does not support training.rehearsal_window_records "
+                "(each worker would rehearse its own records); leave it unset"
             )
         return self
 

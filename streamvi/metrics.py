@@ -130,6 +130,12 @@ class Metrics(StreamMetrics):
             "Applied updates whose model gradient was clipped to training.clip_grad_norm (biased updates)",
             registry=registry,
         )
+        self.rehearsal_updates = Counter(
+            "streamvi_rehearsal_updates",
+            "Further updates on batches drawn from the rehearsal window that applied "
+            "(training.rehearsal_steps per training step)",
+            registry=registry,
+        )
         self.learning_rate = Gauge("streamvi_learning_rate", "Current learning rate", registry=registry)
         self.step_duration = Histogram(
             "streamvi_step_duration_seconds",

@@ -39,6 +39,7 @@ STRUCTURAL_SETTINGS: dict[str, str] = {
     "training.baseline_hidden": "the width of the learned baseline's network",
     "training.optimizer": "the optimizer's slot variables are checkpointed",
     "training.mixed_precision": "a loss-scale optimizer wraps the optimizer and adds its own variables",
+    "training.rehearsal_window_records": "the rehearsal window's rows are checkpointed with the model",
 }
 
 

@@ -267,6 +267,7 @@ class Publisher:
             "step_seconds": result.duration_seconds,
             "update_skipped": not result.applied,
             "clipped": result.clipped,
+            "rehearsal_updates": result.rehearsal_updates,
             "model_ready": result.model_ready,
             "wall_time": time.time(),
             "records_trained": state.counts.records_trained,
@@ -288,6 +289,8 @@ class Publisher:
         m.gradient_norm.set(result.grad_norm)
         if result.clipped:
             m.gradient_clipped.inc()
+        if result.rehearsal_updates:
+            m.rehearsal_updates.inc(result.rehearsal_updates)
         m.learning_rate.set(result.learning_rate)
         m.step_duration.observe(result.duration_seconds)
         m.batch_size.observe(result.scores.size)

@@ -67,6 +67,8 @@ class StepResult:
     #: Whether the model that scored the batch was ready (its normaliser past the warm-up): the
     #: scores of a model that has not learned yet are no reference for anomalies.
     model_ready: bool = True
+    #: Further updates this step made on batches drawn from the rehearsal window, that applied.
+    rehearsal_updates: int = 0
 
     @property
     def trained(self) -> bool:

@@ -21,6 +21,7 @@ from streamvi.anomaly.explain import group_names, top_contributions
 from streamvi.config import TrainingSettings
 from streamvi.estimators.base import BoundTerms, Estimator, log_likelihood_estimate
 from streamvi.model.vae import VAE
+from streamvi.training.rehearsal import RehearsalWindow
 from streamvi.training.results import BatchScores, StepResult
 
 
@@ -56,8 +57,8 @@ def concat_terms(parts: list[BoundTerms]) -> BoundTerms:
 
 #: Figures of a step that follow its scores, in one extra row: loss, gradient norm, learning rate,
 #: whether the update was finite, the step count's low and high 24 bits, whether it was clipped, and
-#: whether the model that scored the batch was ready.
-_FIGURES = 8
+#: whether the model that scored the batch was ready, and the rehearsal updates that applied.
+_FIGURES = 9
 
 
 class Trainer:
@@ -75,9 +76,17 @@ class Trainer:
         device: str | None = None,
         draw_blocks: int = 1,
         explain_top_k: int = 0,
+        rehearsal_window: int | None = None,
+        rehearsal_steps: int = 1,
     ) -> None:
         if draw_blocks < 1 or batch_size % draw_blocks:
             raise ValueError(f"draw_blocks must divide batch_size {batch_size}, got {draw_blocks}")
+        if rehearsal_window is not None and rehearsal_window < batch_size:
+            raise ValueError(
+                f"the rehearsal window ({rehearsal_window} records) must hold a batch ({batch_size})"
+            )
+        if rehearsal_steps < 1:
+            raise ValueError(f"rehearsal_steps must be at least 1, got {rehearsal_steps}")
         self.model = model
         #: Equal blocks of a batch whose latent draws are seeded apart (see ``_terms``).
         self.draw_blocks = draw_blocks
@@ -103,6 +112,12 @@ class Trainer:
             #: ``train_rows`` on the step thread; not part of a snapshot.
             self.training_floor = tf.Variable(-np.inf, dtype=tf.float32, trainable=False, name="floor")
             self.optimizer.build(self.trainable_variables)
+            #: The last trained rows that each training step rehearses ``rehearsal_steps`` times
+            #: (streamvi/training/rehearsal.py); None: one update per step.
+            self.rehearsal = (
+                RehearsalWindow(rehearsal_window, self.row_width) if rehearsal_window is not None else None
+            )
+        self.rehearsal_steps = rehearsal_steps
         self._floor_value = -np.inf
         self._train_fn = tf.function(self._train_step, jit_compile=jit_compile)
         self._eval_fn = tf.function(self._eval_step, jit_compile=jit_compile)
@@ -129,6 +144,8 @@ class Trainer:
             device=settings.device,
             draw_blocks=draw_blocks,
             explain_top_k=explain_top_k,
+            rehearsal_window=settings.rehearsal_window_records,
+            rehearsal_steps=settings.rehearsal_steps,
         )
 
     def _placement(self) -> Any:
@@ -141,13 +158,16 @@ class Trainer:
 
     def checkpoint_objects(self) -> dict[str, Any]:
         """Everything the snapshot must hold to resume this trainer bit for bit."""
-        return {
+        objects = {
             "model": self.model,
             "estimator": self.estimator,
             "optimizer": self.optimizer,
             "step": self.step_counter,
             "rng": self.rng,
         }
+        if self.rehearsal is not None:
+            objects["rehearsal"] = self.rehearsal
+        return objects
 
     @property
     def step(self) -> int:
@@ -236,8 +256,9 @@ class Trainer:
         return terms, weights, loss, grads
 
     def _train_step(self, rows: tf.Tensor) -> tf.Tensor:
-        """One update from the [x | c | weight] rows; returns the per-record scores with one more
-        row for the step's figures, so one copy goes in and one comes out."""
+        """One update from the [x | c | weight] rows (and its rehearsal, with a window); returns
+        the per-record scores with one more row for the step's figures, so one copy goes in and
+        one comes out."""
         x, c, trainable = self._split(rows)
         terms, weights, loss, grads = self._gradients(x, c, trainable, self._seed())
 
@@ -247,6 +268,15 @@ class Trainer:
         def fold_inputs(applies: tf.Tensor) -> None:
             self.model.fold(x, tf.logical_and(weights > 0, applies))
 
+        rehearse = None
+        if self.rehearsal is not None:
+            window = self.rehearsal
+
+            def rehearse(finite: tf.Tensor, applied: tf.Tensor) -> tf.Tensor:
+                # the rows just trained on join the window after their own scores were taken
+                window.add(rows, tf.logical_and(weights > 0, finite))
+                return tf.cond(applied, self._rehearse, lambda: tf.constant(0, tf.int32))
+
         return self._apply(
             self._pack(terms, x, c, weights),
             loss,
@@ -255,31 +285,21 @@ class Trainer:
             fold_state,
             fold_inputs,
             counts=tf.reduce_any(trainable > 0),
+            rehearse=rehearse,
         )
 
-    def _apply(
-        self,
-        packed: tf.Tensor,
-        loss: tf.Tensor,
-        grads: list[tf.Tensor],
-        trains: tf.Tensor,
-        fold_state: Callable[[], None] = lambda: None,
-        fold_inputs: Callable[[tf.Tensor], None] = lambda applies: None,
-        counts: tf.Tensor | None = None,
-    ) -> tf.Tensor:
-        """Clip and apply ``grads`` when ``trains`` and they are finite, count the step, and return
-        the ``packed`` scores with the step's figures as one more row. ``trains``: whether any row
-        (of any worker) is trained; ``counts``: whether the step counts (any row was trainable,
-        even if every one was below the training floor; default ``trains``); ``fold_state`` runs
-        with an applied update; ``fold_inputs`` feeds the running input statistics, told whether
-        the batch counts for them."""
+    def _update(
+        self, loss: tf.Tensor, grads: list[tf.Tensor], trains: tf.Tensor, fold_state: Callable[[], None]
+    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+        """Clip ``grads`` and apply them when ``trains``, the model is ready and they are finite.
+        Returns the model's gradient norm, whether it was clipped, whether the update was finite,
+        whether it applied, and whether the model is ready."""
         variables = self.trainable_variables
         grads, grad_norm, clipped = self._clip_model_gradients(grads)
         # A non-finite loss or gradient (a global norm is non-finite iff any entry is) skips the
         # update on the device, with no host round-trip. Under loss scaling, overflowing gradients
         # are the LossScaleOptimizer's to skip (it lowers the scale), so only the loss is checked.
-        # A batch with no trainable row (the warm-up's) changes no state at all. While the
-        # normaliser warms up (``ready`` false) a batch only feeds it and the parameters stay.
+        # While the normaliser warms up (``ready`` false) the parameters stay.
         ready = self.model.ready()
         finite = tf.math.is_finite(loss)
         if not self._loss_scaled:
@@ -293,10 +313,57 @@ class Trainer:
 
         gate = tf.logical_and(trains if self._loss_scaled else tf.logical_and(trains, finite), ready)
         tf.cond(gate, apply, lambda: tf.constant(False))
+        return grad_norm, clipped, finite, gate, ready
+
+    def _rehearse(self) -> tf.Tensor:
+        """``rehearsal_steps`` further updates, each on a batch drawn from the rehearsal window
+        (every drawn row trained on, unless it is now below the training floor); returns how many
+        applied. They neither count as steps nor feed the running input statistics."""
+        if self.rehearsal is None:
+            raise RuntimeError("this trainer has no rehearsal window")
+        window = self.rehearsal
+
+        def update(done: tf.Tensor, applied: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            drawn = window.draw(self.batch_size, self._seed())
+            x, c, _ = self._split(drawn)
+            ones = tf.ones([self.batch_size], tf.float32)
+            terms, weights, loss, grads = self._gradients(x, c, ones, self._seed())
+
+            def fold_state() -> None:
+                self.estimator.update_state(terms, weights)
+
+            gate = self._update(loss, grads, tf.reduce_any(weights > 0), fold_state)[3]
+            return done + 1, applied + tf.cast(gate, tf.int32)
+
+        zero = tf.constant(0, tf.int32)
+        _, applied = tf.while_loop(lambda done, _: done < self.rehearsal_steps, update, (zero, zero))
+        return applied
+
+    def _apply(
+        self,
+        packed: tf.Tensor,
+        loss: tf.Tensor,
+        grads: list[tf.Tensor],
+        trains: tf.Tensor,
+        fold_state: Callable[[], None] = lambda: None,
+        fold_inputs: Callable[[tf.Tensor], None] = lambda applies: None,
+        counts: tf.Tensor | None = None,
+        rehearse: Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None = None,
+    ) -> tf.Tensor:
+        """Clip and apply ``grads`` when ``trains`` and they are finite, count the step, and return
+        the ``packed`` scores with the step's figures as one more row. ``trains``: whether any row
+        (of any worker) is trained; ``counts``: whether the step counts (any row was trainable,
+        even if every one was below the training floor; default ``trains``); ``fold_state`` runs
+        with an applied update; ``fold_inputs`` feeds the running input statistics, told whether
+        the batch counts for them; ``rehearse``, told whether the update was finite and whether it
+        applied, makes the rehearsal updates after it and returns how many applied. A batch with
+        no trainable row (the warm-up's) changes no state at all."""
+        grad_norm, clipped, finite, gate, ready = self._update(loss, grads, trains, fold_state)
         # the running input statistics follow the trained rows of batches whose update applies
         # (or that only feed the warm-up), after the scores above were computed with the old ones
         fold_inputs(tf.logical_or(finite, ~ready))
         step = self.step_counter.assign_add(tf.cast(trains if counts is None else counts, tf.int64))
+        rehearsed = tf.constant(0, tf.int32) if rehearse is None else rehearse(finite, gate)
         # The step count travels as two float32 halves of 24 bits each, exact up to 2**48 steps.
         figures = [
             loss,
@@ -307,6 +374,7 @@ class Trainer:
             step // 2**24,
             tf.logical_and(clipped, gate),
             ready,  # what the batch was scored with: the normaliser's warm-up was over
+            rehearsed,
         ]
         figures_row = tf.stack([tf.cast(v, tf.float32) for v in figures])[None, :]
         width = max(int(packed.shape[1]), _FIGURES)
@@ -420,6 +488,7 @@ class Trainer:
                 model_ready = ready == 1
                 loss, grad_norm, learning_rate, finite = np.nan, 0.0, np.nan, 1.0
                 clipped = 0.0
+                rehearsed = 0
                 trained = 0
             else:
                 out = self._train_concrete(tf.constant(rows)).numpy()
@@ -428,6 +497,7 @@ class Trainer:
                 step = int(figures[4]) + (int(figures[5]) << 24)
                 clipped = float(figures[6])
                 model_ready = float(figures[7]) > 0.5
+                rehearsed = int(figures[8])
                 trained = int(np.count_nonzero(packed[:n, self._admitted_column] > 0.5))
         return StepResult(
             scores=self._unpack(packed, n),
@@ -442,6 +512,7 @@ class Trainer:
             counted=trainable > 0,
             excluded_records=trainable - trained,
             model_ready=model_ready,
+            rehearsal_updates=rehearsed,
         )
 
     @property
