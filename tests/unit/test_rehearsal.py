@@ -19,8 +19,15 @@ from prometheus_client import CollectorRegistry
 
 from streamvi.config import load_settings
 from streamvi.errors import ConfigError
+from streamvi.io.codecs import RecordDecoder
+from streamvi.io.memory import MemorySink, MemorySource
+from streamvi.metrics import Health, Metrics
+from streamvi.runtime import build_trainer
+from streamvi.snapshots import SnapshotStore
+from streamvi.stream import CheckpointPolicy, OnlineLoop, OutputTopics
 from streamvi.training.rehearsal import RehearsalWindow
 from tests.unit.test_anomaly_training import rows_of, run_loop, stream
+from tests.unit.test_loop import records
 from tests.unit.test_trainer import data, make, variables
 
 REHEARSAL = ["training.rehearsal_window_records=32", "training.rehearsal_steps=3"]
@@ -137,6 +144,54 @@ def test_the_loop_reports_rehearsal_on_the_metrics_topic_and_in_prometheus(tmp_p
     rehearsed = sum(m["rehearsal_updates"] for m in steps)
     assert counts.records_trained > 0 and rehearsed == 3 * sum(1 for m in steps if m["trained_records"])
     assert registry.get_sample_value("streamvi_rehearsal_updates_total") == rehearsed
+
+
+def rehearsing_loop(source: MemorySource, store: SnapshotStore) -> OnlineLoop:
+    settings = load_settings(
+        overrides=[
+            "input.dim=6",
+            "model.latent_dim=2",
+            "model.encoder_hidden=[8]",
+            "training.batch_size=4",
+            "training.rehearsal_window_records=16",
+            "training.rehearsal_steps=2",
+        ],
+        environ={},
+    )
+    loop = OnlineLoop(
+        source=source,
+        sink=MemorySink(),
+        decoder=RecordDecoder("json", 6, 4096),
+        trainer=build_trainer(settings),
+        store=store,
+        topics=OutputTopics("lat", "met", "dlq"),
+        policy=CheckpointPolicy(every_steps=1000, every_seconds=3600),
+        max_batch_latency_seconds=5.0,
+        metrics=Metrics(CollectorRegistry()),
+        health=Health(),
+        max_poll_records=4,
+        pipeline_depth=1,
+    )
+    loop.restore()
+    return loop
+
+
+def test_a_restarted_daemon_rehearses_from_its_snapshots_window(tmp_path):
+    """The loop's snapshot holds the window: stopping after 24 records and restarting from the
+    snapshot ends with the parameters and window of one run through all 40, bit for bit."""
+    stream_40 = records(40)
+    whole = rehearsing_loop(MemorySource(stream_40), SnapshotStore(tmp_path / "whole"))
+    whole.run(max_records=40)
+    rehearsing_loop(MemorySource(stream_40[:24]), SnapshotStore(tmp_path / "split")).run(max_records=24)
+    resumed = rehearsing_loop(MemorySource(stream_40), SnapshotStore(tmp_path / "split"))
+    assert int(resumed.trainer.rehearsal.held.numpy()) == 16  # the window came back with it
+    resumed.run(max_records=16)
+    assert resumed.trainer.step == whole.trainer.step == 10
+    np.testing.assert_array_equal(
+        resumed.trainer.rehearsal.rows.numpy(), whole.trainer.rehearsal.rows.numpy()
+    )
+    for p, q in zip(variables(resumed.trainer), variables(whole.trainer), strict=True):
+        np.testing.assert_array_equal(p, q)
 
 
 @pytest.mark.parametrize(
