@@ -1,5 +1,5 @@
-"""How far any detector gets on bench/anomaly.py's digits stream (the 9s as rare anomalies), and why
-ILOF leads there.
+"""How far detectors fitted offline get on bench/anomaly.py's digits stream (the 9s as rare
+anomalies), and whether ILOF's score there comes from the stream's repeated records.
 
 Prints one JSON object:
 
@@ -10,11 +10,10 @@ Prints one JSON object:
   scores it, and again counting only the normal records that are no copy of an earlier one (the
   stream resamples 1,617 normal digits, so most records repeat one): whether ILOF's lead comes
   from recognising repeats.
-- ``streamvi_passes``: the daemon (bench/anomaly.py's settings) on the same stream ``--passes``
-  times in a row, the AUC of each pass's prequential scores: how a VAE of that size ranks the 9s
-  once it has seen the stream more often than one pass allows.
 
-Usage: python bench/digits_ceiling.py [--passes 6] [--lof-prefix 3000] [--seed 0]
+The daemon's own settings on this stream are compared in bench/rehearsal.py.
+
+Usage: python bench/digits_ceiling.py [--lof-prefix 3000] [--seed 0]
 """
 
 from __future__ import annotations
@@ -37,9 +36,7 @@ from sklearn.neighbors import LocalOutlierFactor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from anomaly import VECTOR, digits_stream, ranking, river_scores, run_daemon, streamvi_scores
-
-from streamvi.datasets import encode_record
+from anomaly import digits_stream, ranking, river_scores
 
 
 def offline(seed: int) -> dict[str, float]:
@@ -82,17 +79,6 @@ def ilof_prefix(x: np.ndarray, labels: np.ndarray, prefix: int, seed: int) -> di
     }
 
 
-def passes(x: np.ndarray, labels: np.ndarray, count: int) -> dict[str, Any]:
-    n = len(x)
-    values = [encode_record(x[i % n], f"r{i}", "json") for i in range(n * count)]
-    run = run_daemon(values, [*VECTOR, "input.dim=64"])
-    score = streamvi_scores(run)["streamvi"]
-    return {
-        "records_per_pass": n,
-        "roc_auc_per_pass": [ranking(labels, score[p * n : (p + 1) * n])["roc_auc"] for p in range(count)],
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -100,7 +86,6 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--digits-normal", type=int, default=10_000)
     parser.add_argument("--lof-prefix", type=int, default=3_000)
-    parser.add_argument("--passes", type=int, default=6)
     args = parser.parse_args()
     # the stream bench/anomaly.py builds with the same seed (digits is the first stream it draws)
     x, labels = digits_stream(args.digits_normal, np.random.default_rng(args.seed))
@@ -111,7 +96,6 @@ def main() -> None:
                 "stream": f"classes 0-8 resampled to {args.digits_normal}, distinct 9s, seed {args.seed}",
                 "offline": offline(args.seed),
                 "ilof_prefix": ilof_prefix(x, labels, args.lof_prefix, args.seed),
-                "streamvi_passes": passes(x, labels, args.passes),
             },
             indent=2,
         )
