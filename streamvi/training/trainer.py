@@ -11,7 +11,7 @@ import contextlib
 import functools
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import tensorflow as tf
@@ -59,6 +59,16 @@ def concat_terms(parts: list[BoundTerms]) -> BoundTerms:
 #: whether the update was finite, the step count's low and high 24 bits, whether it was clipped, and
 #: whether the model that scored the batch was ready, and the rehearsal updates that applied.
 _FIGURES = 9
+
+
+class UpdateOutcome(NamedTuple):
+    """What one guarded update did (tensors of the compiled step)."""
+
+    grad_norm: tf.Tensor  # the model's gradient norm, before clipping
+    clipped: tf.Tensor  # whether clipping changed the gradient
+    finite: tf.Tensor  # whether the loss (and, without loss scaling, the gradient) was finite
+    applied: tf.Tensor  # whether the update was applied
+    ready: tf.Tensor  # whether the model was ready (its normaliser past the warm-up)
 
 
 class Trainer:
@@ -268,15 +278,11 @@ class Trainer:
         def fold_inputs(applies: tf.Tensor) -> None:
             self.model.fold(x, tf.logical_and(weights > 0, applies))
 
-        rehearse = None
-        if self.rehearsal is not None:
-            window = self.rehearsal
-
-            def rehearse(finite: tf.Tensor, applied: tf.Tensor) -> tf.Tensor:
-                # the rows just trained on join the window after their own scores were taken
-                window.add(rows, tf.logical_and(weights > 0, finite))
-                return tf.cond(applied, self._rehearse, lambda: tf.constant(0, tf.int32))
-
+        rehearse = (
+            None
+            if self.rehearsal is None
+            else functools.partial(self._add_and_rehearse, self.rehearsal, rows, weights)
+        )
         return self._apply(
             self._pack(terms, x, c, weights),
             loss,
@@ -290,10 +296,8 @@ class Trainer:
 
     def _update(
         self, loss: tf.Tensor, grads: list[tf.Tensor], trains: tf.Tensor, fold_state: Callable[[], None]
-    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
-        """Clip ``grads`` and apply them when ``trains``, the model is ready and they are finite.
-        Returns the model's gradient norm, whether it was clipped, whether the update was finite,
-        whether it applied, and whether the model is ready."""
+    ) -> UpdateOutcome:
+        """Clip ``grads`` and apply them when ``trains``, the model is ready and they are finite."""
         variables = self.trainable_variables
         grads, grad_norm, clipped = self._clip_model_gradients(grads)
         # A non-finite loss or gradient (a global norm is non-finite iff any entry is) skips the
@@ -313,15 +317,25 @@ class Trainer:
 
         gate = tf.logical_and(trains if self._loss_scaled else tf.logical_and(trains, finite), ready)
         tf.cond(gate, apply, lambda: tf.constant(False))
-        return grad_norm, clipped, finite, gate, ready
+        return UpdateOutcome(grad_norm, clipped, finite, gate, ready)
 
-    def _rehearse(self) -> tf.Tensor:
-        """``rehearsal_steps`` further updates, each on a batch drawn from the rehearsal window
-        (every drawn row trained on, unless it is now below the training floor); returns how many
-        applied. They neither count as steps nor feed the running input statistics."""
-        if self.rehearsal is None:
-            raise RuntimeError("this trainer has no rehearsal window")
-        window = self.rehearsal
+    def _add_and_rehearse(
+        self,
+        window: RehearsalWindow,
+        rows: tf.Tensor,
+        weights: tf.Tensor,
+        finite: tf.Tensor,
+        applied: tf.Tensor,
+    ) -> tf.Tensor:
+        """The step's trained rows join ``window``, after their own scores were taken; then, if the
+        step's update applied, the rehearsal updates. Returns how many of those applied."""
+        window.add(rows, tf.logical_and(weights > 0, finite))
+        return tf.cond(applied, lambda: self._rehearse(window), lambda: tf.constant(0, tf.int32))
+
+    def _rehearse(self, window: RehearsalWindow) -> tf.Tensor:
+        """``rehearsal_steps`` further updates, each on a batch drawn from ``window`` (every drawn
+        row trained on, unless it is now below the training floor); returns how many applied.
+        They neither count as steps nor feed the running input statistics."""
 
         def update(done: tf.Tensor, applied: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
             drawn = window.draw(self.batch_size, self._seed())
@@ -332,8 +346,8 @@ class Trainer:
             def fold_state() -> None:
                 self.estimator.update_state(terms, weights)
 
-            gate = self._update(loss, grads, tf.reduce_any(weights > 0), fold_state)[3]
-            return done + 1, applied + tf.cast(gate, tf.int32)
+            outcome = self._update(loss, grads, tf.reduce_any(weights > 0), fold_state)
+            return done + 1, applied + tf.cast(outcome.applied, tf.int32)
 
         zero = tf.constant(0, tf.int32)
         _, applied = tf.while_loop(lambda done, _: done < self.rehearsal_steps, update, (zero, zero))

@@ -77,6 +77,21 @@ def test_bootstrap_servers_accepts_comma_string():
         (["snapshots.keep=0"], "snapshots.keep"),
         (["metrics.port=70000"], "metrics.port"),
         (["kafka.security_protocol=SASL_SSL"], "kafka.sasl_mechanism"),
+        (
+            ["training.batch_size=64", "training.rehearsal_window_records=32"],
+            "training.rehearsal_window_records",
+        ),
+        (["training.rehearsal_steps=4"], "training.rehearsal_steps"),
+        (["training.rehearsal_window_records=512", "training.rehearsal_steps=0"], "training.rehearsal_steps"),
+        (
+            [
+                "training.rehearsal_window_records=512",
+                "distribution.strategy=multi_worker",
+                "distribution.workers=localhost:1,localhost:2",
+                "distribution.worker_index=0",
+            ],
+            "training.rehearsal_window_records",
+        ),
     ],
 )
 def test_bad_settings_fail_naming_the_key(overrides, named):

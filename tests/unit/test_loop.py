@@ -34,9 +34,15 @@ def records(n: int, start: int = 0, bad_every: int = 0) -> list[RawRecord]:
     return out
 
 
-def make_loop(source, sink, store, every_steps=3, registry=None, latency=5.0, pipeline_depth=2):
+def make_loop(source, sink, store, every_steps=3, registry=None, latency=5.0, pipeline_depth=2, overrides=()):
     settings = load_settings(
-        overrides=["input.dim=6", "model.latent_dim=2", "model.encoder_hidden=[8]", "training.batch_size=4"],
+        overrides=[
+            "input.dim=6",
+            "model.latent_dim=2",
+            "model.encoder_hidden=[8]",
+            "training.batch_size=4",
+            *overrides,
+        ],
         environ={},
     )
     metrics = Metrics(registry or CollectorRegistry())

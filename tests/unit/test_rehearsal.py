@@ -5,6 +5,7 @@ only rows that were trained on enter it (held-out rows and rows under the traini
 a step makes its rehearsal updates after taking its prequential scores, and they are reported, in
 the step's result, on the metrics topic and in Prometheus; a snapshot holds the window, so a restore
 continues bit for bit; and rehearsal learns a stream seen once faster than one update per batch.
+Bad rehearsal settings are in tests/unit/test_config.py's table.
 """
 
 from __future__ import annotations
@@ -13,21 +14,15 @@ import math
 
 import numpy as np
 import orjson
-import pytest
 import tensorflow as tf
 from prometheus_client import CollectorRegistry
 
-from streamvi.config import load_settings
-from streamvi.errors import ConfigError
-from streamvi.io.codecs import RecordDecoder
 from streamvi.io.memory import MemorySink, MemorySource
-from streamvi.metrics import Health, Metrics
-from streamvi.runtime import build_trainer
 from streamvi.snapshots import SnapshotStore
-from streamvi.stream import CheckpointPolicy, OnlineLoop, OutputTopics
+from streamvi.stream import OnlineLoop
 from streamvi.training.rehearsal import RehearsalWindow
 from tests.unit.test_anomaly_training import rows_of, run_loop, stream
-from tests.unit.test_loop import records
+from tests.unit.test_loop import make_loop, records
 from tests.unit.test_trainer import data, make, variables
 
 REHEARSAL = ["training.rehearsal_window_records=32", "training.rehearsal_steps=3"]
@@ -147,33 +142,9 @@ def test_the_loop_reports_rehearsal_on_the_metrics_topic_and_in_prometheus(tmp_p
 
 
 def rehearsing_loop(source: MemorySource, store: SnapshotStore) -> OnlineLoop:
-    settings = load_settings(
-        overrides=[
-            "input.dim=6",
-            "model.latent_dim=2",
-            "model.encoder_hidden=[8]",
-            "training.batch_size=4",
-            "training.rehearsal_window_records=16",
-            "training.rehearsal_steps=2",
-        ],
-        environ={},
-    )
-    loop = OnlineLoop(
-        source=source,
-        sink=MemorySink(),
-        decoder=RecordDecoder("json", 6, 4096),
-        trainer=build_trainer(settings),
-        store=store,
-        topics=OutputTopics("lat", "met", "dlq"),
-        policy=CheckpointPolicy(every_steps=1000, every_seconds=3600),
-        max_batch_latency_seconds=5.0,
-        metrics=Metrics(CollectorRegistry()),
-        health=Health(),
-        max_poll_records=4,
-        pipeline_depth=1,
-    )
-    loop.restore()
-    return loop
+    """test_loop's loop, rehearsing, with one batch in flight and no checkpoint before the end."""
+    rehearsal = ["training.rehearsal_window_records=16", "training.rehearsal_steps=2"]
+    return make_loop(source, MemorySink(), store, every_steps=1000, pipeline_depth=1, overrides=rehearsal)
 
 
 def test_a_restarted_daemon_rehearses_from_its_snapshots_window(tmp_path):
@@ -192,28 +163,3 @@ def test_a_restarted_daemon_rehearses_from_its_snapshots_window(tmp_path):
     )
     for p, q in zip(variables(resumed.trainer), variables(whole.trainer), strict=True):
         np.testing.assert_array_equal(p, q)
-
-
-@pytest.mark.parametrize(
-    ("overrides", "named"),
-    [
-        (
-            ["training.batch_size=64", "training.rehearsal_window_records=32"],
-            "training.rehearsal_window_records",
-        ),
-        (["training.rehearsal_steps=4"], "training.rehearsal_steps"),
-        (["training.rehearsal_window_records=512", "training.rehearsal_steps=0"], "training.rehearsal_steps"),
-        (
-            [
-                "training.rehearsal_window_records=512",
-                "distribution.strategy=multi_worker",
-                "distribution.workers=localhost:1,localhost:2",
-                "distribution.worker_index=0",
-            ],
-            "training.rehearsal_window_records",
-        ),
-    ],
-)
-def test_bad_rehearsal_settings_fail_at_load_naming_the_setting(overrides, named):
-    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
-        load_settings(overrides=overrides, environ={})
